@@ -1,0 +1,174 @@
+"""Command line: thin commands over the pipeline. Bad input is one line on stderr and exit 2."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+
+from planner.errors import NothingFits, PlannerError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Which compression recipe fits your device? Measured, not guessed.")
+# Piped output gets a wide table rather than rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 160)
+errors = Console(stderr=True, soft_wrap=True)
+
+
+@app.command()
+def plan(
+    model: Annotated[str, typer.Argument(help="zoo:NAME, file.py:factory, package.module:factory, "
+                                              "model.pt2, a TorchScript file, or a torch.save'd model.pt")],
+    budget: Annotated[str, typer.Option(help="device limit, e.g. 512MB, 2GiB (kB/MB/GB = 1000^n, "
+                                             "KiB/MiB/GiB = 1024^n)")],
+    budget_on: Annotated[str, typer.Option(help="what the budget limits: runtime (peak memory) or disk")]
+    = "runtime",
+    recipes: Annotated[str | None, typer.Option(help="comma-separated recipe names (see `planner recipes`)")]
+    = None,
+    recipe_file: Annotated[Path | None, typer.Option(help="a TOML file of [[recipe]] tables")] = None,
+    input_shape: Annotated[str | None, typer.Option(help="example input shape, e.g. 1,3,256,256")] = None,
+    input_dtype: Annotated[str | None, typer.Option(help="example input dtype, e.g. float32, int64")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="override the batch dimension of the input")] = None,
+    weights: Annotated[str | None, typer.Option(help="state dict for a factory: .safetensors or .pt")] = None,
+    trust_pickle: Annotated[bool, typer.Option(help="allow a pickled model file to run code (only for "
+                                                    "files you trust)")] = False,
+    out: Annotated[Path | None, typer.Option(help="write plan.csv, plan.md, plan.json, plan.png here")] = None,
+    export: Annotated[Path | None, typer.Option(help="write the picked artifact and its manifest here")] = None,
+    export_all: Annotated[bool, typer.Option(help="with --export: every verified artifact")] = False,
+    force: Annotated[bool, typer.Option(help="overwrite existing results or artifacts")] = False,
+    timeout: Annotated[float, typer.Option(help="seconds allowed to verify one recipe")] = 900.0,
+    debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
+) -> None:
+    """Enumerate recipes, estimate each, verify each for real, rank them against the budget."""
+    from planner.recipes import default_recipes, load_recipe_file, select_recipes
+    from planner.units import parse_size
+
+    budget_bytes = parse_size(budget)
+    if budget_on not in ("runtime", "disk"):
+        raise PlannerError(f"--budget-on {budget_on!r}: use runtime or disk")
+    if timeout <= 0:
+        raise PlannerError("--timeout must be a positive number of seconds")
+    available = load_recipe_file(recipe_file) if recipe_file else default_recipes()
+    chosen = select_recipes(available, recipes)
+    from planner import report
+
+    if out:
+        report.check_writable_target(out, report.PLAN_FILES, force, "--out")
+    if export:
+        names = tuple(r.name for r in chosen)
+        report.check_writable_target(export, names, force, "--export")
+
+    from planner.pipeline import PlanOptions, run_plan
+    from planner.sources import resolve_source
+
+    source = resolve_source(model, weights=weights, trust_pickle=trust_pickle, input_shape=input_shape,
+                            input_dtype=input_dtype, batch_size=batch_size)
+    keep = (lambda row: True) if export_all else (lambda row: row.get("fits", False))
+    options = PlanOptions(budget_bytes=budget_bytes, budget_on=budget_on, timeout_s=timeout,
+                          keep_artifacts=keep)
+    with console.status("planning") as status:
+        result = run_plan(source, chosen, options, progress=lambda message: status.update(message))
+    try:
+        report.print_table(result, console)
+        if out:
+            for path in report.write_outputs(result, out):
+                console.print(f"wrote {path}")
+        _announce(result, console)
+        if export:
+            exported = [r["recipe"] for r in result.rows if r.get("status") == "verified"] if export_all else (
+                [result.pick] if result.pick else [])
+            recipe_table = {r.name: r.to_json() for r in chosen}
+            for path in report.export_artifacts(result, exported, export, recipe_table, source.to_json()):
+                console.print(f"exported {path}")
+    finally:
+        result.cleanup()
+    if result.pick is None:
+        raise NothingFits()
+
+
+def _announce(result: object, console: Console) -> None:
+    from planner import rank
+    from planner.units import format_bytes
+
+    rows = result.rows  # type: ignore[attr-defined]
+    budget_on = result.budget_on  # type: ignore[attr-defined]
+    if result.pick:  # type: ignore[attr-defined]
+        row = next(r for r in rows if r["recipe"] == result.pick)  # type: ignore[attr-defined]
+        size = rank.measured_size(row, budget_on)
+        console.print(f"[bold green]pick: {row['recipe']}[/] ({budget_on} {format_bytes(size)} verified, "
+                      f"budget {format_bytes(result.budget_bytes)})")  # type: ignore[attr-defined]
+        return
+    near = rank.closest(rows, budget_on)
+    if near is None:
+        console.print("[bold red]no recipe verified on this machine[/]")
+    else:
+        console.print(f"[bold red]nothing fits {format_bytes(result.budget_bytes)}[/]: the closest is "  # type: ignore[attr-defined]
+                      f"{near['recipe']} at {format_bytes(rank.measured_size(near, budget_on))} verified {budget_on}")
+
+
+@app.command("recipes")
+def list_recipes(
+    recipe_file: Annotated[Path | None, typer.Option(help="a TOML file of [[recipe]] tables")] = None,
+    debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
+) -> None:
+    """The recipe set: what each does, which layers it touches, whether it runs here."""
+    import torch
+    from rich.table import Table
+
+    from planner.recipes import default_recipes, load_recipe_file
+
+    available = load_recipe_file(recipe_file) if recipe_file else default_recipes()
+    table = Table(title=f"recipes ({available[0].source})")
+    for column in ("name", "touches", "runs here", "description"):
+        table.add_column(column, overflow="fold")
+    for recipe in available:
+        scheme = recipe.scheme
+        runs = "no: " + scheme.needs_cuda if scheme and scheme.needs_cuda and not torch.cuda.is_available() else "yes"
+        table.add_row(recipe.name, recipe.touches(), runs, recipe.description)
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=args, prog_name="planner", standalone_mode=False)
+    except NothingFits as error:
+        return error.exit_code
+    except PlannerError as error:
+        if debug:
+            traceback.print_exc()
+        errors.print(f"error: {error}", markup=False, highlight=False)
+        return error.exit_code
+    except click.exceptions.Exit as error:
+        return error.exit_code
+    except click.ClickException as error:
+        errors.print(f"error: {error.format_message()} (see planner --help)", markup=False, highlight=False)
+        return 2
+    except click.exceptions.Abort:
+        errors.print("interrupted", markup=False)
+        return 130
+    except KeyboardInterrupt:
+        errors.print("interrupted", markup=False)
+        return 130
+    except Exception as error:  # a bug, not bad input: one line unless --debug asks for the traceback
+        if debug:
+            traceback.print_exc()
+        errors.print(f"error: internal error {type(error).__name__}: {str(error)[:300]} "
+                     "(rerun with --debug and report the traceback)", markup=False, highlight=False)
+        return 3
+    return 0
+
+
+def entry_point() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -1,0 +1,301 @@
+"""The plan: describe the model → analytic footprint per recipe → apply, save, verify each → rank.
+
+The planner process holds the float32 weights only as a memory-mapped file and one recipe's copy at
+a time; every verification runs in a fresh subprocess (planner.verify) with a wall-clock timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from planner import rank
+from planner.errors import PlannerError
+from planner.footprint import Footprint, analytic_footprint
+from planner.recipes import Recipe, UnsupportedRecipe, apply_recipe, prunable
+from planner.sources import ModelSource
+from planner.units import format_bytes, relative_difference
+from planner.verify import MEASUREMENT_ENV
+
+REFERENCE = "fp32"
+# Below this, a runtime difference is allocator and framework noise rather than a modelling error.
+RESOLUTION_BYTES = 2 * 1000**2
+
+
+@dataclass
+class PlanOptions:
+    budget_bytes: int
+    budget_on: str = "runtime"
+    timeout_s: float = 900.0
+    keep_artifacts: Callable[[dict[str, Any]], bool] = field(default=lambda row: row.get("fits", False))
+
+
+@dataclass
+class PlanResult:
+    model: str
+    budget_bytes: int
+    budget_on: str
+    rows: list[dict[str, Any]]  # ranked
+    pick: str | None
+    footprints: dict[str, Footprint]
+    workdir: Path
+    input_shapes: list[list[int]]
+
+    def artifact(self, recipe: str) -> Path | None:
+        row = next((r for r in self.rows if r["recipe"] == recipe), None)
+        path = row and row.get("artifact")
+        return Path(path) if path and Path(path).exists() else None
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def artifact_format(source: ModelSource) -> str:
+    return "torchscript" if source.kind == "torchscript" else "state_dict"
+
+
+def _reference_recipe(recipes: list[Recipe]) -> Recipe:
+    return next((r for r in recipes if r.name == REFERENCE), Recipe(REFERENCE, "float32 reference"))
+
+
+def why_unsupported(recipe: Recipe, source: ModelSource, footprint: Footprint) -> str | None:
+    """A reason the recipe cannot run on this model here, decided before any work."""
+    scheme = recipe.scheme
+    if scheme is None:
+        return None
+    if scheme.needs_cuda and not torch.cuda.is_available():
+        return f"needs CUDA: {scheme.needs_cuda}; no GPU on this machine"
+    if source.kind == "torchscript":
+        return "torchao cannot quantize a TorchScript module; give a factory (file.py:build) or a .pt2"
+    if footprint.quantized_layers == 0:
+        kind = " (a .pt2 graph keeps no layer types: use a factory to quantize)" if source.kind == "export" else ""
+        return f"no {'/'.join(recipe.layers)} layer it can quantize{kind}"
+    return None
+
+
+def _load_fp32(source: ModelSource, fp32_path: Path) -> torch.nn.Module:
+    """A fresh float32 model backed by the memory-mapped reference weights (no second copy)."""
+    if artifact_format(source) == "torchscript":
+        return torch.jit.load(str(fp32_path), map_location="cpu")
+    from planner.verify import _structure
+
+    model = _structure(source, "state_dict")
+    model.load_state_dict(torch.load(fp32_path, weights_only=True, mmap=True), strict=True, assign=True)
+    return model.eval()
+
+
+def _save(model: torch.nn.Module, path: Path, fmt: str) -> None:
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    if fmt == "torchscript":
+        torch.jit.save(model, str(temporary))
+    else:
+        torch.save(model.state_dict(), temporary)
+    temporary.replace(path)
+
+
+def _prune_note(model: torch.nn.Module, recipe: Recipe) -> str:
+    # Measured on the artifact: pruning leaves dense tensors, so only the zero count changes.
+    weights = [m.weight for m in model.modules() if prunable(m, recipe)]
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    total = sum(w.numel() for w in weights)
+    share = zeros / total if total else 0.0
+    return f"{share:.0%} of pruned weights are zero but stored densely: file and memory do not shrink"
+
+
+def _run_worker(job: dict[str, Any], workdir: Path, name: str, timeout_s: float) -> dict[str, Any]:
+    job_path, result_path = workdir / f"{name}.job.json", workdir / f"{name}.result.json"
+    job_path.write_text(json.dumps(job))
+    env = dict(os.environ, **MEASUREMENT_ENV)
+    try:
+        done = subprocess.run([sys.executable, "-m", "planner.verify", str(job_path), str(result_path)],
+                              capture_output=True, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        return {"status": "failed", "note": f"verification timed out after {timeout_s:.0f} s"}
+    if result_path.exists() and "error" in (result := json.loads(result_path.read_text())):
+        return {"status": "failed", "note": f"verification failed: {result['error']}"}
+    if done.returncode != 0 or not result_path.exists():
+        if done.returncode < 0:
+            reason = f"verification killed by signal {-done.returncode}"
+            if done.returncode == -9:
+                reason += " (out of memory?)"
+        else:
+            lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+            reason = "verification failed: " + (lines[-1][:300] if lines else f"exit {done.returncode}")
+        return {"status": "failed", "note": reason}
+    result = json.loads(result_path.read_text())
+    for key in ("sqnr_db",):
+        if isinstance(result.get(key), str):
+            result[key] = float(result[key])
+    return dict(result, status="verified")
+
+
+def _job(source: ModelSource, recipe: Recipe, artifact: Path, workdir: Path, save_reference: bool) -> dict[str, Any]:
+    return {
+        "source": source.to_json(),
+        "dtype": recipe.dtype,
+        "artifact": str(artifact),
+        "artifact_format": artifact_format(source),
+        "inputs": str(workdir / "inputs.pt"),
+        "reference": str(workdir / "reference.pt"),
+        "save_reference": save_reference,
+        "needs_torchao": recipe.scheme is not None,
+    }
+
+
+def explain(row: dict[str, Any], footprint: Footprint) -> str:
+    """The note column: what the recipe did, and why analytic and verified figures differ where they do."""
+    notes = [row.pop("note", "")] if row.get("note") else []
+    notes += footprint.notes
+    diff = row.get("runtime_diff")
+    if diff is not None and abs(diff) > 0.05:
+        gap = abs((row.get("analytic_runtime_bytes") or 0) - (row.get("verified_runtime_bytes") or 0))
+        if gap < RESOLUTION_BYTES:
+            notes.append(f"runtime gap {format_bytes(gap)} is below the {format_bytes(RESOLUTION_BYTES)} "
+                         "resolution of resident-memory measurement (allocator and kernel workspaces)")
+        else:
+            notes.append(f"runtime differs by {format_bytes(gap)}: not explained by the model (see README caveats)")
+    return "; ".join(note for note in notes if note)
+
+
+def _forward_error(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> str | None:
+    """Run one forward; on failure return 'layer NAME (Type): message' naming the innermost running layer."""
+    running: list[str] = []
+    names = {id(module): name for name, module in model.named_modules()}
+    handles = []
+    if not isinstance(model, torch.jit.ScriptModule):
+        for module in model.modules():
+            handles.append(module.register_forward_pre_hook(
+                lambda mod, args: running.append(f"{names[id(mod)] or '(top)'} ({type(mod).__name__})")))
+            handles.append(module.register_forward_hook(lambda mod, args, out: running.pop()))
+    try:
+        with torch.no_grad():
+            model(*inputs)
+        return None
+    except Exception as error:
+        message = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        return f"layer {running[-1]}: {message}" if running else message
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def check_inputs_fit(source: ModelSource, meta_model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Reject an input the model cannot take before any work, naming the layer and the shapes."""
+    device = next((t.device for t in meta_model.parameters()), torch.device("cpu"))
+    problem = _forward_error(meta_model, tuple(t.to(device) for t in inputs))
+    if problem is not None and device.type == "meta":
+        # Some ops have no meta kernel: confirm on real weights before blaming the input.
+        problem = _forward_error(source.build("cpu"), inputs)
+    if problem is not None:
+        shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in inputs)
+        raise PlannerError(f"the input {shapes} does not fit {source.spec}: {problem}; "
+                           "pass --input-shape (and --input-dtype) that the model accepts")
+
+
+def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
+             progress: Callable[[str], None] = lambda message: None) -> PlanResult:
+    progress("describing the model (weightless)")
+    meta_model = source.build("meta")
+    inputs = source.example_inputs()
+    check_inputs_fit(source, meta_model, inputs)
+    footprints = {recipe.name: analytic_footprint(meta_model, inputs, recipe) for recipe in recipes}
+    del meta_model
+
+    workdir = Path(tempfile.mkdtemp(prefix="planner-"))
+    fmt = artifact_format(source)
+    suffix = ".ts" if fmt == "torchscript" else ".pt"
+    torch.save(tuple(inputs), workdir / "inputs.pt")
+
+    progress("materializing the float32 reference")
+    fp32_path = workdir / f"{REFERENCE}{suffix}"
+    model = source.build("cpu")
+    _save(model, fp32_path, fmt)
+    del model
+
+    rows: list[dict[str, Any]] = []
+    reference_recipe = _reference_recipe(recipes)
+    progress(f"verifying {REFERENCE} (reference)")
+    reference = _run_worker(_job(source, reference_recipe, fp32_path, workdir, True), workdir, REFERENCE,
+                            options.timeout_s)
+    if reference["status"] != "verified":
+        raise RuntimeError(f"the float32 model itself does not run: {reference.get('note')}")
+
+    for recipe in recipes:
+        footprint = footprints[recipe.name]
+        row: dict[str, Any] = {"recipe": recipe.name, "backend": "torch", "touches": recipe.touches()}
+        artifact = workdir / f"{recipe.name}{suffix}"
+        if recipe.name == REFERENCE:
+            result, artifact = reference, fp32_path
+        elif (reason := why_unsupported(recipe, source, footprint)) is not None:
+            result = {"status": "unsupported", "note": reason}
+        else:
+            progress(f"applying {recipe.name}")
+            result = _apply_and_verify(source, recipe, fp32_path, artifact, workdir, fmt, options, progress)
+        row.update(result)
+        row.update(_figures(footprint, row, artifact))
+        row["note"] = explain(row, footprint)
+        row["fits"] = rank.fits(row, options.budget_bytes, options.budget_on)
+        if row["status"] == "verified" and artifact.exists():
+            row["artifact"] = str(artifact)
+            if not options.keep_artifacts(row) and artifact != fp32_path:
+                artifact.unlink()
+                row["artifact"] = None
+        rows.append(row)
+
+    ranked = rank.rank_rows(rows, options.budget_bytes, options.budget_on)
+    return PlanResult(model=source.spec, budget_bytes=options.budget_bytes, budget_on=options.budget_on,
+                      rows=ranked, pick=rank.pick(ranked), footprints=footprints, workdir=workdir,
+                      input_shapes=[list(t.shape) for t in inputs])
+
+
+def _apply_and_verify(source: ModelSource, recipe: Recipe, fp32_path: Path, artifact: Path, workdir: Path,
+                      fmt: str, options: PlanOptions, progress: Callable[[str], None]) -> dict[str, Any]:
+    note = ""
+    try:
+        model = apply_recipe(_load_fp32(source, fp32_path), recipe)
+        if recipe.prune:
+            note = _prune_note(model, recipe)
+        _save(model, artifact, fmt)
+        del model
+    except UnsupportedRecipe as error:
+        return {"status": "unsupported", "note": str(error)}
+    except Exception as error:  # a recipe that breaks on this model is a row, not a crash
+        return {"status": "failed", "note": f"applying the recipe failed: {type(error).__name__}: {str(error)[:200]}"}
+    progress(f"verifying {recipe.name} in a fresh process")
+    result = _run_worker(_job(source, recipe, artifact, workdir, False), workdir, recipe.name, options.timeout_s)
+    if note:
+        result["note"] = "; ".join(filter(None, [note, result.get("note", "")]))
+    return result
+
+
+def _figures(footprint: Footprint, row: dict[str, Any], artifact: Path) -> dict[str, Any]:
+    verified = row.get("status") == "verified"
+    verified_disk = artifact.stat().st_size if verified and artifact.exists() else None
+    figures = {
+        "analytic_disk_bytes": footprint.disk_bytes,
+        "verified_disk_bytes": verified_disk,
+        "analytic_weight_bytes": footprint.weight_bytes,
+        "analytic_activation_bytes": footprint.activation_bytes,
+        "analytic_runtime_bytes": footprint.runtime_bytes,
+        "verified_runtime_bytes": row.get("verified_runtime_bytes") if verified else None,
+    }
+    figures["disk_diff"] = relative_difference(figures["analytic_disk_bytes"], verified_disk)
+    figures["runtime_diff"] = relative_difference(figures["analytic_runtime_bytes"],
+                                                  figures["verified_runtime_bytes"])
+    if not verified:
+        for key in ("sqnr_db", "max_abs_error", "top1_agreement", "latency_ms"):
+            row.setdefault(key, None)
+    elif row.get("sqnr_db") is not None and math.isnan(row["sqnr_db"]):
+        row["sqnr_db"] = None
+    return figures

@@ -1,0 +1,57 @@
+"""Ranking rows against the budget and choosing the pick. Pure functions over plain dicts."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+BUDGET_TARGETS = ("runtime", "disk")
+
+
+def measured_size(row: dict[str, Any], budget_on: str) -> int | None:
+    """The verified figure the budget applies to (None when the row was not verified)."""
+    if row.get("status") != "verified":
+        return None
+    return row.get("verified_runtime_bytes" if budget_on == "runtime" else "verified_disk_bytes")
+
+
+def fits(row: dict[str, Any], budget_bytes: int, budget_on: str) -> bool:
+    size = measured_size(row, budget_on)
+    return size is not None and size <= budget_bytes
+
+
+def quality(row: dict[str, Any]) -> float:
+    """Higher is better: SQNR in dB (inf for an exact match); unknown quality sorts last."""
+    sqnr = row.get("sqnr_db")
+    if sqnr is None or (isinstance(sqnr, float) and math.isnan(sqnr)):
+        return -math.inf
+    return float(sqnr)
+
+
+def rank_rows(rows: list[dict[str, Any]], budget_bytes: int, budget_on: str) -> list[dict[str, Any]]:
+    """Fitting rows first by least quality loss then size; then the rest, closest to the budget first;
+    rows that were not verified last. Each returned row carries `fits` and `rank`."""
+    if budget_on not in BUDGET_TARGETS:
+        raise ValueError(f"budget_on must be one of {BUDGET_TARGETS}")
+
+    def key(row: dict[str, Any]) -> tuple[int, float, float, str]:
+        size = measured_size(row, budget_on)
+        if size is None:
+            return (2, 0.0, 0.0, row["recipe"])
+        if size <= budget_bytes:
+            return (0, -quality(row), float(size), row["recipe"])
+        return (1, float(size), -quality(row), row["recipe"])
+
+    ranked = sorted(rows, key=key)
+    return [dict(row, fits=fits(row, budget_bytes, budget_on), rank=index + 1) for index, row in enumerate(ranked)]
+
+
+def pick(ranked: list[dict[str, Any]]) -> str | None:
+    """The first fitting recipe of a ranked list, or None."""
+    return next((row["recipe"] for row in ranked if row.get("fits")), None)
+
+
+def closest(ranked: list[dict[str, Any]], budget_on: str) -> dict[str, Any] | None:
+    """The smallest verified row (shown when nothing fits)."""
+    verified = [row for row in ranked if measured_size(row, budget_on) is not None]
+    return min(verified, key=lambda row: measured_size(row, budget_on) or 0, default=None)

@@ -1,0 +1,398 @@
+"""Recipes as data: TOML files in recipes/, one handler per quantization scheme.
+
+A recipe is a dtype for the floating tensors, optionally magnitude pruning, optionally a torchao
+weight quantization scheme applied to the layer types it names. Each scheme knows its exact
+stored layout (so the analytic footprint needs no weights), which layers it can take, and
+whether it needs CUDA. Applying a recipe uses torchao's `quantize_` with the same layer filter
+the footprint uses, so the analytic and the verified figures describe the same model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import tomllib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from planner.errors import PlannerError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+# The default set lives in the repository's recipes/ folder (the package is installed editable).
+DEFAULT_RECIPES_FILE = Path(__file__).resolve().parent.parent / "recipes" / "default.toml"
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """Bytes of one quantized weight as torchao stores it: payload plus scales and zero-points."""
+
+    payload_bytes: int
+    scale_bytes: int
+    storages: int  # tensors written to disk for this weight (each costs container overhead)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.payload_bytes + self.scale_bytes
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One torchao weight-quantization scheme: config, layout arithmetic, constraints."""
+
+    name: str
+    summary: str
+    make_config: Callable[[Recipe], Any]
+    layout: Callable[[int, int, Recipe], TensorLayout]  # (out_features, in_features, recipe)
+    why_not: Callable[[int, int, Recipe], str | None] = lambda out_f, in_f, recipe: None
+    needs_cuda: str | None = None  # reason, when the scheme has no CPU kernel
+    weightless_ok: bool = True  # quantize_ works on the meta device
+    transient_dequant: bool = False  # forward materializes the weight in the compute dtype
+
+
+def _int8_per_row(out_f: int, in_f: int, recipe: Recipe) -> TensorLayout:
+    # Int8Tensor: int8 qdata, fp32 scale and int8 zero point per output row.
+    return TensorLayout(out_f * in_f, out_f * 4 + out_f, storages=3)
+
+
+def _intx_per_group(out_f: int, in_f: int, recipe: Recipe) -> TensorLayout:
+    # IntxUnpackedToInt8Tensor keeps one int8 byte per value whatever the bit width; scales
+    # follow the model dtype, zero points are int8, one per group.
+    groups = out_f * (in_f // recipe.group_size)
+    return TensorLayout(out_f * in_f, groups * (recipe.dtype_bytes + 1), storages=3)
+
+
+def _int4_packed(out_f: int, in_f: int, recipe: Recipe) -> TensorLayout:
+    # Int4OpaqueTensor: two values per uint8, bf16 scale and zero per group.
+    groups = out_f * (in_f // recipe.group_size)
+    return TensorLayout(out_f * in_f // 2, groups * 2 * 2, storages=2)
+
+
+def _fp8_per_row(out_f: int, in_f: int, recipe: Recipe) -> TensorLayout:
+    return TensorLayout(out_f * in_f, out_f * 4, storages=2)
+
+
+def _group_divides(out_f: int, in_f: int, recipe: Recipe) -> str | None:
+    if in_f % recipe.group_size:
+        return f"in_features {in_f} not divisible by group {recipe.group_size}"
+    return None
+
+
+def _int4_packed_why_not(out_f: int, in_f: int, recipe: Recipe) -> str | None:
+    # The CPU int4 pack kernel needs N % 16 == 0; torchao silently skips K % group != 0.
+    if out_f % 16:
+        return f"out_features {out_f} not divisible by 16"
+    return _group_divides(out_f, in_f, recipe)
+
+
+def _torchao() -> Any:
+    import torchao.quantization as quantization
+
+    return quantization
+
+
+def _int4_packed_config(recipe: Recipe) -> Any:
+    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+    return PrototypeInt4WeightOnlyConfig(group_size=recipe.group_size)
+
+
+def _intx_config(recipe: Recipe) -> Any:
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quant_primitives import MappingType
+
+    return _torchao().IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{recipe.bits}"),
+                                           granularity=PerGroup(recipe.group_size),
+                                           mapping_type=MappingType[recipe.mapping.upper()])
+
+
+SCHEMES: dict[str, Scheme] = {
+    scheme.name: scheme
+    for scheme in [
+        Scheme("int8-dynamic", "torchao Int8DynamicActivationInt8WeightConfig: int8 weights per row, "
+               "activations quantized to int8 on the fly",
+               lambda recipe: _torchao().Int8DynamicActivationInt8WeightConfig(), _int8_per_row),
+        Scheme("int8-weight-only", "torchao Int8WeightOnlyConfig: int8 weights per row, dequantized "
+               "to the compute dtype inside each matmul",
+               lambda recipe: _torchao().Int8WeightOnlyConfig(), _int8_per_row, transient_dequant=True),
+        Scheme("int4-weight-only", "torchao PrototypeInt4WeightOnlyConfig: real 4-bit packing "
+               "(Int4OpaqueTensor), bf16 scale and zero per group",
+               _int4_packed_config, _int4_packed, _int4_packed_why_not, weightless_ok=False),
+        Scheme("intx-weight-only", "torchao IntxWeightOnlyConfig: low-bit values stored unpacked, one int8 "
+               "byte each (an int4 file is int8-sized)",
+               _intx_config, _intx_per_group, _group_divides, transient_dequant=True),
+        Scheme("fp8-weight-only", "torchao Float8WeightOnlyConfig: float8 e4m3 weights per row",
+               lambda recipe: _torchao().Float8WeightOnlyConfig(), _fp8_per_row, transient_dequant=True),
+        Scheme("fp8-dynamic", "torchao Float8DynamicActivationFloat8WeightConfig: float8 weights and "
+               "activations",
+               lambda recipe: _torchao().Float8DynamicActivationFloat8WeightConfig(), _fp8_per_row,
+               needs_cuda="float8 dynamic activation kernels need CUDA (sm89+)"),
+    ]
+}
+PRUNABLE_DEFAULT = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+RECIPE_KEYS = {"name", "description", "dtype", "quantize", "bits", "group_size", "mapping", "layers", "prune",
+               "prune_layers"}
+MAPPINGS = ("asymmetric", "symmetric")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str = ""
+    dtype: str = "float32"  # floating parameters, buffers and inputs are cast to this
+    quantize: str | None = None  # a key of SCHEMES
+    bits: int = 8
+    group_size: int = 128
+    # intx only. Asymmetric by default: symmetric int4 clips a bias that adds up over long dot products
+    # (ComplexNet fc1: about 1 dB output SQNR symmetric against 25 dB asymmetric).
+    mapping: str = "asymmetric"
+    layers: tuple[str, ...] = ("Linear",)  # layer types the quantization touches
+    prune: float = 0.0  # fraction of each weight zeroed by L1 magnitude
+    prune_layers: tuple[str, ...] = PRUNABLE_DEFAULT
+    source: str = field(default="", compare=False)  # file it came from
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def dtype_bytes(self) -> int:
+        return self.torch_dtype.itemsize
+
+    @property
+    def scheme(self) -> Scheme | None:
+        return SCHEMES[self.quantize] if self.quantize else None
+
+    def touches(self) -> str:
+        """Which tensors the recipe changes, in words, for the table and `planner recipes`."""
+        parts = []
+        if self.prune:
+            parts.append(f"prunes {self.prune:.0%} of {'/'.join(self.prune_layers)} weights (dense)")
+        if self.scheme:
+            parts.append(f"{self.quantize} on {'/'.join(self.layers)}")
+        parts.append(f"everything else {self.dtype}" if self.scheme else f"all floating tensors {self.dtype}")
+        return "; ".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "dtype": self.dtype,
+                "quantize": self.quantize, "bits": self.bits, "group_size": self.group_size,
+                "mapping": self.mapping, "layers": list(self.layers), "prune": self.prune,
+                "prune_layers": list(self.prune_layers)}
+
+
+def recipe_from_table(table: dict[str, Any], where: str) -> Recipe:
+    """Validate one [[recipe]] table; every problem is a PlannerError naming the recipe and key."""
+    name = table.get("name")
+    if not isinstance(name, str) or not name:
+        raise PlannerError(f"{where}: every [[recipe]] needs a name = \"...\"")
+    label = f"{where}: recipe {name!r}"
+    unknown = sorted(set(table) - RECIPE_KEYS)
+    if unknown:
+        raise PlannerError(f"{label}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(RECIPE_KEYS))}")
+    dtype = table.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise PlannerError(f"{label}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    quantize = table.get("quantize")
+    if quantize is not None and quantize not in SCHEMES:
+        raise PlannerError(f"{label}: quantize {quantize!r} is not one of {', '.join(SCHEMES)}")
+    bits = table.get("bits", 4 if quantize == "intx-weight-only" else 8)
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
+        raise PlannerError(f"{label}: bits must be an integer from 1 to 8")
+    group_size = table.get("group_size", 128)
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
+        raise PlannerError(f"{label}: group_size must be a positive integer")
+    mapping = table.get("mapping", "asymmetric")
+    if mapping not in MAPPINGS:
+        raise PlannerError(f"{label}: mapping must be one of {', '.join(MAPPINGS)}")
+    prune = table.get("prune", 0.0)
+    if not isinstance(prune, int | float) or isinstance(prune, bool) or not 0 <= prune < 1:
+        raise PlannerError(f"{label}: prune must be a fraction from 0 to below 1, e.g. 0.5")
+    layers = _layer_list(table.get("layers", ["Linear"]), label, "layers")
+    prune_layers = _layer_list(table.get("prune_layers", list(PRUNABLE_DEFAULT)), label, "prune_layers")
+    description = table.get("description", "")
+    if not isinstance(description, str):
+        raise PlannerError(f"{label}: description must be a string")
+    return Recipe(name=name, description=description, dtype=dtype, quantize=quantize, bits=bits,
+                  group_size=group_size, mapping=mapping, layers=layers, prune=float(prune), prune_layers=prune_layers,
+                  source=where)
+
+
+def _layer_list(value: Any, label: str, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(item, str) and item for item in value):
+        raise PlannerError(f"{label}: {key} must be a non-empty list of layer type names, e.g. [\"Linear\"]")
+    return tuple(value)
+
+
+def load_recipe_file(path: str | Path) -> list[Recipe]:
+    """Read a TOML file of [[recipe]] tables. Syntax errors name the line (tomllib's message does)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as error:
+        raise PlannerError(f"recipe file {path} does not exist: pass an existing .toml file") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise PlannerError(f"cannot read recipe file {path}: {error}") from error
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise PlannerError(f"recipe file {path} is not valid TOML: {error}") from error
+    tables = data.get("recipe")
+    if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
+        raise PlannerError(f"recipe file {path} has no [[recipe]] tables: see recipes/default.toml for the format")
+    recipes = [recipe_from_table(table, str(path)) for table in tables]
+    seen: set[str] = set()
+    for recipe in recipes:
+        if recipe.name in seen:
+            raise PlannerError(f"recipe file {path}: the name {recipe.name!r} is used twice")
+        seen.add(recipe.name)
+    return recipes
+
+
+def default_recipes() -> list[Recipe]:
+    return load_recipe_file(DEFAULT_RECIPES_FILE)
+
+
+def select_recipes(available: list[Recipe], names: str | None) -> list[Recipe]:
+    """Pick recipes by a comma-separated list of names, in the order given; unknown names get suggestions."""
+    if not names:
+        return available
+    by_name = {recipe.name: recipe for recipe in available}
+    chosen: list[Recipe] = []
+    for name in (part.strip() for part in names.split(",")):
+        if not name:
+            continue
+        if name not in by_name:
+            close = difflib.get_close_matches(name, by_name, n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(close)}?" if close else "run `planner recipes` for the list"
+            raise PlannerError(f"unknown recipe {name!r}: {hint}")
+        if by_name[name] not in chosen:
+            chosen.append(by_name[name])
+    if not chosen:
+        raise PlannerError("--recipes selected nothing: give comma-separated names from `planner recipes`")
+    return chosen
+
+
+# ---- which layers a recipe touches: one filter for the footprint and for quantize_ ----
+
+def _type_names(module: nn.Module) -> set[str]:
+    names = {cls.__name__ for cls in type(module).__mro__}
+    original = getattr(module, "original_name", None)  # TorchScript keeps the Python class name here
+    if isinstance(original, str):
+        names.add(original)
+    return names
+
+
+def quantization_decision(module: nn.Module, recipe: Recipe) -> tuple[bool, str]:
+    """(quantized?, reason) for one module under the recipe's scheme."""
+    scheme = recipe.scheme
+    if scheme is None:
+        return False, ""
+    names = _type_names(module)
+    if not names & set(recipe.layers):
+        return False, ""
+    if "NonDynamicallyQuantizableLinear" in names:
+        # MultiheadAttention reads out_proj.weight directly; torchao skips it too.
+        return False, "attention out_proj (MultiheadAttention uses the raw weight)"
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return False, f"{type(module).__name__} has no 2-D weight"
+    out_f, in_f = weight.shape
+    reason = scheme.why_not(out_f, in_f, recipe)
+    return reason is None, reason or ""
+
+
+def layer_filter(recipe: Recipe) -> Callable[[nn.Module, str], bool]:
+    return lambda module, fqn: quantization_decision(module, recipe)[0]
+
+
+def prunable(module: nn.Module, recipe: Recipe) -> bool:
+    weight = getattr(module, "weight", None)
+    return (bool(recipe.prune) and bool(_type_names(module) & set(recipe.prune_layers))
+            and isinstance(weight, torch.Tensor) and weight.is_floating_point())
+
+
+# ---- applying a recipe to a real model ----
+
+def apply_recipe(model: nn.Module, recipe: Recipe) -> nn.Module:
+    """Prune, cast, quantize, in that order (quantizing first would leave nothing to prune)."""
+    if recipe.prune:
+        _magnitude_prune(model, recipe)
+    model = model.to(recipe.torch_dtype)
+    scheme = recipe.scheme
+    if scheme is not None:
+        if scheme.needs_cuda and not torch.cuda.is_available():
+            raise UnsupportedRecipe(f"needs CUDA: {scheme.needs_cuda}")
+        from torchao.quantization import quantize_
+
+        quantize_(model, scheme.make_config(recipe), filter_fn=layer_filter(recipe))
+    return model
+
+
+def import_tensor_types() -> None:
+    """Import every torchao tensor subclass a recipe can produce, so weights_only loading accepts them
+    (the prototype int4 tensor registers itself as a safe global only when its module is imported)."""
+    import torchao  # noqa: F401
+    import torchao.prototype.quantization.int4  # noqa: F401
+
+
+class UnsupportedRecipe(Exception):
+    """The recipe cannot run here (missing kernel or unsupported model kind); the row says why."""
+
+
+def _magnitude_prune(model: nn.Module, recipe: Recipe) -> None:
+    """Per-layer L1 magnitude pruning: zero the smallest `recipe.prune` share of each weight, in place.
+
+    torch.nn.utils.prune does the same through topk indices and a full mask, which needs several times
+    the weight in memory (over 20 GB for ComplexNet's 537M-value fc1); a threshold search does not.
+    """
+    for module in model.modules():
+        if prunable(module, recipe):
+            if module.weight.device.type == "meta":
+                continue
+            # A copy: the weight may be memory-mapped from the reference file, which must stay intact.
+            weight = module.weight.detach().clone(memory_format=torch.contiguous_format)
+            threshold = magnitude_threshold(weight, recipe.prune)
+            for chunk in weight.view(-1).split(PRUNE_CHUNK):
+                chunk.masked_fill_(chunk.abs() <= threshold, 0)
+            module.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
+
+
+PRUNE_CHUNK = 1 << 24
+
+
+def magnitude_threshold(weight: torch.Tensor, fraction: float) -> float:
+    """The smallest |w| such that at least `fraction` of the values are <= it (exact, chunked).
+
+    Non-negative floats order like their int32 bit patterns, so a bisection over the bit patterns
+    counting values at or below the midpoint finds the k-th smallest magnitude in 32 passes.
+    """
+    values = weight.detach().reshape(-1)
+    wanted = math.ceil(fraction * values.numel())
+    if wanted <= 0:
+        return -1.0
+    low, high = 0, 0x7F800000  # +0.0 .. +inf as int32 bit patterns
+    while low < high:
+        middle = (low + high) // 2
+        limit = torch.tensor(middle, dtype=torch.int32).view(torch.float32).item()
+        count = sum(int((chunk.float().abs() <= limit).sum()) for chunk in values.split(PRUNE_CHUNK))
+        if count >= wanted:
+            high = middle
+        else:
+            low = middle + 1
+    return torch.tensor(low, dtype=torch.int32).view(torch.float32).item()
+
+
+def zero_fraction(tensors: Iterable[torch.Tensor]) -> float:
+    zeros = total = 0
+    for tensor in tensors:
+        zeros += int((tensor == 0).sum())
+        total += tensor.numel()
+    return zeros / total if total else math.nan

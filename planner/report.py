@@ -1,0 +1,253 @@
+"""Reporting: the ranked DataFrame, the terminal table, plan.{csv,md,json,png} and the exported artifact."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from planner.errors import PlannerError
+from planner.units import format_bytes
+
+# plan.json row fields; scripts and CI gates read these, so add fields but never rename them.
+ROW_FIELDS = [
+    "rank", "recipe", "backend", "status", "fits",
+    "analytic_disk_bytes", "verified_disk_bytes", "disk_diff",
+    "analytic_weight_bytes", "analytic_activation_bytes",
+    "analytic_runtime_bytes", "verified_runtime_bytes", "runtime_diff",
+    "verified_weight_resident_bytes", "verified_activation_bytes",
+    "sqnr_db", "max_abs_error", "top1_agreement", "latency_ms", "touches", "note",
+]
+PLAN_FILES = ("plan.csv", "plan.md", "plan.json", "plan.png")
+LIBRARIES = ("torch", "torchao", "numpy", "pandas", "safetensors", "onnx", "onnxruntime")
+
+
+def plan_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame([{key: row.get(key) for key in ROW_FIELDS} for row in rows], columns=ROW_FIELDS)
+
+
+def _percent(value: Any) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:+.1%}"
+
+
+def _sqnr(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return "exact" if math.isinf(value) and value > 0 else f"{value:.1f}"
+
+
+def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """Readable strings for the terminal and plan.md."""
+    def fmt_fits(row: pd.Series) -> str:
+        return "yes" if row["fits"] else ("no" if row["status"] == "verified" else "-")
+
+    def latency(value: Any) -> str:
+        return "-" if value is None or pd.isna(value) else f"{value:.1f}"
+
+    def top1(value: Any) -> str:
+        return "-" if value is None or pd.isna(value) else f"{value:.0%}"
+
+    return pd.DataFrame({
+        "#": frame["rank"],
+        "recipe": frame["recipe"],
+        "status": frame["status"],
+        "fits": frame.apply(fmt_fits, axis=1),
+        "disk (analytic)": frame["analytic_disk_bytes"].map(format_bytes),
+        "disk (verified)": frame["verified_disk_bytes"].map(lambda v: format_bytes(None if pd.isna(v) else v)),
+        "Δdisk": frame["disk_diff"].map(_percent),
+        "runtime (analytic)": frame["analytic_runtime_bytes"].map(lambda v: format_bytes(None if pd.isna(v) else v)),
+        "runtime (verified)": frame["verified_runtime_bytes"].map(
+            lambda v: format_bytes(None if pd.isna(v) else v)),
+        "Δruntime": frame["runtime_diff"].map(_percent),
+        "SQNR dB": frame["sqnr_db"].map(_sqnr),
+        "top-1": frame["top1_agreement"].map(top1),
+        "latency ms": frame["latency_ms"].map(latency),
+        "note": frame["note"].fillna(""),
+    })
+
+
+def print_table(result: Any, console: Any) -> None:
+    """The ranked table, notes numbered underneath so the columns stay readable in 120 characters."""
+    from rich.table import Table
+
+    shown = display_frame(plan_frame(result.rows))
+    title = (f"{result.model}: budget {format_bytes(result.budget_bytes)} on {result.budget_on}, "
+             f"input {' '.join('×'.join(map(str, s)) for s in result.input_shapes)}")
+    table = Table(title=title, show_lines=False)
+    columns = [c for c in shown.columns if c != "note"]
+    for column in columns:
+        table.add_column(column, no_wrap=column == "recipe",
+                         justify="right" if column not in ("recipe", "status", "fits") else "left")
+    for _, row in shown.iterrows():
+        style = "green" if row["fits"] == "yes" else ("dim" if row["status"] != "verified" else None)
+        table.add_row(*[str(row[c]) for c in columns], style=style)
+    console.print(table)
+    for _, row in shown.iterrows():
+        if row["note"]:
+            console.print(f"  [bold]{row['recipe']}[/]: {row['note']}", highlight=False)
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write to a temporary file beside the target, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data.encode() if isinstance(data, str) else data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def plan_json(result: Any) -> dict[str, Any]:
+    return {
+        "model": result.model,
+        "budget_bytes": result.budget_bytes,
+        "budget_on": result.budget_on,
+        "pick": result.pick,
+        "input_shapes": result.input_shapes,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "environment": environment(),
+        "rows": [{key: _json_value(row.get(key)) for key in ROW_FIELDS} for row in result.rows],
+    }
+
+
+def environment() -> dict[str, Any]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "libraries": versions}
+
+
+def check_writable_target(directory: Path, names: tuple[str, ...], force: bool, flag: str) -> None:
+    """Refuse, before any work, to overwrite existing results unless --force; fail early if unwritable."""
+    existing = [name for name in names if (directory / name).exists()]
+    if existing and not force:
+        raise PlannerError(f"{directory / existing[0]} already exists: pass --force to overwrite it, "
+                           f"or choose another {flag} directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=directory, prefix=".planner-write-test-")
+        probe.close()
+    except OSError as error:
+        raise PlannerError(f"cannot write to {flag} directory {directory}: {error.strerror or error}") from error
+
+
+def write_outputs(result: Any, directory: Path) -> list[Path]:
+    frame = plan_frame(result.rows)
+    written = []
+    for name, data in [
+        ("plan.csv", frame.to_csv(index=False)),
+        ("plan.md", display_frame(frame).to_markdown(index=False) + "\n"),
+        ("plan.json", json.dumps(plan_json(result), indent=2) + "\n"),
+    ]:
+        write_atomic(directory / name, data)
+        written.append(directory / name)
+    write_atomic(directory / "plan.png", chart_png(result))
+    written.append(directory / "plan.png")
+    return written
+
+
+def chart_png(result: Any) -> bytes:
+    """Size (the budget's measure) versus SQNR, with the budget as a vertical line."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "verified_runtime_bytes" if result.budget_on == "runtime" else "verified_disk_bytes"
+    figure, axes = plt.subplots(figsize=(8, 5))
+    finite = [r["sqnr_db"] for r in result.rows if r.get("sqnr_db") not in (None,) and math.isfinite(r["sqnr_db"])]
+    ceiling = (max(finite) + 10) if finite else 100.0
+    for row in result.rows:
+        if row.get("status") != "verified" or row.get(key) is None:
+            continue
+        sqnr = row.get("sqnr_db")
+        quality = ceiling if sqnr is not None and math.isinf(sqnr) and sqnr > 0 else sqnr
+        if quality is None:
+            continue
+        axes.scatter(row[key] / 1e6, quality, color="tab:green" if row.get("fits") else "tab:red")
+        axes.annotate(row["recipe"], (row[key] / 1e6, quality), textcoords="offset points", xytext=(4, 4),
+                      fontsize=8)
+    axes.axvline(result.budget_bytes / 1e6, color="black", linestyle="--", label="budget")
+    axes.set_xscale("log")
+    axes.set_xlabel(f"verified {result.budget_on} MB (log)")
+    axes.set_ylabel("output SQNR vs fp32, dB (exact drawn at the top)")
+    axes.set_title(f"{result.model}: size versus quality")
+    axes.legend()
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_artifacts(result: Any, recipes: list[str], directory: Path, recipe_table: dict[str, Any],
+                     source_json: dict[str, Any]) -> list[Path]:
+    """Copy each verified artifact to DIRECTORY/RECIPE/ with manifest.json (atomically, folder by folder)."""
+    exported = []
+    for name in recipes:
+        artifact = result.artifact(name)
+        row = next(r for r in result.rows if r["recipe"] == name)
+        if artifact is None:
+            continue
+        target = directory / name
+        staging = Path(tempfile.mkdtemp(dir=directory, prefix=f".{name}."))
+        try:
+            model_file = staging / ("model.ts" if artifact.suffix == ".ts" else "model.pt")
+            shutil.copyfile(artifact, model_file)
+            manifest = {
+                "recipe": recipe_table[name],
+                "model": result.model,
+                "source": source_json,
+                "file": model_file.name,
+                "format": "torchscript" if artifact.suffix == ".ts" else "state_dict",
+                "sha256": sha256(model_file),
+                "bytes": model_file.stat().st_size,
+                "verification": {key: _json_value(row.get(key)) for key in ROW_FIELDS},
+                "environment": environment(),
+                "how_to_load": ("torch.jit.load('model.ts')" if artifact.suffix == ".ts" else
+                                "import torchao; model = <build the model>; model.load_state_dict("
+                                "torch.load('model.pt', weights_only=True), assign=True)  "
+                                "# or planner.artifact.load_artifact(folder)"),
+            }
+            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            if target.exists():
+                shutil.rmtree(target)  # only reached with --force (checked before planning)
+            staging.replace(target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        exported.append(target)
+    return exported

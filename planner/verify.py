@@ -1,0 +1,258 @@
+"""Verification of one artifact in a fresh process: load it, run it, measure it.
+
+The parent (planner.pipeline) starts `python -m planner.verify JOB.json RESULT.json` once per recipe,
+so no recipe shares allocator state, imported kernels or cached pages with another. The process:
+
+1. imports torch (and torchao), warms the framework up on a tiny forward, builds the model's
+   structure without weights (meta), and loads the example input;
+2. resets the resident-memory high-water mark (/proc/self/clear_refs) and takes the baseline;
+3. loads the artifact (resident weights = RSS after load - baseline) and runs the example input once
+   (first-run lazy initialisation is reported on its own);
+4. resets the high-water mark and runs it again: activation peak = peak - RSS before that forward;
+   verified runtime = resident weights + activation peak;
+5. times further forwards (median) and compares the first outputs with the fp32 reference.
+
+glibc is told to hand large freed blocks straight back to the OS (MALLOC_MMAP_THRESHOLD_), so the
+high-water mark is what was alive at once, not what the allocator kept cached.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+# Environment for the child: fixed mmap threshold (no dynamic growth) and no trim hysteresis.
+MEASUREMENT_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+LATENCY_BUDGET_S = 2.0
+LATENCY_MAX_RUNS = 20
+
+
+def _proc_status_kib(field_name: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field_name} not in /proc/self/status")
+
+
+def reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the OS does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def release_freed_memory() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def floating_tensors(output: Any) -> list[Any]:
+    """Every floating tensor in a tensor, tuple, list, dict or model-output object, in a stable order."""
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return [output] if output.is_floating_point() else []
+    if isinstance(output, Mapping):
+        return [t for value in output.values() for t in floating_tensors(value)]
+    if isinstance(output, list | tuple):
+        return [t for value in output for t in floating_tensors(value)]
+    if hasattr(output, "to_tuple"):  # transformers ModelOutput
+        return floating_tensors(output.to_tuple())
+    if hasattr(output, "__dataclass_fields__"):
+        return [t for name in output.__dataclass_fields__ for t in floating_tensors(getattr(output, name))]
+    return []
+
+
+def compare_outputs(reference: list[Any], candidate: list[Any]) -> dict[str, float | None]:
+    """SQNR over all floating outputs together, max abs error, and top-1 agreement for logits."""
+    import torch
+
+    if len(reference) != len(candidate) or any(r.shape != c.shape for r, c in zip(reference, candidate, strict=True)):
+        raise RuntimeError("the recipe changed the model's output structure or shapes")
+    signal = noise = 0.0
+    max_abs = 0.0
+    for ref, out in zip(reference, candidate, strict=True):
+        ref64, out64 = ref.double(), out.double()
+        signal += float((ref64 * ref64).sum())
+        diff = ref64 - out64
+        noise += float((diff * diff).sum())
+        if diff.numel():
+            max_abs = max(max_abs, float(diff.abs().max()))
+    if not all(math.isfinite(x) for x in (signal, noise)):
+        sqnr: float | None = None
+    elif noise == 0:
+        sqnr = math.inf
+    else:
+        sqnr = 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+    top1 = None
+    logits = next((r for r in reference if r.dim() >= 2 and r.shape[-1] >= 2), None)
+    if logits is not None:
+        index = next(i for i, r in enumerate(reference) if r is logits)
+        top1 = float((logits.argmax(-1) == candidate[index].argmax(-1)).to(torch.float64).mean())
+    return {"sqnr_db": sqnr, "max_abs_error": max_abs, "top1_agreement": top1}
+
+
+def _warm_up(dtype: Any) -> None:
+    # First-use costs of the framework (thread pool, oneDNN primitives) belong to the baseline.
+    import torch
+
+    with torch.inference_mode():
+        x = torch.randn(4, 64, dtype=dtype)
+        torch.nn.functional.linear(x, torch.randn(32, 64, dtype=dtype))
+        image = torch.randn(1, 3, 16, 16, dtype=dtype)
+        torch.nn.functional.conv2d(image, torch.randn(8, 3, 3, 3, dtype=dtype), padding=1)
+
+
+def _structure(source: Any, artifact_format: str) -> Any:
+    """The model without weights, so loading the artifact is the only weight memory measured."""
+    import torch
+
+    if artifact_format == "torchscript":
+        return None
+    model = source.build("meta")
+    _restore_non_persistent_buffers(model, source)
+    # Sources that cannot build weightless (.pt2, pickles) built real tensors: drop them now.
+    for module in model.modules():
+        for key, param in list(module.named_parameters(recurse=False)):
+            if param.device.type != "meta":
+                setattr(module, key, torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad))
+        persistent = [key for key, _ in module.named_buffers(recurse=False)
+                      if key not in getattr(module, "_non_persistent_buffers_set", set())]
+        for key in persistent:
+            module._buffers[key] = module._buffers[key].to("meta")
+    return model
+
+
+def _restore_non_persistent_buffers(model: Any, source: Any) -> None:
+    """Non-persistent buffers (masks, rotary tables) are not in a state dict: take them from a real build."""
+    missing = [(module, key) for module in model.modules()
+               for key in getattr(module, "_non_persistent_buffers_set", set())
+               if module._buffers.get(key) is not None and module._buffers[key].device.type == "meta"]
+    if not missing:
+        return
+    real = dict(source.build("cpu").named_modules())
+    names = {id(module): name for name, module in model.named_modules()}
+    for module, key in missing:
+        module._buffers[key] = real[names[id(module)]]._buffers[key]
+    del real
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from planner.recipes import DTYPES
+    from planner.sources import ModelSource
+
+    if job.get("needs_torchao"):
+        from planner.recipes import import_tensor_types
+
+        import_tensor_types()
+    dtype = DTYPES[job["dtype"]]
+    torch.manual_seed(0)
+    _warm_up(dtype)
+    source = ModelSource.from_json(job["source"])
+    model = _structure(source, job["artifact_format"])
+    inputs = torch.load(job["inputs"], weights_only=True)
+    inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
+    release_freed_memory()
+    exact_peak = reset_peak()
+    baseline = _proc_status_kib("VmRSS")
+
+    started = time.perf_counter()
+    if job["artifact_format"] == "torchscript":
+        model = torch.jit.load(job["artifact"], map_location="cpu")
+    else:
+        state = torch.load(job["artifact"], weights_only=True)
+        model.load_state_dict(state, strict=True, assign=True)
+        del state
+    model.eval()
+    load_s = time.perf_counter() - started
+    loaded = _proc_status_kib("VmRSS")
+
+    with torch.inference_mode():
+        # First forward: includes one-time lazy initialisation (kernel selection, packed weight caches).
+        started = time.perf_counter()
+        output = model(*inputs)
+        first_ms = (time.perf_counter() - started) * 1000
+        first_peak = _proc_status_kib("VmHWM")
+        outputs = [t.float() for t in floating_tensors(output)]
+        del output
+        # Second forward from a reset high-water mark: the activation peak of a warm model.
+        release_freed_memory()
+        reset_peak()
+        before_second = _proc_status_kib("VmRSS")
+        started = time.perf_counter()
+        model(*inputs)
+        latencies = [(time.perf_counter() - started) * 1000]
+        activation_peak = _proc_status_kib("VmHWM") - before_second
+        budget_end = time.perf_counter() + LATENCY_BUDGET_S
+        while len(latencies) < LATENCY_MAX_RUNS and time.perf_counter() < budget_end and first_ms < 5000:
+            started = time.perf_counter()
+            model(*inputs)
+            latencies.append((time.perf_counter() - started) * 1000)
+
+    weights = loaded - baseline
+    result: dict[str, Any] = {
+        "verified_runtime_bytes": weights + activation_peak,
+        "verified_weight_resident_bytes": weights,
+        "verified_activation_bytes": activation_peak,
+        # What the first forward needed beyond a warm one (framework lazy init); reported, not ranked.
+        "verified_first_run_extra_bytes": max(0, first_peak - loaded - activation_peak),
+        "baseline_rss_bytes": baseline,
+        "peak_is_exact": exact_peak,
+        "load_s": load_s,
+        "first_forward_ms": first_ms,
+        "latency_ms": statistics.median(latencies),
+        "latency_runs": len(latencies),
+    }
+    if job.get("save_reference"):
+        torch.save(outputs, job["reference"])
+        result.update({"sqnr_db": math.inf, "max_abs_error": 0.0, "top1_agreement": 1.0})
+    else:
+        reference = torch.load(job["reference"], weights_only=True)
+        result.update(compare_outputs(reference, outputs))
+    result["output_shapes"] = [list(t.shape) for t in outputs]
+    return result
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "inf" / "-inf" / "nan": strict JSON has no infinities
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def main(argv: list[str]) -> int:
+    job_path, result_path = Path(argv[0]), Path(argv[1])
+    job = json.loads(job_path.read_text())
+    try:
+        result = run_job(job)
+    except Exception as error:  # reported as the row's reason; the parent decides what to show
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        result = {"error": f"{type(error).__name__}: {first_line}"}
+    temporary = result_path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(_json_safe(result)))
+    temporary.replace(result_path)
+    return 1 if "error" in result else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

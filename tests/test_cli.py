@@ -1,0 +1,131 @@
+"""The planner as a user runs it: real recipes applied, saved, reloaded in fresh processes, measured."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def planner(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "planner.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600)
+
+
+def one_clean_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip() and not _library_noise(line)]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def _library_noise(line: str) -> bool:
+    # torchao prints import-time warnings about optional CUDA extensions on CPU-only machines.
+    return any(marker in line for marker in ("Failed to load", "register_constant", "Warning", "warn("))
+
+
+@pytest.fixture(scope="module")
+def simplenet_plan(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    root = tmp_path_factory.mktemp("plan")
+    out, export = root / "out", root / "export"
+    done = planner("plan", "zoo:simplenet", "--budget", "5MB", "--recipes",
+                   "fp32,bf16,int8-dynamic,int8-weight-only,fp8-dynamic,int4-g128,prune50",
+                   "--out", str(out), "--export", str(export), "--export-all")
+    return done, out, export
+
+
+def test_plan_writes_a_stable_json(simplenet_plan: tuple) -> None:
+    done, out, _ = simplenet_plan
+    assert done.returncode == 0, done.stdout + done.stderr
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["model"] == "zoo:simplenet" and plan["budget_bytes"] == 5_000_000 and plan["budget_on"] == "runtime"
+    assert plan["pick"] == "fp32"  # everything fits 5 MB, and fp32 loses nothing
+    rows = {row["recipe"]: row for row in plan["rows"]}
+    required = {"recipe", "status", "analytic_disk_bytes", "verified_disk_bytes", "analytic_runtime_bytes",
+                "verified_runtime_bytes", "sqnr_db", "latency_ms", "fits", "note"}
+    assert all(required <= set(row) for row in rows.values())
+    assert rows["fp32"]["sqnr_db"] == "inf"
+    assert 30 < rows["bf16"]["sqnr_db"] < 80
+    assert 25 < rows["int8-dynamic"]["sqnr_db"] < 70
+    for name in ("fp32", "bf16", "int8-dynamic", "int8-weight-only", "prune50"):
+        row = rows[name]
+        assert row["status"] == "verified", row
+        assert row["verified_disk_bytes"] == pytest.approx(row["analytic_disk_bytes"], rel=0.05)
+        assert row["latency_ms"] > 0
+    assert rows["int8-dynamic"]["verified_disk_bytes"] < 0.5 * rows["fp32"]["verified_disk_bytes"]
+    # Rows that cannot run here say why instead of disappearing.
+    assert rows["fp8-dynamic"]["status"] == "unsupported" and "CUDA" in rows["fp8-dynamic"]["note"]
+    assert rows["int4-g128"]["status"] == "unsupported" and "not divisible by 16" in rows["int4-g128"]["note"]
+    assert "densely" in rows["prune50"]["note"]
+    assert (out / "plan.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| recipe" in (out / "plan.md").read_text()
+    assert "analytic_disk_bytes" in (out / "plan.csv").read_text().splitlines()[0]
+
+
+def test_exported_artifact_loads_without_the_planner(simplenet_plan: tuple) -> None:
+    done, out, export = simplenet_plan
+    manifest = json.loads((export / "int8-dynamic" / "manifest.json").read_text())
+    model_file = export / "int8-dynamic" / manifest["file"]
+    import hashlib
+
+    assert hashlib.sha256(model_file.read_bytes()).hexdigest() == manifest["sha256"]
+    assert manifest["verification"]["status"] == "verified"
+    import torchao  # noqa: F401
+
+    from planner.zoo import SimpleNet
+
+    model = SimpleNet()
+    model.load_state_dict(torch.load(model_file, weights_only=True), assign=True)
+    assert type(model.fc1.weight).__name__ == "Int8Tensor"
+    assert model(torch.randn(2, 100)).shape == (2, 10)
+
+
+def test_existing_results_are_not_overwritten(simplenet_plan: tuple) -> None:
+    _, out, export = simplenet_plan
+    before = (out / "plan.json").read_bytes()
+    done = planner("plan", "zoo:simplenet", "--budget", "5MB", "--recipes", "fp32", "--out", str(out))
+    assert done.returncode == 2
+    assert "--force" in one_clean_line(done.stderr)
+    assert (out / "plan.json").read_bytes() == before
+    done = planner("plan", "zoo:simplenet", "--budget", "5MB", "--recipes", "fp32", "--export", str(export))
+    assert done.returncode == 2 and "--force" in one_clean_line(done.stderr)
+
+
+def test_transformer_int4_is_really_smaller_and_estimates_hold(tmp_path: Path) -> None:
+    done = planner("plan", "zoo:tinylm", "--budget", "1GB", "--recipes", "fp32,int8-dynamic,int4-g128",
+                   "--out", str(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {row["recipe"]: row for row in json.loads((tmp_path / "plan.json").read_text())["rows"]}
+    for row in rows.values():
+        assert row["status"] == "verified", row
+        assert row["verified_disk_bytes"] == pytest.approx(row["analytic_disk_bytes"], rel=0.03)
+    # Embeddings and attention in_proj stay bf16, so int4 cannot reach 1/8 of fp32; it must beat int8 though.
+    assert rows["int4-g128"]["verified_disk_bytes"] < rows["int8-dynamic"]["verified_disk_bytes"]
+    assert rows["int4-g128"]["sqnr_db"] > 5 and math.isfinite(rows["int4-g128"]["sqnr_db"])
+
+
+def test_nothing_fits_exits_1_and_names_the_closest(tmp_path: Path) -> None:
+    done = planner("plan", "zoo:simplenet", "--budget", "1kB", "--recipes", "fp32,int8-dynamic")
+    assert done.returncode == 1
+    assert "nothing fits" in done.stdout and "closest" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["plan", "missing.pt2", "--budget", "512MB"], "missing.pt2"),
+        (["plan", "zoo:simplenet", "--budget", "12XB"], "12XB"),
+        (["plan", "zoo:simplenet", "--budget", "-5MB"], "-5MB"),
+        (["plan", "zoo:simplenet", "--budget", "5MB", "--input-shape", "1,3,32,32"], "fc1"),
+        (["plan", "zoo:simplenet", "--budget", "5MB", "--recipes", "int8-dynamc"], "did you mean"),
+        (["plan", "zoo:simplenett", "--budget", "5MB"], "simplenet"),
+        (["plan", "zoo:simplenet"], "--budget"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args: list[str], expected: str) -> None:
+    done = planner(*args)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert expected in one_clean_line(done.stderr)

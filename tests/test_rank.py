@@ -1,0 +1,71 @@
+"""Ranking: fitting rows by quality then size, the pick, and the closest when nothing fits."""
+
+import math
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from planner import rank
+
+
+def row(name: str, runtime: int | None, sqnr: float | None, status: str = "verified", disk: int = 1) -> dict:
+    return {"recipe": name, "status": status, "verified_runtime_bytes": runtime, "verified_disk_bytes": disk,
+            "sqnr_db": sqnr}
+
+
+def test_fitting_rows_first_by_quality_then_size() -> None:
+    rows = [row("int4", 300, 20.0), row("fp32", 2000, math.inf), row("int8", 600, 40.0), row("bf16", 450, 40.0),
+            row("broken", None, None, status="failed"), row("prune", 320, 5.0)]
+    ranked = rank.rank_rows(rows, budget_bytes=500, budget_on="runtime")
+    assert [r["recipe"] for r in ranked] == ["bf16", "int4", "prune", "int8", "fp32", "broken"]
+    assert [r["fits"] for r in ranked] == [True, True, True, False, False, False]
+    assert [r["rank"] for r in ranked] == [1, 2, 3, 4, 5, 6]
+    assert rank.pick(ranked) == "bf16"
+
+
+def test_equal_quality_prefers_smaller() -> None:
+    ranked = rank.rank_rows([row("a", 400, 30.0), row("b", 300, 30.0)], 500, "runtime")
+    assert rank.pick(ranked) == "b"
+
+
+def test_exact_match_beats_everything_that_fits() -> None:
+    ranked = rank.rank_rows([row("fp16", 50, 80.0), row("fp32", 100, math.inf)], 1000, "runtime")
+    assert rank.pick(ranked) == "fp32"
+
+
+def test_nothing_fits_gives_no_pick_and_the_closest() -> None:
+    ranked = rank.rank_rows([row("fp32", 2000, math.inf), row("int8", 600, 40.0)], 500, "runtime")
+    assert rank.pick(ranked) is None
+    assert rank.closest(ranked, "runtime")["recipe"] == "int8"
+
+
+def test_budget_on_disk_uses_disk_bytes() -> None:
+    rows = [row("int8w", 5000, 40.0, disk=400), row("fp32", 800, math.inf, disk=2000)]
+    assert rank.pick(rank.rank_rows(rows, 500, "disk")) == "int8w"
+    assert rank.pick(rank.rank_rows(rows, 1000, "runtime")) == "fp32"
+
+
+def test_unverified_rows_never_fit() -> None:
+    ranked = rank.rank_rows([row("cuda-only", 1, 99.0, status="unsupported")], 10**9, "runtime")
+    assert rank.pick(ranked) is None and ranked[0]["fits"] is False
+
+
+rows_strategy = st.lists(
+    st.builds(row, st.text(min_size=1, max_size=5), st.one_of(st.none(), st.integers(0, 10**10)),
+              st.one_of(st.none(), st.floats(allow_nan=True)), st.sampled_from(["verified", "failed", "unsupported"])),
+    max_size=12)
+
+
+@given(rows_strategy, st.integers(1, 10**10), st.sampled_from(["runtime", "disk"]))
+def test_ranking_invariants(rows: list[dict], budget: int, budget_on: str) -> None:
+    ranked = rank.rank_rows(rows, budget, budget_on)
+    assert len(ranked) == len(rows)
+    fits = [r["fits"] for r in ranked]
+    assert fits == sorted(fits, reverse=True)  # every fitting row comes before every other
+    chosen = rank.pick(ranked)
+    if chosen is not None:
+        best = ranked[0]
+        assert best["fits"] and best["recipe"] == chosen
+        assert all(rank.quality(best) >= rank.quality(r) for r in ranked if r["fits"])
+    else:
+        assert not any(fits)

@@ -1,0 +1,143 @@
+"""Recipe files, selection, and the layout arithmetic checked against real torchao tensors."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from planner.errors import PlannerError
+from planner.recipes import (
+    SCHEMES,
+    apply_recipe,
+    default_recipes,
+    load_recipe_file,
+    quantization_decision,
+    select_recipes,
+)
+
+
+def test_default_set_covers_the_issue() -> None:
+    recipes = {r.name: r for r in default_recipes()}
+    for name in ("fp32", "fp16", "bf16", "int8-dynamic", "int8-weight-only", "int4-g128", "prune30", "prune50",
+                 "prune70", "prune50-int8-dynamic"):
+        assert name in recipes
+    assert recipes["int4-g128"].quantize == "int4-weight-only" and recipes["int4-g128"].dtype == "bfloat16"
+    assert "Linear" in recipes["int8-dynamic"].touches()
+
+
+def test_syntax_error_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[[recipe]]\nname = "a"\ndtype = float32\n')
+    with pytest.raises(PlannerError, match="line 3") as error:
+        load_recipe_file(path)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ('name = "a"\nquantise = "int8-dynamic"', "unknown key 'quantise'"),
+        ('name = "a"\ndtype = "float64"', "dtype 'float64'"),
+        ('name = "a"\nquantize = "int3"', "quantize 'int3'"),
+        ('name = "a"\nprune = 1.5', "prune must be"),
+        ('name = "a"\ngroup_size = 0', "group_size"),
+        ('name = "a"\nlayers = []', "layers must be"),
+        ('dtype = "float32"', "needs a name"),
+    ],
+)
+def test_invalid_recipes_are_named(tmp_path: Path, body: str, expected: str) -> None:
+    path = tmp_path / "r.toml"
+    path.write_text("[[recipe]]\n" + body + "\n")
+    with pytest.raises(PlannerError, match=expected):
+        load_recipe_file(path)
+
+
+def test_missing_and_empty_files(tmp_path: Path) -> None:
+    with pytest.raises(PlannerError, match="does not exist"):
+        load_recipe_file(tmp_path / "nope.toml")
+    (tmp_path / "empty.toml").write_text("")
+    with pytest.raises(PlannerError, match="no \\[\\[recipe\\]\\]"):
+        load_recipe_file(tmp_path / "empty.toml")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(max_size=200))
+def test_recipe_parser_never_crashes(tmp_path_factory: pytest.TempPathFactory, text: str) -> None:
+    path = tmp_path_factory.mktemp("fuzz") / "r.toml"
+    path.write_text(text, encoding="utf-8")
+    try:
+        recipes = load_recipe_file(path)
+    except PlannerError as error:
+        assert "\n" not in str(error)
+    else:
+        assert recipes
+
+
+def test_select_by_name_and_suggest() -> None:
+    available = default_recipes()
+    assert [r.name for r in select_recipes(available, "int8-dynamic, fp32")] == ["int8-dynamic", "fp32"]
+    with pytest.raises(PlannerError, match="did you mean int8-dynamic"):
+        select_recipes(available, "int8-dynamik")
+
+
+def _stored_bytes(tensor: torch.Tensor) -> int:
+    names, _ = tensor.__tensor_flatten__()
+    return sum(getattr(tensor, name).nbytes for name in names)
+
+
+@pytest.mark.parametrize("name", ["int8-dynamic", "int8-weight-only", "int4-g128", "intx4-g32-unpacked",
+                                  "fp8-weight-only"])
+def test_layout_arithmetic_matches_torchao(name: str) -> None:
+    recipe = next(r for r in default_recipes() if r.name == name)
+    layer = nn.Linear(256, 96)
+    quantized, _ = quantization_decision(layer, recipe)
+    assert quantized
+    model = apply_recipe(nn.Sequential(layer), recipe)
+    weight = model[0].weight
+    assert type(weight).__name__ != "Parameter"  # really quantized
+    layout = SCHEMES[recipe.quantize].layout(96, 256, recipe)
+    assert layout.total_bytes == _stored_bytes(weight)
+    names, _ = weight.__tensor_flatten__()
+    assert layout.storages == len(names)
+
+
+def test_int4_packing_is_really_4_bit() -> None:
+    recipe = next(r for r in default_recipes() if r.name == "int4-g128")
+    layout = SCHEMES["int4-weight-only"].layout(1024, 4096, recipe)
+    assert layout.payload_bytes == 1024 * 4096 // 2
+
+
+def test_layers_the_int4_kernel_cannot_take_are_named() -> None:
+    recipe = next(r for r in default_recipes() if r.name == "int4-g128")
+    assert quantization_decision(nn.Linear(256, 10), recipe) == (False, "out_features 10 not divisible by 16")
+    assert quantization_decision(nn.Linear(200, 32), recipe)[1] == "in_features 200 not divisible by group 128"
+    model = apply_recipe(nn.Sequential(nn.Linear(256, 10)), recipe)
+    assert isinstance(model[0].weight, nn.Parameter) and model[0].weight.dtype == torch.bfloat16
+
+
+def test_attention_out_proj_is_left_alone() -> None:
+    recipe = next(r for r in default_recipes() if r.name == "int8-dynamic")
+    attention = nn.MultiheadAttention(64, 4)
+    quantized, reason = quantization_decision(attention.out_proj, recipe)
+    assert not quantized and "out_proj" in reason
+
+
+def test_pruning_zeroes_but_keeps_shapes() -> None:
+    recipe = next(r for r in default_recipes() if r.name == "prune50")
+    model = apply_recipe(nn.Sequential(nn.Linear(64, 64)), recipe)
+    weight = model[0].weight
+    assert weight.shape == (64, 64)
+    assert int((weight == 0).sum()) == 64 * 64 // 2
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.7, 0.9])
+def test_magnitude_threshold_matches_kthvalue(fraction: float) -> None:
+    from planner.recipes import magnitude_threshold
+
+    weight = torch.randn(300, 70, generator=torch.Generator().manual_seed(1))
+    k = int(np.ceil(fraction * weight.numel()))
+    assert magnitude_threshold(weight, fraction) == float(weight.abs().view(-1).kthvalue(k).values)
