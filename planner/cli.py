@@ -7,9 +7,10 @@ import traceback
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
+from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer 0.29 vendors click
+from typer.exceptions import Abort, Exit
 
 from planner.errors import NothingFits, PlannerError
 
@@ -71,8 +72,13 @@ def plan(
     keep = (lambda row: True) if export_all else (lambda row: row.get("fits", False))
     options = PlanOptions(budget_bytes=budget_bytes, budget_on=budget_on, timeout_s=timeout,
                           keep_artifacts=keep)
-    with console.status("planning") as status:
-        result = run_plan(source, chosen, options, progress=lambda message: status.update(message))
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("planning", total=len(chosen) + 2)
+        result = run_plan(source, chosen, options, progress=lambda message, done, total: bar.update(
+            task, description=message, completed=done, total=total))
     try:
         report.print_table(result, console)
         if out:
@@ -146,12 +152,15 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         errors.print(f"error: {error}", markup=False, highlight=False)
         return error.exit_code
-    except click.exceptions.Exit as error:
+    except Exit as error:
         return error.exit_code
-    except click.ClickException as error:
+    except NoArgsIsHelpError as error:
+        console.print(error.ctx.get_help() if error.ctx else "planner --help", markup=False, highlight=False)
+        return 0
+    except ClickException as error:
         errors.print(f"error: {error.format_message()} (see planner --help)", markup=False, highlight=False)
         return 2
-    except click.exceptions.Abort:
+    except Abort:
         errors.print("interrupted", markup=False)
         return 130
     except KeyboardInterrupt:

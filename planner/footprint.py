@@ -98,6 +98,8 @@ def weight_footprint(model: nn.Module, recipe: Recipe) -> Footprint:
                           quantized_layers=quantized)
     if recipe.scheme is not None:
         footprint.notes.append(f"quantizes {quantized} layer(s)")
+        if recipe.scheme.caveat:
+            footprint.notes.append(recipe.scheme.caveat)
         footprint.notes += [f"{count} left in {recipe.dtype}: {reason}" for reason, count in skipped.items()]
     return footprint
 

@@ -6,6 +6,7 @@ a time; every verification runs in a fresh subprocess (planner.verify) with a wa
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -21,9 +22,10 @@ from typing import Any
 import torch
 
 from planner import rank
+from planner.artifact import weightless_structure
 from planner.errors import PlannerError
 from planner.footprint import Footprint, analytic_footprint
-from planner.recipes import Recipe, UnsupportedRecipe, apply_recipe, prunable
+from planner.recipes import Recipe, UnsupportedRecipe, apply_recipe
 from planner.sources import ModelSource
 from planner.units import format_bytes, relative_difference
 from planner.verify import MEASUREMENT_ENV
@@ -88,9 +90,7 @@ def _load_fp32(source: ModelSource, fp32_path: Path) -> torch.nn.Module:
     """A fresh float32 model backed by the memory-mapped reference weights (no second copy)."""
     if artifact_format(source) == "torchscript":
         return torch.jit.load(str(fp32_path), map_location="cpu")
-    from planner.verify import _structure
-
-    model = _structure(source, "state_dict")
+    model = weightless_structure(source, "state_dict")
     model.load_state_dict(torch.load(fp32_path, weights_only=True, mmap=True), strict=True, assign=True)
     return model.eval()
 
@@ -102,15 +102,6 @@ def _save(model: torch.nn.Module, path: Path, fmt: str) -> None:
     else:
         torch.save(model.state_dict(), temporary)
     temporary.replace(path)
-
-
-def _prune_note(model: torch.nn.Module, recipe: Recipe) -> str:
-    # Measured on the artifact: pruning leaves dense tensors, so only the zero count changes.
-    weights = [m.weight for m in model.modules() if prunable(m, recipe)]
-    zeros = sum(int((w == 0).sum()) for w in weights)
-    total = sum(w.numel() for w in weights)
-    share = zeros / total if total else 0.0
-    return f"{share:.0%} of pruned weights are zero but stored densely: file and memory do not shrink"
 
 
 def _run_worker(job: dict[str, Any], workdir: Path, name: str, timeout_s: float) -> dict[str, Any]:
@@ -173,11 +164,17 @@ def _forward_error(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> 
     running: list[str] = []
     names = {id(module): name for name, module in model.named_modules()}
     handles = []
+
+    def enter(module: torch.nn.Module, args: Any) -> None:
+        running.append(f"{names[id(module)] or '(top)'} ({type(module).__name__})")
+
+    def leave(module: torch.nn.Module, args: Any, output: Any) -> None:
+        running.pop()  # a hook that returned a value would replace the module's output
+
     if not isinstance(model, torch.jit.ScriptModule):
         for module in model.modules():
-            handles.append(module.register_forward_pre_hook(
-                lambda mod, args: running.append(f"{names[id(mod)] or '(top)'} ({type(mod).__name__})")))
-            handles.append(module.register_forward_hook(lambda mod, args, out: running.pop()))
+            handles.append(module.register_forward_pre_hook(enter))
+            handles.append(module.register_forward_hook(leave))
     try:
         with torch.no_grad():
             model(*inputs)
@@ -204,8 +201,15 @@ def check_inputs_fit(source: ModelSource, meta_model: torch.nn.Module, inputs: t
 
 
 def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
-             progress: Callable[[str], None] = lambda message: None) -> PlanResult:
-    progress("describing the model (weightless)")
+             progress: Callable[[str, int, int], None] = lambda message, done, total: None) -> PlanResult:
+    """`progress(message, steps_done, steps_total)` is called as the plan goes (for a progress bar)."""
+    total = len(recipes) + 2
+    step = 0
+
+    def report(message: str) -> None:
+        progress(message, step, total)
+
+    report("describing the model (weightless)")
     meta_model = source.build("meta")
     inputs = source.example_inputs()
     check_inputs_fit(source, meta_model, inputs)
@@ -217,7 +221,8 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
     suffix = ".ts" if fmt == "torchscript" else ".pt"
     torch.save(tuple(inputs), workdir / "inputs.pt")
 
-    progress("materializing the float32 reference")
+    step += 1
+    report("materializing the float32 reference")
     fp32_path = workdir / f"{REFERENCE}{suffix}"
     model = source.build("cpu")
     _save(model, fp32_path, fmt)
@@ -225,13 +230,14 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
 
     rows: list[dict[str, Any]] = []
     reference_recipe = _reference_recipe(recipes)
-    progress(f"verifying {REFERENCE} (reference)")
+    report(f"verifying {REFERENCE} (reference)")
     reference = _run_worker(_job(source, reference_recipe, fp32_path, workdir, True), workdir, REFERENCE,
                             options.timeout_s)
     if reference["status"] != "verified":
         raise RuntimeError(f"the float32 model itself does not run: {reference.get('note')}")
 
     for recipe in recipes:
+        step += 1
         footprint = footprints[recipe.name]
         row: dict[str, Any] = {"recipe": recipe.name, "backend": "torch", "touches": recipe.touches()}
         artifact = workdir / f"{recipe.name}{suffix}"
@@ -240,8 +246,8 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
         elif (reason := why_unsupported(recipe, source, footprint)) is not None:
             result = {"status": "unsupported", "note": reason}
         else:
-            progress(f"applying {recipe.name}")
-            result = _apply_and_verify(source, recipe, fp32_path, artifact, workdir, fmt, options, progress)
+            report(f"applying {recipe.name}")
+            result = _apply_and_verify(source, recipe, fp32_path, artifact, workdir, fmt, options, report)
         row.update(result)
         row.update(_figures(footprint, row, artifact))
         row["note"] = explain(row, footprint)
@@ -252,6 +258,7 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
                 artifact.unlink()
                 row["artifact"] = None
         rows.append(row)
+    progress("done", total, total)
 
     ranked = rank.rank_rows(rows, options.budget_bytes, options.budget_on)
     return PlanResult(model=source.spec, budget_bytes=options.budget_bytes, budget_on=options.budget_on,
@@ -261,21 +268,18 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
 
 def _apply_and_verify(source: ModelSource, recipe: Recipe, fp32_path: Path, artifact: Path, workdir: Path,
                       fmt: str, options: PlanOptions, progress: Callable[[str], None]) -> dict[str, Any]:
-    note = ""
     try:
-        model = apply_recipe(_load_fp32(source, fp32_path), recipe)
-        if recipe.prune:
-            note = _prune_note(model, recipe)
+        model, notes = apply_recipe(_load_fp32(source, fp32_path), recipe)
         _save(model, artifact, fmt)
         del model
+        gc.collect()  # module graphs hold reference cycles; free this recipe's copy before the next
     except UnsupportedRecipe as error:
         return {"status": "unsupported", "note": str(error)}
     except Exception as error:  # a recipe that breaks on this model is a row, not a crash
         return {"status": "failed", "note": f"applying the recipe failed: {type(error).__name__}: {str(error)[:200]}"}
     progress(f"verifying {recipe.name} in a fresh process")
     result = _run_worker(_job(source, recipe, artifact, workdir, False), workdir, recipe.name, options.timeout_s)
-    if note:
-        result["note"] = "; ".join(filter(None, [note, result.get("note", "")]))
+    result["note"] = "; ".join(filter(None, [*notes, result.get("note", "")]))
     return result
 
 

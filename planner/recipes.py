@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import math
 import tomllib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ class Scheme:
     needs_cuda: str | None = None  # reason, when the scheme has no CPU kernel
     weightless_ok: bool = True  # quantize_ works on the meta device
     transient_dequant: bool = False  # forward materializes the weight in the compute dtype
+    caveat: str = ""  # said in every row that uses the scheme
 
 
 def _int8_per_row(out_f: int, in_f: int, recipe: Recipe) -> TensorLayout:
@@ -128,7 +129,8 @@ SCHEMES: dict[str, Scheme] = {
                _int4_packed_config, _int4_packed, _int4_packed_why_not, weightless_ok=False),
         Scheme("intx-weight-only", "torchao IntxWeightOnlyConfig: low-bit values stored unpacked, one int8 "
                "byte each (an int4 file is int8-sized)",
-               _intx_config, _intx_per_group, _group_divides, transient_dequant=True),
+               _intx_config, _intx_per_group, _group_divides, transient_dequant=True,
+               caveat="low-bit values stored unpacked, one byte each: the file is int8-sized"),
         Scheme("fp8-weight-only", "torchao Float8WeightOnlyConfig: float8 e4m3 weights per row",
                lambda recipe: _torchao().Float8WeightOnlyConfig(), _fp8_per_row, transient_dequant=True),
         Scheme("fp8-dynamic", "torchao Float8DynamicActivationFloat8WeightConfig: float8 weights and "
@@ -321,10 +323,16 @@ def prunable(module: nn.Module, recipe: Recipe) -> bool:
 
 # ---- applying a recipe to a real model ----
 
-def apply_recipe(model: nn.Module, recipe: Recipe) -> nn.Module:
-    """Prune, cast, quantize, in that order (quantizing first would leave nothing to prune)."""
+def apply_recipe(model: nn.Module, recipe: Recipe) -> tuple[nn.Module, list[str]]:
+    """Prune, cast, quantize, in that order (quantizing first would leave nothing to prune).
+
+    Returns the model and notes measured while applying (the share of pruned weights now zero)."""
+    notes = []
     if recipe.prune:
-        _magnitude_prune(model, recipe)
+        zeros, total = _magnitude_prune(model, recipe)
+        if total:
+            notes.append(f"{zeros / total:.0%} of pruned weights are zero but stored densely: "
+                         "file and memory do not shrink")
     model = model.to(recipe.torch_dtype)
     scheme = recipe.scheme
     if scheme is not None:
@@ -333,7 +341,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> nn.Module:
         from torchao.quantization import quantize_
 
         quantize_(model, scheme.make_config(recipe), filter_fn=layer_filter(recipe))
-    return model
+    return model, notes
 
 
 def import_tensor_types() -> None:
@@ -347,12 +355,14 @@ class UnsupportedRecipe(Exception):
     """The recipe cannot run here (missing kernel or unsupported model kind); the row says why."""
 
 
-def _magnitude_prune(model: nn.Module, recipe: Recipe) -> None:
+def _magnitude_prune(model: nn.Module, recipe: Recipe) -> tuple[int, int]:
     """Per-layer L1 magnitude pruning: zero the smallest `recipe.prune` share of each weight, in place.
 
     torch.nn.utils.prune does the same through topk indices and a full mask, which needs several times
     the weight in memory (over 20 GB for ComplexNet's 537M-value fc1); a threshold search does not.
+    Returns (weights now zero, weights in pruned layers).
     """
+    zeros = total = 0
     for module in model.modules():
         if prunable(module, recipe):
             if module.weight.device.type == "meta":
@@ -362,37 +372,38 @@ def _magnitude_prune(model: nn.Module, recipe: Recipe) -> None:
             threshold = magnitude_threshold(weight, recipe.prune)
             for chunk in weight.view(-1).split(PRUNE_CHUNK):
                 chunk.masked_fill_(chunk.abs() <= threshold, 0)
+                zeros += int((chunk == 0).sum())
+            total += weight.numel()
             module.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
+    return zeros, total
 
 
 PRUNE_CHUNK = 1 << 24
 
 
 def magnitude_threshold(weight: torch.Tensor, fraction: float) -> float:
-    """The smallest |w| such that at least `fraction` of the values are <= it (exact, chunked).
+    """The k-th smallest |w| for k = ceil(fraction · n): zeroing |w| <= it prunes at least that share.
 
-    Non-negative floats order like their int32 bit patterns, so a bisection over the bit patterns
-    counting values at or below the midpoint finds the k-th smallest magnitude in 32 passes.
+    Exact and chunked, in three passes: the maximum, a histogram of magnitudes, then an exact k-th
+    value among the few values in the bin that holds it (topk on a 537M-value layer needs gigabytes).
     """
     values = weight.detach().reshape(-1)
     wanted = math.ceil(fraction * values.numel())
     if wanted <= 0:
         return -1.0
-    low, high = 0, 0x7F800000  # +0.0 .. +inf as int32 bit patterns
-    while low < high:
-        middle = (low + high) // 2
-        limit = torch.tensor(middle, dtype=torch.int32).view(torch.float32).item()
-        count = sum(int((chunk.float().abs() <= limit).sum()) for chunk in values.split(PRUNE_CHUNK))
-        if count >= wanted:
-            high = middle
-        else:
-            low = middle + 1
-    return torch.tensor(low, dtype=torch.int32).view(torch.float32).item()
-
-
-def zero_fraction(tensors: Iterable[torch.Tensor]) -> float:
-    zeros = total = 0
-    for tensor in tensors:
-        zeros += int((tensor == 0).sum())
-        total += tensor.numel()
-    return zeros / total if total else math.nan
+    chunks = values.split(PRUNE_CHUNK)
+    top = max(float(chunk.abs().max()) for chunk in chunks)
+    if top == 0:
+        return 0.0
+    bins = 1 << 16
+    counts = sum(torch.histc(chunk.float().abs(), bins=bins, min=0.0, max=top) for chunk in chunks)
+    cumulative = counts.cumsum(0)
+    index = int(torch.searchsorted(cumulative, torch.tensor(float(wanted))))
+    # Bin edges as histc computes them may round differently: widen by one bin each side, then count exactly.
+    low = top * max(index - 1, 0) / bins
+    high = top * min(index + 2, bins) / bins
+    below = sum(int((chunk.abs() < low).sum()) for chunk in chunks)
+    inside = torch.cat([chunk.abs()[(chunk.abs() >= low) & (chunk.abs() <= high)] for chunk in chunks])
+    if not 1 <= wanted - below <= inside.numel():  # never seen; exactness matters more than memory here
+        return float(values.abs().float().kthvalue(wanted).values)
+    return float(inside.float().kthvalue(wanted - below).values)

@@ -28,12 +28,26 @@ ROW_FIELDS = [
     "verified_weight_resident_bytes", "verified_activation_bytes",
     "sqnr_db", "max_abs_error", "top1_agreement", "latency_ms", "touches", "note",
 ]
-PLAN_FILES = ("plan.csv", "plan.md", "plan.json", "plan.png")
+PLAN_FILES = ("plan.csv", "plan.md", "plan.json", "plan.png", "layers.csv")
 LIBRARIES = ("torch", "torchao", "numpy", "pandas", "safetensors", "onnx", "onnxruntime")
 
 
 def plan_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame([{key: row.get(key) for key in ROW_FIELDS} for row in rows], columns=ROW_FIELDS)
+
+
+def layers_frame(footprints: dict[str, Any]) -> pd.DataFrame:
+    """Per-layer analytic bytes under every recipe: which layers dominate, and what each recipe touched."""
+    frame: pd.DataFrame | None = None
+    for recipe, footprint in footprints.items():
+        layer_rows = pd.DataFrame([{
+            "layer": layer.name, "type": layer.type, "params": layer.params, "fp32_bytes": layer.fp32_bytes,
+            f"{recipe}_bytes": layer.recipe_bytes,
+            f"{recipe}_quantized": layer.quantized,
+            f"{recipe}_note": layer.note,
+        } for layer in footprint.layers])
+        frame = layer_rows if frame is None else frame.merge(layer_rows, on=["layer", "type", "params", "fp32_bytes"])
+    return frame if frame is not None else pd.DataFrame()
 
 
 def _percent(value: Any) -> str:
@@ -164,8 +178,9 @@ def write_outputs(result: Any, directory: Path) -> list[Path]:
     ]:
         write_atomic(directory / name, data)
         written.append(directory / name)
+    write_atomic(directory / "layers.csv", layers_frame(result.footprints).to_csv(index=False))
     write_atomic(directory / "plan.png", chart_png(result))
-    written.append(directory / "plan.png")
+    written += [directory / "layers.csv", directory / "plan.png"]
     return written
 
 
@@ -240,7 +255,7 @@ def export_artifacts(result: Any, recipes: list[str], directory: Path, recipe_ta
                 "how_to_load": ("torch.jit.load('model.ts')" if artifact.suffix == ".ts" else
                                 "import torchao; model = <build the model>; model.load_state_dict("
                                 "torch.load('model.pt', weights_only=True), assign=True)  "
-                                "# or planner.artifact.load_artifact(folder)"),
+                                "# or planner.artifact.load_artifact(this folder)"),
             }
             (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
             if target.exists():

@@ -118,43 +118,10 @@ def _warm_up(dtype: Any) -> None:
         torch.nn.functional.conv2d(image, torch.randn(8, 3, 3, 3, dtype=dtype), padding=1)
 
 
-def _structure(source: Any, artifact_format: str) -> Any:
-    """The model without weights, so loading the artifact is the only weight memory measured."""
-    import torch
-
-    if artifact_format == "torchscript":
-        return None
-    model = source.build("meta")
-    _restore_non_persistent_buffers(model, source)
-    # Sources that cannot build weightless (.pt2, pickles) built real tensors: drop them now.
-    for module in model.modules():
-        for key, param in list(module.named_parameters(recurse=False)):
-            if param.device.type != "meta":
-                setattr(module, key, torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad))
-        persistent = [key for key, _ in module.named_buffers(recurse=False)
-                      if key not in getattr(module, "_non_persistent_buffers_set", set())]
-        for key in persistent:
-            module._buffers[key] = module._buffers[key].to("meta")
-    return model
-
-
-def _restore_non_persistent_buffers(model: Any, source: Any) -> None:
-    """Non-persistent buffers (masks, rotary tables) are not in a state dict: take them from a real build."""
-    missing = [(module, key) for module in model.modules()
-               for key in getattr(module, "_non_persistent_buffers_set", set())
-               if module._buffers.get(key) is not None and module._buffers[key].device.type == "meta"]
-    if not missing:
-        return
-    real = dict(source.build("cpu").named_modules())
-    names = {id(module): name for name, module in model.named_modules()}
-    for module, key in missing:
-        module._buffers[key] = real[names[id(module)]]._buffers[key]
-    del real
-
-
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
+    from planner.artifact import weightless_structure
     from planner.recipes import DTYPES
     from planner.sources import ModelSource
 
@@ -166,7 +133,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(0)
     _warm_up(dtype)
     source = ModelSource.from_json(job["source"])
-    model = _structure(source, job["artifact_format"])
+    model = weightless_structure(source, job["artifact_format"])
     inputs = torch.load(job["inputs"], weights_only=True)
     inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
     release_freed_memory()

@@ -82,6 +82,12 @@ def test_exported_artifact_loads_without_the_planner(simplenet_plan: tuple) -> N
     assert type(model.fc1.weight).__name__ == "Int8Tensor"
     assert model(torch.randn(2, 100)).shape == (2, 10)
 
+    from planner.artifact import load_artifact
+
+    int4 = load_artifact(export / "bf16")
+    assert int4.fc1.weight.dtype == torch.bfloat16
+    assert not any(t.device.type == "meta" for t in int4.state_dict().values())
+
 
 def test_existing_results_are_not_overwritten(simplenet_plan: tuple) -> None:
     _, out, export = simplenet_plan

@@ -96,7 +96,7 @@ def test_layout_arithmetic_matches_torchao(name: str) -> None:
     layer = nn.Linear(256, 96)
     quantized, _ = quantization_decision(layer, recipe)
     assert quantized
-    model = apply_recipe(nn.Sequential(layer), recipe)
+    model, _ = apply_recipe(nn.Sequential(layer), recipe)
     weight = model[0].weight
     assert type(weight).__name__ != "Parameter"  # really quantized
     layout = SCHEMES[recipe.quantize].layout(96, 256, recipe)
@@ -115,7 +115,7 @@ def test_layers_the_int4_kernel_cannot_take_are_named() -> None:
     recipe = next(r for r in default_recipes() if r.name == "int4-g128")
     assert quantization_decision(nn.Linear(256, 10), recipe) == (False, "out_features 10 not divisible by 16")
     assert quantization_decision(nn.Linear(200, 32), recipe)[1] == "in_features 200 not divisible by group 128"
-    model = apply_recipe(nn.Sequential(nn.Linear(256, 10)), recipe)
+    model, _ = apply_recipe(nn.Sequential(nn.Linear(256, 10)), recipe)
     assert isinstance(model[0].weight, nn.Parameter) and model[0].weight.dtype == torch.bfloat16
 
 
@@ -128,8 +128,9 @@ def test_attention_out_proj_is_left_alone() -> None:
 
 def test_pruning_zeroes_but_keeps_shapes() -> None:
     recipe = next(r for r in default_recipes() if r.name == "prune50")
-    model = apply_recipe(nn.Sequential(nn.Linear(64, 64)), recipe)
+    model, notes = apply_recipe(nn.Sequential(nn.Linear(64, 64)), recipe)
     weight = model[0].weight
+    assert notes == ["50% of pruned weights are zero but stored densely: file and memory do not shrink"]
     assert weight.shape == (64, 64)
     assert int((weight == 0).sum()) == 64 * 64 // 2
 
@@ -141,3 +142,22 @@ def test_magnitude_threshold_matches_kthvalue(fraction: float) -> None:
     weight = torch.randn(300, 70, generator=torch.Generator().manual_seed(1))
     k = int(np.ceil(fraction * weight.numel()))
     assert magnitude_threshold(weight, fraction) == float(weight.abs().view(-1).kthvalue(k).values)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_magnitude_threshold_with_ties_and_zeros(seed: int) -> None:
+    from planner.recipes import magnitude_threshold
+
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randint(-3, 4, (97, 13), generator=generator).float() * 0.25
+    for fraction in (0.1, 0.5, 0.77):
+        k = int(np.ceil(fraction * weight.numel()))
+        assert magnitude_threshold(weight, fraction) == float(weight.abs().view(-1).kthvalue(k).values)
+
+
+def test_prune_then_quantize() -> None:
+    recipe = next(r for r in default_recipes() if r.name == "prune50-int8-dynamic")
+    model, notes = apply_recipe(nn.Sequential(nn.Linear(64, 64)), recipe)
+    assert type(model[0].weight).__name__ == "Int8Tensor"
+    assert int((model[0].weight.qdata == 0).sum()) >= 64 * 64 // 2
+    assert "50%" in notes[0]
