@@ -80,7 +80,26 @@ def mobilenet_v2() -> tuple[nn.Module, torch.Tensor]:
     _seed()
     config = MobileNetV2Config(num_labels=1001)  # the published ImageNet head (with background class)
     model = MobileNetV2ForImageClassification(config)
+    _reinitialise_convolutions(model)
     return model.eval(), _image()
+
+
+def _reinitialise_convolutions(model: nn.Module) -> None:
+    """He initialisation (fan-in, so depthwise convolutions keep the scale too) instead of std 0.02.
+
+    transformers initialises MobileNetV2's convolutions with normal(0, 0.02); with BatchNorm at its
+    untrained running statistics every block then shrinks the signal, and the logits end near 1e-21: fp16
+    underflows to zero and int8 activation scales collapse, so every comparison would be meaningless.
+    Trained models keep activations near unit scale; He init gives random weights the same property.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_in")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0, 0.01)
+            nn.init.zeros_(module.bias)
 
 
 def tiny_llama() -> tuple[nn.Module, torch.Tensor]:

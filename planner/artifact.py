@@ -48,6 +48,15 @@ def _restore_non_persistent_buffers(model: nn.Module, source: ModelSource) -> No
     del real
 
 
+def set_eval(model: nn.Module) -> nn.Module:
+    """eval() where the module allows it: a torch.export graph module refuses, and is exported in eval already."""
+    try:
+        model.eval()
+    except NotImplementedError:
+        pass
+    return model
+
+
 def load_artifact(folder: str | Path) -> nn.Module:
     """Load an exported artifact (DIR/RECIPE with manifest.json) into a ready-to-run module."""
     folder = Path(folder)
@@ -61,4 +70,4 @@ def load_artifact(folder: str | Path) -> nn.Module:
     model = weightless_structure(source, manifest["format"])
     assert model is not None
     model.load_state_dict(torch.load(folder / manifest["file"], weights_only=True), strict=True, assign=True)
-    return model.eval()
+    return set_eval(model)

@@ -12,6 +12,7 @@ from rich.console import Console
 from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer 0.29 vendors click
 from typer.exceptions import Abort, Exit
 
+from planner import quiet_library_noise
 from planner.errors import NothingFits, PlannerError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -142,6 +143,8 @@ def list_recipes(
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    if not debug:
+        quiet_library_noise()
     command = typer.main.get_command(app)
     try:
         command.main(args=args, prog_name="planner", standalone_mode=False)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from planner.recipes import Recipe, quantization_decision
+from planner.recipes import Recipe, prunable, quantization_decision
 
 # torch.save's zip container: a fixed part plus a record per stored tensor (measured on torch 2.13:
 # 1.5 kB + about 300 B per storage for plain and torchao tensors alike).
@@ -40,6 +40,7 @@ class Footprint:
     activation_bytes: int | None = None  # liveness peak of one forward, transients included
     transient_bytes: int | None = None  # largest non-output allocation inside a layer (e.g. a dequantized weight)
     quantized_layers: int = 0
+    pruned_layers: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -60,15 +61,18 @@ def weight_footprint(model: nn.Module, recipe: Recipe) -> Footprint:
     """Per-layer parameter bytes after the recipe, resident and on disk. Shapes only: meta is fine."""
     layers: list[LayerFootprint] = []
     seen: set[int] = set()  # tied parameters are stored and resident once
-    resident = disk = storages = quantized = 0
+    resident = disk = storages = quantized = pruned = 0
     skipped: dict[str, int] = {}
     for name, module in model.named_modules():
         is_quantized, reason = quantization_decision(module, recipe)
+        pruned += int(prunable(module, recipe))
         if reason:
             skipped[reason] = skipped.get(reason, 0) + 1
         persistent = {key: value for key, value in module.named_buffers(recurse=False)
                       if key not in getattr(module, "_non_persistent_buffers_set", set())}
-        tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        own_params = list(module.named_parameters(recurse=False))
+        param_ids = {id(tensor) for _, tensor in own_params}  # TorchScript parameters are plain tensors
+        tensors = own_params + list(module.named_buffers(recurse=False))
         if not tensors:
             continue
         params = fp32 = after = 0
@@ -77,7 +81,8 @@ def weight_footprint(model: nn.Module, recipe: Recipe) -> Footprint:
                 continue
             seen.add(id(tensor))
             fp32 += tensor.numel() * (4 if tensor.is_floating_point() else tensor.element_size())
-            if isinstance(tensor, nn.Parameter):
+            is_param = id(tensor) in param_ids
+            if is_param:
                 params += tensor.numel()
             if is_quantized and key == "weight":
                 out_features, in_features = tensor.shape
@@ -86,7 +91,7 @@ def weight_footprint(model: nn.Module, recipe: Recipe) -> Footprint:
             else:
                 size, count = tensor_bytes_after(tensor, recipe), 1
             after += size
-            if isinstance(tensor, nn.Parameter) or key in persistent:
+            if is_param or key in persistent:
                 disk += size
                 storages += count
         resident += after
@@ -95,7 +100,7 @@ def weight_footprint(model: nn.Module, recipe: Recipe) -> Footprint:
                                      reason))
     footprint = Footprint(recipe.name, layers, weight_bytes=resident,
                           disk_bytes=disk + CONTAINER_BASE_BYTES + CONTAINER_BYTES_PER_STORAGE * storages,
-                          quantized_layers=quantized)
+                          quantized_layers=quantized, pruned_layers=pruned)
     if recipe.scheme is not None:
         footprint.notes.append(f"quantizes {quantized} layer(s)")
         if recipe.scheme.caveat:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from planner import rank
-from planner.artifact import weightless_structure
+from planner.artifact import set_eval, weightless_structure
 from planner.errors import PlannerError
 from planner.footprint import Footprint, analytic_footprint
 from planner.recipes import Recipe, UnsupportedRecipe, apply_recipe
@@ -73,6 +73,8 @@ def _reference_recipe(recipes: list[Recipe]) -> Recipe:
 
 def why_unsupported(recipe: Recipe, source: ModelSource, footprint: Footprint) -> str | None:
     """A reason the recipe cannot run on this model here, decided before any work."""
+    if recipe.prune and footprint.pruned_layers == 0:
+        return f"no {'/'.join(recipe.prune_layers)} layer to prune: the row would repeat the unpruned model"
     scheme = recipe.scheme
     if scheme is None:
         return None
@@ -92,7 +94,7 @@ def _load_fp32(source: ModelSource, fp32_path: Path) -> torch.nn.Module:
         return torch.jit.load(str(fp32_path), map_location="cpu")
     model = weightless_structure(source, "state_dict")
     model.load_state_dict(torch.load(fp32_path, weights_only=True, mmap=True), strict=True, assign=True)
-    return model.eval()
+    return set_eval(model)
 
 
 def _save(model: torch.nn.Module, path: Path, fmt: str) -> None:
@@ -144,9 +146,12 @@ def _job(source: ModelSource, recipe: Recipe, artifact: Path, workdir: Path, sav
     }
 
 
-def explain(row: dict[str, Any], footprint: Footprint) -> str:
+def explain(row: dict[str, Any], footprint: Footprint, source_kind: str) -> str:
     """The note column: what the recipe did, and why analytic and verified figures differ where they do."""
     notes = [row.pop("note", "")] if row.get("note") else []
+    if row.get("status") == "unsupported":  # say why it did not run, not what it would have done
+        notes += [note for note in footprint.notes if "left in" in note]
+        return "; ".join(note for note in notes if note)
     notes += footprint.notes
     diff = row.get("runtime_diff")
     if diff is not None and abs(diff) > 0.05:
@@ -154,6 +159,9 @@ def explain(row: dict[str, Any], footprint: Footprint) -> str:
         if gap < RESOLUTION_BYTES:
             notes.append(f"runtime gap {format_bytes(gap)} is below the {format_bytes(RESOLUTION_BYTES)} "
                          "resolution of resident-memory measurement (allocator and kernel workspaces)")
+        elif source_kind == "torchscript":
+            notes.append(f"runtime differs by {format_bytes(gap)}: TorchScript's interpreter keeps graph executor "
+                         "state the trace does not model")
         else:
             notes.append(f"runtime differs by {format_bytes(gap)}: not explained by the model (see README caveats)")
     return "; ".join(note for note in notes if note)
@@ -234,7 +242,8 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
     reference = _run_worker(_job(source, reference_recipe, fp32_path, workdir, True), workdir, REFERENCE,
                             options.timeout_s)
     if reference["status"] != "verified":
-        raise RuntimeError(f"the float32 model itself does not run: {reference.get('note')}")
+        raise PlannerError(f"{source.spec} does not run in float32 in a fresh process, so nothing can be compared: "
+                           f"{reference.get('note')}")
 
     for recipe in recipes:
         step += 1
@@ -250,7 +259,7 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
             result = _apply_and_verify(source, recipe, fp32_path, artifact, workdir, fmt, options, report)
         row.update(result)
         row.update(_figures(footprint, row, artifact))
-        row["note"] = explain(row, footprint)
+        row["note"] = explain(row, footprint, source.kind)
         row["fits"] = rank.fits(row, options.budget_bytes, options.budget_on)
         if row["status"] == "verified" and artifact.exists():
             row["artifact"] = str(artifact)

@@ -589,7 +589,7 @@ class ModelSource:
     def _load_file(self) -> nn.Module:
         path, display = self._file(), self.spec
         if self.kind == "export":
-            model = _load_export(path, display).module()
+            model = quantizable_graph_module(_load_export(path, display).module())
         elif self.kind == "torchscript":
             model = _load_torchscript(path, display)
         else:
@@ -679,6 +679,37 @@ def _load_export(path: Path, display: str) -> torch.export.ExportedProgram:
     except Exception as exc:  # noqa: BLE001 - version skew, corrupt members, missing custom ops
         raise _fail(f"{display} could not be loaded with torch.export.load ({_first_line(exc)}); re-export it with "
                     f"torch {torch.__version__.split('+')[0]}") from None
+
+
+def quantizable_graph_module(module: nn.Module) -> nn.Module:
+    """Let layer-type recipes see an exported graph's layers: name each parameter holder after the layer
+    it came from (`original_name`, as TorchScript does, read from the graph's nn_module_stack), and call
+    linear through F.linear, where torchao's tensor subclasses intercept it (aten.linear would decompose
+    into ops they do not implement)."""
+    graph = getattr(module, "graph", None)
+    if graph is None:
+        return module
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is torch.ops.aten.linear.default:
+            node.target = torch.nn.functional.linear
+        stack = node.meta.get("nn_module_stack") or {}
+        if not stack:
+            continue
+        path, type_name = list(stack.values())[-1]
+        holder = _submodule_or_none(module, path)
+        if holder is not None and holder is not module and not hasattr(holder, "original_name"):
+            holder.original_name = str(type_name).rsplit(".", 1)[-1]
+    module.recompile()
+    return module
+
+
+def _submodule_or_none(module: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(path) if path else module
+    except AttributeError:
+        return None
 
 
 def _export_example_inputs(ep: torch.export.ExportedProgram) -> tuple[torch.Tensor, ...] | None:

@@ -121,7 +121,7 @@ def _warm_up(dtype: Any) -> None:
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from planner.artifact import weightless_structure
+    from planner.artifact import set_eval, weightless_structure
     from planner.recipes import DTYPES
     from planner.sources import ModelSource
 
@@ -147,7 +147,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         state = torch.load(job["artifact"], weights_only=True)
         model.load_state_dict(state, strict=True, assign=True)
         del state
-    model.eval()
+    set_eval(model)
     load_s = time.perf_counter() - started
     loaded = _proc_status_kib("VmRSS")
 
@@ -208,6 +208,9 @@ def _json_safe(value: Any) -> Any:
 
 
 def main(argv: list[str]) -> int:
+    from planner import quiet_library_noise
+
+    quiet_library_noise()
     job_path, result_path = Path(argv[0]), Path(argv[1])
     job = json.loads(job_path.read_text())
     try:
