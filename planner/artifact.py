@@ -48,6 +48,27 @@ def _restore_non_persistent_buffers(model: nn.Module, source: ModelSource) -> No
     del real
 
 
+def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Assign saved tensors to a weightless structure, then restore weight tying.
+
+    load_state_dict(assign=True) gives tied parameters (GPT-2's lm_head and wte) separate Parameter
+    objects over one shared storage; a later dtype cast would then make two copies. Re-pointing every
+    holder at one Parameter keeps them one tensor, as in the original model.
+    """
+    model.load_state_dict(state, strict=True, assign=True)
+    first: dict[tuple, nn.Parameter] = {}
+    for module in model.modules():
+        for key, param in list(module._parameters.items()):
+            if param is None or type(param) is not nn.Parameter or param.device.type == "meta":
+                continue
+            identity = (param.untyped_storage().data_ptr(), param.storage_offset(), tuple(param.shape),
+                        param.stride(), param.dtype)
+            kept = first.setdefault(identity, param)
+            if kept is not param:
+                module._parameters[key] = kept
+    return model
+
+
 def set_eval(model: nn.Module) -> nn.Module:
     """eval() where the module allows it: a torch.export graph module refuses, and is exported in eval already."""
     try:
@@ -69,5 +90,5 @@ def load_artifact(folder: str | Path) -> nn.Module:
     source = ModelSource.from_json(manifest["source"])
     model = weightless_structure(source, manifest["format"])
     assert model is not None
-    model.load_state_dict(torch.load(folder / manifest["file"], weights_only=True), strict=True, assign=True)
+    load_weights_into(model, torch.load(folder / manifest["file"], weights_only=True))
     return set_eval(model)

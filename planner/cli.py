@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -14,6 +14,9 @@ from typer.exceptions import Abort, Exit
 
 from planner import quiet_library_noise
 from planner.errors import NothingFits, PlannerError
+
+if TYPE_CHECKING:
+    from planner.pipeline import PlanResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Which compression recipe fits your device? Measured, not guessed.")
@@ -44,6 +47,8 @@ def plan(
     export_all: Annotated[bool, typer.Option(help="with --export: every verified artifact")] = False,
     force: Annotated[bool, typer.Option(help="overwrite existing results or artifacts")] = False,
     timeout: Annotated[float, typer.Option(help="seconds allowed to verify one recipe")] = 900.0,
+    memory_cap: Annotated[str | None, typer.Option(help="resident memory one verification may use, e.g. 8GB "
+                                                        "(default: 90% of the memory available at start)")] = None,
     debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
 ) -> None:
     """Enumerate recipes, estimate each, verify each for real, rank them against the budget."""
@@ -51,6 +56,7 @@ def plan(
     from planner.units import parse_size
 
     budget_bytes = parse_size(budget)
+    memory_cap_bytes = parse_size(memory_cap) if memory_cap is not None else None
     if budget_on not in ("runtime", "disk"):
         raise PlannerError(f"--budget-on {budget_on!r}: use runtime or disk")
     if timeout <= 0:
@@ -73,6 +79,8 @@ def plan(
     keep = (lambda row: True) if export_all else (lambda row: row.get("fits", False))
     options = PlanOptions(budget_bytes=budget_bytes, budget_on=budget_on, timeout_s=timeout,
                           keep_artifacts=keep)
+    if memory_cap_bytes is not None:
+        options.memory_cap_bytes = memory_cap_bytes
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -98,24 +106,23 @@ def plan(
         raise NothingFits()
 
 
-def _announce(result: object, console: Console) -> None:
+def _announce(result: PlanResult, console: Console) -> None:
     from planner import rank
     from planner.units import format_bytes
 
-    rows = result.rows  # type: ignore[attr-defined]
-    budget_on = result.budget_on  # type: ignore[attr-defined]
-    if result.pick:  # type: ignore[attr-defined]
-        row = next(r for r in rows if r["recipe"] == result.pick)  # type: ignore[attr-defined]
-        size = rank.measured_size(row, budget_on)
-        console.print(f"[bold green]pick: {row['recipe']}[/] ({budget_on} {format_bytes(size)} verified, "
-                      f"budget {format_bytes(result.budget_bytes)})")  # type: ignore[attr-defined]
+    budget = format_bytes(result.budget_bytes)
+    if result.pick:
+        row = next(r for r in result.rows if r["recipe"] == result.pick)
+        size = format_bytes(rank.measured_size(row, result.budget_on))
+        console.print(f"[bold green]pick: {row['recipe']}[/] ({result.budget_on} {size} verified, budget {budget})")
         return
-    near = rank.closest(rows, budget_on)
+    near = rank.closest(result.rows, result.budget_on)
     if near is None:
         console.print("[bold red]no recipe verified on this machine[/]")
     else:
-        console.print(f"[bold red]nothing fits {format_bytes(result.budget_bytes)}[/]: the closest is "  # type: ignore[attr-defined]
-                      f"{near['recipe']} at {format_bytes(rank.measured_size(near, budget_on))} verified {budget_on}")
+        size = format_bytes(rank.measured_size(near, result.budget_on))
+        console.print(f"[bold red]nothing fits {budget}[/]: the closest is {near['recipe']} at {size} verified "
+                      f"{result.budget_on}")
 
 
 @app.command("recipes")
@@ -147,7 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         quiet_library_noise()
     command = typer.main.get_command(app)
     try:
-        command.main(args=args, prog_name="planner", standalone_mode=False)
+        # typer returns (not raises) the exit code of an Exit, Ctrl-C's 130 included.
+        code = command.main(args=args, prog_name="planner", standalone_mode=False)
+        if isinstance(code, int) and code:
+            if code == 130:
+                errors.print("interrupted", markup=False)
+            return code
     except NothingFits as error:
         return error.exit_code
     except PlannerError as error:

@@ -7,6 +7,7 @@ Works on a model built on the meta device: sizes come from shapes and the recipe
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -60,9 +61,14 @@ def tensor_bytes_after(tensor: torch.Tensor, recipe: Recipe) -> int:
 def weight_footprint(model: nn.Module, recipe: Recipe) -> Footprint:
     """Per-layer parameter bytes after the recipe, resident and on disk. Shapes only: meta is fine."""
     layers: list[LayerFootprint] = []
-    seen: set[int] = set()  # tied parameters are stored and resident once
+    seen: set[int] = set()  # a tied plain tensor is stored and resident once
+    # quantize_ replaces each holder's weight on its own, so a quantized holder of a tied weight gets its
+    # own copy and the other holders keep the original.
+    holders = Counter(id(value) for module in model.modules() for value in module._parameters.values()
+                      if value is not None)
     resident = disk = storages = quantized = pruned = 0
     skipped: dict[str, int] = {}
+    tie_notes: set[str] = set()
     for name, module in model.named_modules():
         is_quantized, reason = quantization_decision(module, recipe)
         pruned += int(prunable(module, recipe))
@@ -77,14 +83,18 @@ def weight_footprint(model: nn.Module, recipe: Recipe) -> Footprint:
             continue
         params = fp32 = after = 0
         for key, tensor in tensors:
-            if id(tensor) in seen:
-                continue
-            seen.add(id(tensor))
+            quantize_this = is_quantized and key == "weight"
+            if quantize_this and holders[id(tensor)] > 1:
+                tie_notes.add(f"{name}.{key} is a tied weight: quantizing it here stores a second copy")
+            elif not quantize_this:
+                if id(tensor) in seen:
+                    continue
+                seen.add(id(tensor))
             fp32 += tensor.numel() * (4 if tensor.is_floating_point() else tensor.element_size())
             is_param = id(tensor) in param_ids
             if is_param:
                 params += tensor.numel()
-            if is_quantized and key == "weight":
+            if quantize_this:
                 out_features, in_features = tensor.shape
                 layout = recipe.scheme.layout(out_features, in_features, recipe)  # type: ignore[union-attr]
                 size, count = layout.total_bytes, layout.storages
@@ -106,6 +116,7 @@ def weight_footprint(model: nn.Module, recipe: Recipe) -> Footprint:
         if recipe.scheme.caveat:
             footprint.notes.append(recipe.scheme.caveat)
         footprint.notes += [f"{count} left in {recipe.dtype}: {reason}" for reason, count in skipped.items()]
+        footprint.notes += sorted(tie_notes)
     return footprint
 
 

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -22,9 +21,10 @@ from typing import Any
 import torch
 
 from planner import rank
-from planner.artifact import set_eval, weightless_structure
+from planner.artifact import load_weights_into, set_eval, weightless_structure
 from planner.errors import PlannerError
 from planner.footprint import Footprint, analytic_footprint
+from planner.isolation import default_memory_cap, describe_exit, run_isolated
 from planner.recipes import Recipe, UnsupportedRecipe, apply_recipe
 from planner.sources import ModelSource
 from planner.units import format_bytes, relative_difference
@@ -40,6 +40,7 @@ class PlanOptions:
     budget_bytes: int
     budget_on: str = "runtime"
     timeout_s: float = 900.0
+    memory_cap_bytes: int | None = field(default_factory=default_memory_cap)
     keep_artifacts: Callable[[dict[str, Any]], bool] = field(default=lambda row: row.get("fits", False))
 
 
@@ -93,7 +94,7 @@ def _load_fp32(source: ModelSource, fp32_path: Path) -> torch.nn.Module:
     if artifact_format(source) == "torchscript":
         return torch.jit.load(str(fp32_path), map_location="cpu")
     model = weightless_structure(source, "state_dict")
-    model.load_state_dict(torch.load(fp32_path, weights_only=True, mmap=True), strict=True, assign=True)
+    load_weights_into(model, torch.load(fp32_path, weights_only=True, mmap=True))
     return set_eval(model)
 
 
@@ -106,30 +107,18 @@ def _save(model: torch.nn.Module, path: Path, fmt: str) -> None:
     temporary.replace(path)
 
 
-def _run_worker(job: dict[str, Any], workdir: Path, name: str, timeout_s: float) -> dict[str, Any]:
+def _run_worker(job: dict[str, Any], workdir: Path, name: str, options: PlanOptions) -> dict[str, Any]:
     job_path, result_path = workdir / f"{name}.job.json", workdir / f"{name}.result.json"
     job_path.write_text(json.dumps(job))
-    env = dict(os.environ, **MEASUREMENT_ENV)
-    try:
-        done = subprocess.run([sys.executable, "-m", "planner.verify", str(job_path), str(result_path)],
-                              capture_output=True, text=True, timeout=timeout_s, env=env)
-    except subprocess.TimeoutExpired:
-        return {"status": "failed", "note": f"verification timed out after {timeout_s:.0f} s"}
-    if result_path.exists() and "error" in (result := json.loads(result_path.read_text())):
-        return {"status": "failed", "note": f"verification failed: {result['error']}"}
-    if done.returncode != 0 or not result_path.exists():
-        if done.returncode < 0:
-            reason = f"verification killed by signal {-done.returncode}"
-            if done.returncode == -9:
-                reason += " (out of memory?)"
-        else:
-            lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-            reason = "verification failed: " + (lines[-1][:300] if lines else f"exit {done.returncode}")
-        return {"status": "failed", "note": reason}
-    result = json.loads(result_path.read_text())
-    for key in ("sqnr_db",):
-        if isinstance(result.get(key), str):
-            result[key] = float(result[key])
+    outcome = run_isolated([sys.executable, "-m", "planner.verify", str(job_path), str(result_path)],
+                           timeout_s=options.timeout_s, memory_cap_bytes=options.memory_cap_bytes,
+                           env=dict(os.environ, **MEASUREMENT_ENV))
+    result = json.loads(result_path.read_text()) if result_path.exists() and not outcome.failure else None
+    if result is None or "error" in result or outcome.returncode != 0:
+        reason = result["error"] if result and "error" in result else describe_exit(outcome)
+        return {"status": "failed", "note": f"verification failed: {reason}"}
+    if isinstance(result.get("sqnr_db"), str):
+        result["sqnr_db"] = float(result["sqnr_db"])  # "inf" in JSON
     return dict(result, status="verified")
 
 
@@ -212,12 +201,7 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
              progress: Callable[[str, int, int], None] = lambda message, done, total: None) -> PlanResult:
     """`progress(message, steps_done, steps_total)` is called as the plan goes (for a progress bar)."""
     total = len(recipes) + 2
-    step = 0
-
-    def report(message: str) -> None:
-        progress(message, step, total)
-
-    report("describing the model (weightless)")
+    progress("describing the model (weightless)", 0, total)
     meta_model = source.build("meta")
     inputs = source.example_inputs()
     check_inputs_fit(source, meta_model, inputs)
@@ -225,11 +209,31 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
     del meta_model
 
     workdir = Path(tempfile.mkdtemp(prefix="planner-"))
+    try:
+        rows = _verify_recipes(source, recipes, inputs, footprints, workdir, options,
+                               lambda message, done: progress(message, done, total))
+    except BaseException:  # an error or Ctrl-C: remove the artifacts, keep nothing half-written
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    progress("done", total, total)
+    ranked = rank.rank_rows(rows, options.budget_bytes, options.budget_on)
+    return PlanResult(model=source.spec, budget_bytes=options.budget_bytes, budget_on=options.budget_on,
+                      rows=ranked, pick=rank.pick(ranked), footprints=footprints, workdir=workdir,
+                      input_shapes=[list(t.shape) for t in inputs])
+
+
+def _verify_recipes(source: ModelSource, recipes: list[Recipe], inputs: tuple[torch.Tensor, ...],
+                    footprints: dict[str, Footprint], workdir: Path, options: PlanOptions,
+                    progress: Callable[[str, int], None]) -> list[dict[str, Any]]:
+    """Materialize the fp32 reference, then apply, save and verify each recipe in turn: one row each."""
     fmt = artifact_format(source)
     suffix = ".ts" if fmt == "torchscript" else ".pt"
     torch.save(tuple(inputs), workdir / "inputs.pt")
+    step = 1
 
-    step += 1
+    def report(message: str) -> None:
+        progress(message, step)
+
     report("materializing the float32 reference")
     fp32_path = workdir / f"{REFERENCE}{suffix}"
     model = source.build("cpu")
@@ -239,8 +243,7 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
     rows: list[dict[str, Any]] = []
     reference_recipe = _reference_recipe(recipes)
     report(f"verifying {REFERENCE} (reference)")
-    reference = _run_worker(_job(source, reference_recipe, fp32_path, workdir, True), workdir, REFERENCE,
-                            options.timeout_s)
+    reference = _run_worker(_job(source, reference_recipe, fp32_path, workdir, True), workdir, REFERENCE, options)
     if reference["status"] != "verified":
         raise PlannerError(f"{source.spec} does not run in float32 in a fresh process, so nothing can be compared: "
                            f"{reference.get('note')}")
@@ -267,12 +270,7 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
                 artifact.unlink()
                 row["artifact"] = None
         rows.append(row)
-    progress("done", total, total)
-
-    ranked = rank.rank_rows(rows, options.budget_bytes, options.budget_on)
-    return PlanResult(model=source.spec, budget_bytes=options.budget_bytes, budget_on=options.budget_on,
-                      rows=ranked, pick=rank.pick(ranked), footprints=footprints, workdir=workdir,
-                      input_shapes=[list(t.shape) for t in inputs])
+    return rows
 
 
 def _apply_and_verify(source: ModelSource, recipe: Recipe, fp32_path: Path, artifact: Path, workdir: Path,
@@ -287,7 +285,7 @@ def _apply_and_verify(source: ModelSource, recipe: Recipe, fp32_path: Path, arti
     except Exception as error:  # a recipe that breaks on this model is a row, not a crash
         return {"status": "failed", "note": f"applying the recipe failed: {type(error).__name__}: {str(error)[:200]}"}
     progress(f"verifying {recipe.name} in a fresh process")
-    result = _run_worker(_job(source, recipe, artifact, workdir, False), workdir, recipe.name, options.timeout_s)
+    result = _run_worker(_job(source, recipe, artifact, workdir, False), workdir, recipe.name, options)
     result["note"] = "; ".join(filter(None, [*notes, result.get("note", "")]))
     return result
 

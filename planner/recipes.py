@@ -358,23 +358,26 @@ class UnsupportedRecipe(Exception):
 def _magnitude_prune(model: nn.Module, recipe: Recipe) -> tuple[int, int]:
     """Per-layer L1 magnitude pruning: zero the smallest `recipe.prune` share of each weight, in place.
 
-    torch.nn.utils.prune does the same through topk indices and a full mask, which needs several times
-    the weight in memory (over 20 GB for ComplexNet's 537M-value fc1); a threshold search does not.
-    Returns (weights now zero, weights in pruned layers).
+    In place keeps tied weights tied (GPT-2's lm_head and wte); weights memory-mapped from the reference
+    file are private mappings, so the file is untouched. torch.nn.utils.prune would do the same through
+    topk indices and a full mask, several times the weight in memory (over 20 GB for ComplexNet's
+    537M-value fc1); a threshold search does not. Returns (weights now zero, weights in pruned layers).
     """
     zeros = total = 0
+    done: set[int] = set()
     for module in model.modules():
-        if prunable(module, recipe):
-            if module.weight.device.type == "meta":
-                continue
-            # A copy: the weight may be memory-mapped from the reference file, which must stay intact.
-            weight = module.weight.detach().clone(memory_format=torch.contiguous_format)
-            threshold = magnitude_threshold(weight, recipe.prune)
-            for chunk in weight.view(-1).split(PRUNE_CHUNK):
-                chunk.masked_fill_(chunk.abs() <= threshold, 0)
-                zeros += int((chunk == 0).sum())
-            total += weight.numel()
-            module.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
+        if not prunable(module, recipe) or id(module.weight) in done or module.weight.device.type == "meta":
+            continue
+        done.add(id(module.weight))
+        weight = module.weight.data
+        flat = weight.view(-1) if weight.is_contiguous() else weight.contiguous().view(-1)
+        threshold = magnitude_threshold(flat, recipe.prune)
+        for chunk in flat.split(PRUNE_CHUNK):
+            chunk.masked_fill_(chunk.abs() <= threshold, 0)
+            zeros += int((chunk == 0).sum())
+        if flat.data_ptr() != weight.data_ptr():
+            weight.copy_(flat.view_as(weight))
+        total += weight.numel()
     return zeros, total
 
 

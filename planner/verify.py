@@ -121,7 +121,7 @@ def _warm_up(dtype: Any) -> None:
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from planner.artifact import set_eval, weightless_structure
+    from planner.artifact import load_weights_into, set_eval, weightless_structure
     from planner.recipes import DTYPES
     from planner.sources import ModelSource
 
@@ -145,7 +145,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         model = torch.jit.load(job["artifact"], map_location="cpu")
     else:
         state = torch.load(job["artifact"], weights_only=True)
-        model.load_state_dict(state, strict=True, assign=True)
+        load_weights_into(model, state)
         del state
     set_eval(model)
     load_s = time.perf_counter() - started

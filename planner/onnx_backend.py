@@ -1,0 +1,496 @@
+"""The ONNX Runtime backend: export the float model, then quantize in ONNX with onnxruntime's own tools.
+
+torchao-quantized models mostly do not export (int8 dynamic needs `aten._int_mm`, which has no ONNX
+function), so every ONNX artifact starts from the float32 model:
+
+* pruning is done on the torch model first (the planner's own magnitude pruning), then exported;
+* fp16 is `onnxruntime.transformers.float16.convert_float_to_float16` with float32 inputs and outputs;
+* int8-dynamic is `onnxruntime.quantization.quantize_dynamic` on MatMul nodes with a constant weight;
+* int4-weight-only is `MatMulNBitsQuantizer` (4-bit blocks of `group_size` along K).
+
+Both quantizers ignore `Gemm`, which is what a Linear on a 2-D input exports as, so the graph is rewritten
+to MatMul+Add first (`gemm_to_matmul`). The exporter is the dynamo one (`dynamo=True`): the legacy
+TorchScript exporter de-duplicates identical initializers (a deep-copied TransformerEncoder shrinks
+fourfold), which would make ONNX file sizes incomparable with the torch ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import os
+import platform
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from planner.recipes import Recipe, UnsupportedRecipe
+
+# One initializer above 2 GB cannot be inline (protobuf's limit is for the whole file): use external data well
+# before that, so a model whose quantized graph grows a little still saves.
+EXTERNAL_DATA_THRESHOLD_BYTES = 1_500_000_000
+# Exporter-made constants of at least this many equal elements are stored as ConstantOfShape.
+SPLAT_MIN_ELEMENTS = 1024
+# Graph overhead beyond the tensor payloads, fitted on the zoo models and an MLP (onnx 1.23, torch 2.13,
+# onnxruntime 1.32; node metadata stripped): a fixed part (header, opsets, graph inputs and outputs), each
+# stored tensor's header and name, the Cast nodes fp16 conversion adds around the float32 inputs and outputs,
+# and per quantized MatMul the nodes the quantizer adds (int8: DynamicQuantizeLinear, MatMulInteger, Cast,
+# two Mul, plus the scale and zero-point tensors; int4: MatMulNBits and its scales/zero-point tensors).
+# Residuals: under 600 B on the small models, under 10 kB on the larger ones (LSTM gate slicing, shape constants).
+GRAPH_BASE_BYTES = 1_500
+GRAPH_BYTES_PER_TENSOR = 100
+FP16_CAST_BYTES = 450
+QUANTIZED_NODE_BYTES = {"int8-dynamic": 720, "int4-weight-only": 225}
+# Floating ONNX element types that planner.verify.floating_tensors would keep.
+FLOAT_ELEMENT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)")
+# Layer types the ONNX quantizers can reach: a Linear's weight becomes the constant B of a MatMul.
+ONNX_QUANTIZABLE_LAYERS = frozenset({"Linear"})
+# The quantized node kinds each scheme produces, for `count_quantized_nodes`.
+QUANTIZED_OP_TYPES = {"int8-dynamic": ("MatMulInteger", "DynamicQuantizeMatMul"),
+                      "int4-weight-only": ("MatMulNBits",)}
+
+
+# ---- which recipes have an ONNX Runtime equivalent ----
+
+def onnx_recipe_support(recipe: Recipe) -> str | None:
+    """None when the recipe maps to an ONNX Runtime CPU artifact; otherwise the reason it does not."""
+    if recipe.dtype == "bfloat16" and recipe.quantize != "int4-weight-only":
+        return "no ONNX Runtime CPU equivalent: bfloat16 has almost no CPU kernels in ONNX Runtime"
+    if recipe.quantize is None:
+        return None
+    if set(recipe.layers) - ONNX_QUANTIZABLE_LAYERS:
+        other = "/".join(sorted(set(recipe.layers) - ONNX_QUANTIZABLE_LAYERS))
+        return f"no ONNX equivalent for quantizing {other} here: the ONNX path quantizes Linear (MatMul) weights only"
+    if recipe.quantize == "int8-dynamic":
+        if recipe.dtype != "float32":
+            return f"no ONNX Runtime CPU equivalent: int8 dynamic quantization with {recipe.dtype} elsewhere"
+        return None
+    if recipe.quantize == "int4-weight-only":
+        if recipe.dtype == "float16":
+            return "no ONNX Runtime CPU equivalent mapped: int4 MatMulNBits with float16 activations"
+        block = recipe.group_size
+        if block < 16 or block & (block - 1):
+            return f"MatMulNBits needs a power-of-two block of at least 16, not group_size {block}"
+        return None
+    return (f"no ONNX Runtime CPU equivalent for {recipe.quantize}: onnxruntime quantizes weights to int8 with "
+            "int8 activations (int8-dynamic) or to 4-bit blocks (int4-weight-only) only")
+
+
+def _onnx_int4_note(recipe: Recipe) -> str:
+    if recipe.dtype == "bfloat16":
+        # The torch recipe asks bfloat16 only because torchao's CPU int4 kernel needs it; ORT has float32 MatMulNBits.
+        return "MatMulNBits with float32 activations (bfloat16 has no ONNX Runtime CPU kernels)"
+    return "MatMulNBits with float32 activations"
+
+
+# ---- export ----
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters and persistent buffers, each shared tensor once (what the exporter stores)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in _stored_tensors(model):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _stored_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
+    for module in model.modules():
+        yield from (tensor for _, tensor in module.named_parameters(recurse=False))
+        skipped = getattr(module, "_non_persistent_buffers_set", set())
+        yield from (tensor for key, tensor in module.named_buffers(recurse=False) if key not in skipped)
+
+
+def needs_external_data(byte_count: int) -> bool:
+    return byte_count > EXTERNAL_DATA_THRESHOLD_BYTES
+
+
+def external_data_name(path: Path) -> str:
+    """The one external data file next to `path` (a location relative to the .onnx file, as ONNX requires)."""
+    return path.name + ".data"
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    # The dynamo exporter prints its progress and warns about optional torchvision ops on every call.
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_fp32(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path) -> None:
+    """Export the model as it is (float32) with the dynamo exporter.
+
+    Inputs are named input_0.., outputs output_0.. in torch.export's pytree order, which is the order
+    planner.verify.floating_tensors walks a tensor/tuple/list/dict output in; the verifier keeps only the
+    floating outputs, so integer outputs in between do not shift the comparison. Weights above
+    EXTERNAL_DATA_THRESHOLD_BYTES go to one external file PATH.data; otherwise everything is in PATH.
+    """
+    path = Path(path)
+    external = needs_external_data(parameter_bytes(model))
+    _remove_artifact(path)
+    with _quiet_export(), torch.no_grad():
+        program = torch.onnx.export(model, tuple(inputs), dynamo=True, external_data=external,
+                                    input_names=[f"input_{i}" for i in range(len(inputs))], optimize=True,
+                                    verbose=False, report=False)
+        assert program is not None
+        for index, value in enumerate(program.model.graph.outputs):
+            value.name = f"output_{index}"
+        # Each node carries the exporter's debug metadata (stack trace with absolute source paths, FX node text):
+        # up to 1 kB a node, private to this machine, and no part of the model.
+        for node in program.model.graph.all_nodes():
+            node.metadata_props.clear()
+        unfold_splat_constants(program.model, _stored_names(model))
+        # ONNXProgram.save switches to external data by itself only above 2 GB; decide here, with margin.
+        program.save(str(path), external_data=external)
+
+
+def _stored_names(model: nn.Module) -> set[str]:
+    return set(model.state_dict(keep_vars=True))
+
+
+def unfold_splat_constants(model: object, keep: set[str], min_elements: int = SPLAT_MIN_ELEMENTS) -> int:
+    """Store each large exporter-made constant whose elements are all equal as ConstantOfShape, in place.
+
+    The exporter folds shape-dependent constants into the file, e.g. the ones(L, S) that
+    scaled_dot_product_attention(is_causal=True) tril()s, once per layer (2 × 64 kB for tinylm). They follow
+    the input shape, not the weights, so no weight-based size model can predict them; ONNX Runtime folds
+    ConstantOfShape back at load, so the graph computes the same. Parameters and buffers (`keep`, by name)
+    stay as they are even when uniform (a fresh LayerNorm weight is all ones). Returns the constants unfolded."""
+    import numpy as np
+    import onnx_ir as ir
+
+    assert isinstance(model, ir.Model)
+    graph = model.graph
+    unfolded = 0
+    for name, value in list(graph.initializers.items()):
+        tensor = value.const_value
+        if name in keep or tensor is None or value.is_graph_input() or value.is_graph_output():
+            continue
+        if math.prod(tensor.shape.numpy()) < min_elements:
+            continue
+        array = tensor.numpy()
+        if array.dtype.kind not in "fiub" or not (array == array.flat[0]).all():
+            continue
+        shape = ir.Value(name=f"{name}_shape", const_value=ir.tensor(np.array(array.shape, dtype=np.int64)))
+        graph.register_initializer(shape)
+        fill = ir.node("ConstantOfShape", [shape], {"value": ir.tensor(array.reshape(-1)[:1].copy())}, name=f"{name}_splat")
+        graph.insert_before(graph.node(0), fill)
+        value.replace_all_uses_with(fill.outputs[0])
+        fill.outputs[0].name = name
+        graph.initializers.pop(name)
+        unfolded += 1
+    return unfolded
+
+
+def _remove_artifact(path: Path) -> None:
+    """Delete an earlier artifact at `path` and its external data: a stale .data file would be read back."""
+    for stale in (path, path.with_name(external_data_name(path))):
+        stale.unlink(missing_ok=True)
+
+
+def onnx_file_bytes(path: Path) -> int:
+    """The .onnx file plus every external data file it references (each counted once)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {ExternalDataInfo(tensor).location for tensor in _get_all_tensors(model) if uses_external_data(tensor)}
+    return path.stat().st_size + sum((path.parent / location).stat().st_size for location in locations)
+
+
+# ---- graph rewriting ----
+
+def gemm_to_matmul(model: object) -> int:
+    """Rewrite Gemm(A, B const, C) with alpha = beta = 1 and no transA as MatMul(A, B') + C, in place.
+
+    Both onnxruntime quantizers only take MatMul with a constant B, and a Linear on a 2-D input exports
+    as Gemm(transB=1). B is transposed into a new [K, N] initializer (the [N, K] one is dropped when no
+    other node reads it), so the file holds the same number of weights. Returns the nodes rewritten."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    assert isinstance(model, onnx.ModelProto)
+    graph = model.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    rewritten: list[onnx.NodeProto] = []
+    count = 0
+    for node in graph.node:
+        weight = initializers.get(node.input[1]) if node.op_type == "Gemm" and len(node.input) >= 2 else None
+        attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+        plain = (attributes.get("alpha", 1.0) == 1.0 and attributes.get("beta", 1.0) == 1.0
+                 and not attributes.get("transA", 0))
+        if weight is None or not plain or len(weight.dims) != 2:
+            rewritten.append(node)
+            continue
+        weight_name = weight.name
+        if attributes.get("transB", 0):
+            transposed = numpy_helper.from_array(numpy_helper.to_array(weight).T.copy(), weight.name + "_kn")
+            graph.initializer.append(transposed)
+            initializers[transposed.name] = transposed
+            weight_name = transposed.name
+            readers[weight.name] -= 1
+            if readers[weight.name] == 0:
+                graph.initializer.remove(weight)
+        has_bias = len(node.input) > 2 and node.input[2]
+        product = node.output[0] + "_matmul" if has_bias else node.output[0]
+        rewritten.append(helper.make_node("MatMul", [node.input[0], weight_name], [product], name=node.name + "_mm"))
+        if has_bias:
+            rewritten.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]],
+                                              name=node.name + "_bias"))
+        count += 1
+    del graph.node[:]
+    graph.node.extend(rewritten)
+    return count
+
+
+def count_quantized_nodes(path: Path, quantize: str) -> int:
+    import onnx
+
+    wanted = QUANTIZED_OP_TYPES.get(quantize, ())
+    return sum(node.op_type in wanted for node in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+# ---- int8: which setting suits this CPU ----
+
+def cpu_has_vnni() -> bool:
+    """True where the CPU has an int8 dot product that does not saturate (x86 VNNI, Arm dot product).
+
+    Without it, onnxruntime's u8s8 kernels add pairs of products in int16 (vpmaddubsw), which saturates
+    with full-range int8 weights: the field notes measured 17 dB on an MLP, 36 dB with reduce_range."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = {flag for line in text.splitlines()
+             if line.split(":")[0].strip() in ("flags", "Features") for flag in line.split(":", 1)[1].split()}
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"})
+
+
+def int8_reduce_range() -> bool:
+    """reduce_range (7-bit weights) only where the CPU lacks VNNI: it costs precision where it is not needed."""
+    return not cpu_has_vnni()
+
+
+# ---- building an artifact ----
+
+def build_onnx_artifact(fp32_model_path_or_module: Path | str | nn.Module, inputs: tuple[torch.Tensor, ...],
+                        recipe: Recipe, workdir: Path) -> tuple[Path, list[str]]:
+    """The recipe's ONNX artifact in `workdir` (RECIPE.onnx, plus RECIPE.onnx.data for large models) and notes.
+
+    Give the float32 module (needed for pruning: the planner prunes torch weights) or the path of an
+    export_fp32 file. A module is pruned in place when the recipe prunes (the pipeline builds a fresh one
+    per recipe). Raises UnsupportedRecipe when the recipe has no ONNX equivalent."""
+    reason = onnx_recipe_support(recipe)
+    if reason is not None:
+        raise UnsupportedRecipe(reason)
+    workdir = Path(workdir)
+    target = workdir / f"{recipe.name}.onnx"
+    notes: list[str] = []
+    if isinstance(fp32_model_path_or_module, nn.Module):
+        model = fp32_model_path_or_module
+        if recipe.prune:
+            notes += _prune(model, recipe)
+        float_path = target if recipe.quantize is None and recipe.dtype == "float32" else workdir / f"{recipe.name}.fp32.onnx"
+        export_fp32(model, inputs, float_path)
+    else:
+        if recipe.prune:
+            raise UnsupportedRecipe("pruning needs the torch module (the planner prunes torch weights before export)")
+        float_path = Path(fp32_model_path_or_module)
+    if float_path == target:
+        return target, notes
+    try:
+        notes += _convert(float_path, target, recipe)
+    finally:
+        if float_path.parent == workdir and float_path.name.endswith(".fp32.onnx"):
+            _remove_artifact(float_path)
+    return target, notes
+
+
+def _prune(model: nn.Module, recipe: Recipe) -> list[str]:
+    from planner.recipes import apply_recipe
+
+    only_pruning = Recipe(name=recipe.name, prune=recipe.prune, prune_layers=recipe.prune_layers)
+    _, notes = apply_recipe(model, only_pruning)
+    return notes
+
+
+def _convert(float_path: Path, target: Path, recipe: Recipe) -> list[str]:
+    """From the float32 export to the recipe's artifact; a plain fp32 recipe on a given path is a copy."""
+    import onnx
+
+    _remove_artifact(target)
+    if recipe.quantize == "int8-dynamic":
+        return _quantize_int8_dynamic(float_path, target)
+    model = onnx.load(str(float_path))
+    if recipe.quantize == "int4-weight-only":
+        return _quantize_int4(model, target, recipe)
+    if recipe.dtype == "float16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        # keep_io_types: the caller feeds float32 and compares float32 outputs, as with the torch fp16 rows.
+        model = convert_float_to_float16(model, keep_io_types=True)
+        _save(model, target)
+        return ["float16 initializers (convert_float_to_float16, float32 inputs and outputs)"]
+    _save(model, target)
+    return []
+
+
+def _save(model: object, path: Path) -> None:
+    import onnx
+
+    assert isinstance(model, onnx.ModelProto)
+    external = needs_external_data(model.ByteSize() if _inline_size_known(model) else EXTERNAL_DATA_THRESHOLD_BYTES + 1)
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=external_data_name(path), size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def _inline_size_known(model: object) -> bool:
+    # ByteSize() fails (or overflows) on protos above 2 GB: sum the raw data instead of asking for it.
+    return sum(len(tensor.raw_data) for tensor in model.graph.initializer) < EXTERNAL_DATA_THRESHOLD_BYTES  # type: ignore[attr-defined]
+
+
+def _quantize_int8_dynamic(float_path: Path, target: Path) -> list[str]:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load(str(float_path))
+    rewritten = gemm_to_matmul(model)
+    external = not _inline_size_known(model)
+    reduce_range = int8_reduce_range()
+    # MatMul only: the torch recipe quantizes Linear layers, so Conv, Gather (embeddings) and LSTM stay float32
+    # (quantize_dynamic's default list would take them all). Per-tensor weights, quantize_dynamic's default.
+    with _quiet_export():
+        quantize_dynamic(model, str(target), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                         per_channel=False, reduce_range=reduce_range, use_external_data_format=external)
+    _rename_external_data(target)
+    setting = "reduce_range=True (no VNNI on this CPU)" if reduce_range else "reduce_range=False (CPU has VNNI)"
+    notes = [f"quantize_dynamic QInt8 per-tensor, {setting}"]
+    if rewritten:
+        notes.append(f"{rewritten} Gemm node(s) rewritten to MatMul+Add so they quantize")
+    return notes
+
+
+def _rename_external_data(target: Path) -> None:
+    """quantize_dynamic names its external file after the model's name; nothing to do when it saved inline."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    model = onnx.load(str(target), load_external_data=False)
+    if any(uses_external_data(tensor) for tensor in _get_all_tensors(model)):
+        _save(onnx.load(str(target)), target)
+
+
+def _quantize_int4(model: object, target: Path, recipe: Recipe) -> list[str]:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    rewritten = gemm_to_matmul(model)
+    symmetric = recipe.mapping == "symmetric"
+    with _quiet_export():
+        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=recipe.group_size, is_symmetric=symmetric,
+                                         op_types_to_quantize=("MatMul",))
+        quantizer.process()
+    _save(quantizer.model.model, target)
+    notes = [f"{_onnx_int4_note(recipe)}, block {recipe.group_size}, {recipe.mapping}"]
+    if rewritten:
+        notes.append(f"{rewritten} Gemm node(s) rewritten to MatMul+Add so they quantize")
+    return notes
+
+
+# ---- the analytic file size ----
+
+def onnx_matmul_weights(meta_model: nn.Module) -> list[tuple[int, int]]:
+    """(K, N) of every weight the export turns into the constant B of a MatMul (or Gemm, rewritten).
+
+    A Linear's weight always does; so does MultiheadAttention's packed in_proj_weight (or its separate
+    q/k/v weights), which torchao leaves alone but onnxruntime quantizes. Weights used only inside custom
+    forward code (F.linear on a raw Parameter) are not found: the rule follows module types."""
+    found: list[tuple[int, int]] = []
+    seen: set[int] = set()
+    for module in meta_model.modules():
+        for weight in _matmul_weights_of(module):
+            if id(weight) in seen or weight.dim() != 2 or not weight.is_floating_point():
+                continue
+            seen.add(id(weight))
+            out_features, in_features = weight.shape
+            found.append((in_features, out_features))
+    return found
+
+
+def _matmul_weights_of(module: nn.Module) -> list[torch.Tensor]:
+    if isinstance(module, nn.Linear):
+        return [module.weight]
+    if isinstance(module, nn.MultiheadAttention):
+        names = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+        return [weight for name in names if isinstance(weight := getattr(module, name, None), torch.Tensor)]
+    return []
+
+
+def int8_matmul_bytes(k: int, n: int) -> int:
+    # quantize_dynamic per tensor: K×N int8 payload, one float32 scale and one int8 zero point.
+    return k * n + 4 + 1
+
+
+def int4_matmul_bytes(k: int, n: int, block: int, symmetric: bool) -> int:
+    # MatMulNBits: N × blocks × block/2 packed nibbles (K padded to whole blocks), a float32 scale per
+    # block, and for asymmetric a 4-bit zero point per block (two per byte, each row padded to a byte).
+    blocks = math.ceil(k / block)
+    zero_points = 0 if symmetric else n * math.ceil(blocks / 2)
+    return n * blocks * (block // 2) + n * blocks * 4 + zero_points
+
+
+def analytic_onnx_bytes(meta_model: nn.Module, recipe: Recipe) -> int:
+    """Predicted bytes of build_onnx_artifact's files (no export): weights at the recipe's layout plus graph overhead.
+
+    Shapes only, so a model on the meta device is fine. Assumes the recipe is supported (onnx_recipe_support)."""
+    float_bytes = 2 if recipe.dtype == "float16" else 4
+    matmul = {id(w) for module in meta_model.modules() for w in _matmul_weights_of(module)}
+    quantized = recipe.quantize in QUANTIZED_OP_TYPES
+    total = GRAPH_BASE_BYTES + (FP16_CAST_BYTES if recipe.dtype == "float16" else 0)
+    seen: set[int] = set()
+    for tensor in _stored_tensors(meta_model):
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        total += GRAPH_BYTES_PER_TENSOR
+        if quantized and id(tensor) in matmul and tensor.dim() == 2:
+            out_features, in_features = tensor.shape
+            total += _quantized_bytes(in_features, out_features, recipe) + QUANTIZED_NODE_BYTES[recipe.quantize]
+        elif tensor.is_floating_point():
+            total += tensor.numel() * float_bytes
+        else:
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _quantized_bytes(k: int, n: int, recipe: Recipe) -> int:
+    if recipe.quantize == "int8-dynamic":
+        return int8_matmul_bytes(k, n)
+    return int4_matmul_bytes(k, n, recipe.group_size, recipe.mapping == "symmetric")
+
+
+def describe_machine() -> str:
+    """One line for notes: which int8 setting this machine gets and why."""
+    vnni = "with" if cpu_has_vnni() else "without"
+    return f"{platform.machine()} CPU {vnni} VNNI, {os.cpu_count()} cores"
