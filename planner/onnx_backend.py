@@ -46,8 +46,6 @@ GRAPH_BASE_BYTES = 1_500
 GRAPH_BYTES_PER_TENSOR = 100
 FP16_CAST_BYTES = 450
 QUANTIZED_NODE_BYTES = {"int8-dynamic": 720, "int4-weight-only": 225}
-# Floating ONNX element types that planner.verify.floating_tensors would keep.
-FLOAT_ELEMENT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)")
 # Layer types the ONNX quantizers can reach: a Linear's weight becomes the constant B of a MatMul.
 ONNX_QUANTIZABLE_LAYERS = frozenset({"Linear"})
 # The quantized node kinds each scheme produces, for `count_quantized_nodes`.
@@ -187,7 +185,8 @@ def unfold_splat_constants(model: object, keep: set[str], min_elements: int = SP
             continue
         shape = ir.Value(name=f"{name}_shape", const_value=ir.tensor(np.array(array.shape, dtype=np.int64)))
         graph.register_initializer(shape)
-        fill = ir.node("ConstantOfShape", [shape], {"value": ir.tensor(array.reshape(-1)[:1].copy())}, name=f"{name}_splat")
+        fill = ir.node("ConstantOfShape", [shape], {"value": ir.tensor(array.reshape(-1)[:1].copy())},
+                       name=f"{name}_splat")
         graph.insert_before(graph.node(0), fill)
         value.replace_all_uses_with(fill.outputs[0])
         fill.outputs[0].name = name
@@ -309,7 +308,8 @@ def build_onnx_artifact(fp32_model_path_or_module: Path | str | nn.Module, input
         model = fp32_model_path_or_module
         if recipe.prune:
             notes += _prune(model, recipe)
-        float_path = target if recipe.quantize is None and recipe.dtype == "float32" else workdir / f"{recipe.name}.fp32.onnx"
+        plain = recipe.quantize is None and recipe.dtype == "float32"
+        float_path = target if plain else workdir / f"{recipe.name}.fp32.onnx"
         export_fp32(model, inputs, float_path)
     else:
         if recipe.prune:

@@ -21,7 +21,6 @@ does for planner.verify, so freed blocks go back to the OS and the high-water ma
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -202,6 +201,3 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
 
-
-__all__ = ["FLOAT_ELEMENT_TYPES", "load_inputs", "main", "make_job", "math", "run_job", "save_inputs_npz",
-           "verify_in_subprocess"]

@@ -192,6 +192,7 @@ def chart_png(result: Any) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     key = "verified_runtime_bytes" if result.budget_on == "runtime" else "verified_disk_bytes"
     figure, axes = plt.subplots(figsize=(8, 5))
@@ -209,6 +210,8 @@ def chart_png(result: Any) -> bytes:
                       fontsize=8)
     axes.axvline(result.budget_bytes / 1e6, color="black", linestyle="--", label="budget")
     axes.set_xscale("log")
+    axes.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes.set_xlabel(f"verified {result.budget_on} MB (log)")
     axes.set_ylabel("output SQNR vs fp32, dB (exact drawn at the top)")
     axes.set_title(f"{result.model}: size versus quality")
