@@ -113,11 +113,27 @@ def weight_footprint(model: nn.Module, recipe: Recipe) -> Footprint:
                           quantized_layers=quantized, pruned_layers=pruned)
     if recipe.scheme is not None:
         footprint.notes.append(f"quantizes {quantized} layer(s)")
+        footprint.notes += _coverage_notes(layers, recipe)
         if recipe.scheme.caveat:
             footprint.notes.append(recipe.scheme.caveat)
         footprint.notes += [f"{count} left in {recipe.dtype}: {reason}" for reason, count in skipped.items()]
         footprint.notes += sorted(tie_notes)
     return footprint
+
+
+def _coverage_notes(layers: list[LayerFootprint], recipe: Recipe) -> list[str]:
+    """Say how much of the model the quantization reached, and which large layer types it left alone
+    (GPT-2's projections are transformers' Conv1D, not Linear: int8 then reaches only the tied lm_head)."""
+    total = sum(layer.params for layer in layers)
+    reached = sum(layer.params for layer in layers if layer.quantized)
+    if not total or reached / total >= 0.9:
+        return []
+    untouched: Counter[str] = Counter()
+    for layer in layers:
+        if not layer.quantized and layer.params:
+            untouched[layer.type] += layer.params
+    largest = ", ".join(f"{kind} {count / total:.0%}" for kind, count in untouched.most_common(3))
+    return [f"quantized layers hold {reached / total:.0%} of the parameters; left in {recipe.dtype}: {largest}"]
 
 
 def weightless_recipe_model(meta_model: nn.Module, recipe: Recipe) -> tuple[nn.Module, str]:

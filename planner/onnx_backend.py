@@ -221,7 +221,7 @@ def gemm_to_matmul(model: object) -> int:
     as Gemm(transB=1). B is transposed into a new [K, N] initializer (the [N, K] one is dropped when no
     other node reads it), so the file holds the same number of weights. Returns the nodes rewritten."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     assert isinstance(model, onnx.ModelProto)
     graph = model.graph
@@ -242,13 +242,8 @@ def gemm_to_matmul(model: object) -> int:
             continue
         weight_name = weight.name
         if attributes.get("transB", 0):
-            transposed = numpy_helper.from_array(numpy_helper.to_array(weight).T.copy(), weight.name + "_kn")
-            graph.initializer.append(transposed)
-            initializers[transposed.name] = transposed
-            weight_name = transposed.name
             readers[weight.name] -= 1
-            if readers[weight.name] == 0:
-                graph.initializer.remove(weight)
+            weight_name = _transposed_initializer(graph, weight, in_place=readers[weight.name] == 0)
         has_bias = len(node.input) > 2 and node.input[2]
         product = node.output[0] + "_matmul" if has_bias else node.output[0]
         rewritten.append(helper.make_node("MatMul", [node.input[0], weight_name], [product], name=node.name + "_mm"))
@@ -259,6 +254,29 @@ def gemm_to_matmul(model: object) -> int:
     del graph.node[:]
     graph.node.extend(rewritten)
     return count
+
+
+def _transposed_initializer(graph: object, weight: object, in_place: bool) -> str:
+    """Store `weight` [N, K] as [K, N]: in place when nothing else reads it, else as a new initializer.
+
+    Fields are set one by one: appending a finished TensorProto above 2 GB to the graph fails to serialize."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    array = np.ascontiguousarray(numpy_helper.to_array(weight).T)  # type: ignore[arg-type]
+    target = weight if in_place else graph.initializer.add()  # type: ignore[attr-defined]
+    if not in_place:
+        target.name = weight.name + "_kn"  # type: ignore[attr-defined]
+        target.data_type = weight.data_type  # type: ignore[attr-defined]
+    if in_place:  # a declared shape of the old [N, K] layout would contradict the new one in shape inference
+        stale = [info for info in graph.value_info if info.name == weight.name]  # type: ignore[attr-defined]
+        for info in stale:
+            graph.value_info.remove(info)  # type: ignore[attr-defined]
+    target.ClearField("float_data")
+    del target.dims[:]
+    target.dims.extend(array.shape)
+    target.raw_data = array.tobytes()
+    return target.name
 
 
 def count_quantized_nodes(path: Path, quantize: str) -> int:
@@ -381,9 +399,20 @@ def _quantize_int8_dynamic(float_path: Path, target: Path) -> list[str]:
     reduce_range = int8_reduce_range()
     # MatMul only: the torch recipe quantizes Linear layers, so Conv, Gather (embeddings) and LSTM stay float32
     # (quantize_dynamic's default list would take them all). Per-tensor weights, quantize_dynamic's default.
-    with _quiet_export():
-        quantize_dynamic(model, str(target), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
-                         per_channel=False, reduce_range=reduce_range, use_external_data_format=external)
+    source: object = model
+    if external:
+        # quantize_dynamic saves a ModelProto input and reloads it with shape inference, holding several copies
+        # at once; from a file with external data it holds fewer, which matters for a 2 GB model.
+        source = target.with_name(target.stem + ".gemm.onnx")
+        _save(model, source)
+        del model
+    try:
+        with _quiet_export():
+            quantize_dynamic(source, str(target), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                             per_channel=False, reduce_range=reduce_range, use_external_data_format=external)
+    finally:
+        if isinstance(source, Path):
+            _remove_artifact(source)
     _rename_external_data(target)
     setting = "reduce_range=True (no VNNI on this CPU)" if reduce_range else "reduce_range=False (CPU has VNNI)"
     notes = [f"quantize_dynamic QInt8 per-tensor, {setting}"]

@@ -33,6 +33,10 @@ from planner.verify import MEASUREMENT_ENV
 REFERENCE = "fp32"
 # Below this, a runtime difference is allocator and framework noise rather than a modelling error.
 RESOLUTION_BYTES = 2 * 1000**2
+# A float32 output this small (random-init models with tiny weights) makes SQNR meaningless.
+TINY_OUTPUT = 1e-4
+# A recipe this many times slower than float32 deserves a word in the note.
+SLOW_FACTOR = 5
 
 
 @dataclass
@@ -135,13 +139,20 @@ def _job(source: ModelSource, recipe: Recipe, artifact: Path, workdir: Path, sav
     }
 
 
-def explain(row: dict[str, Any], footprint: Footprint, source_kind: str) -> str:
+def explain(row: dict[str, Any], footprint: Footprint, source_kind: str, reference: dict[str, Any]) -> str:
     """The note column: what the recipe did, and why analytic and verified figures differ where they do."""
     notes = [row.pop("note", "")] if row.get("note") else []
     if row.get("status") == "unsupported":  # say why it did not run, not what it would have done
         notes += [note for note in footprint.notes if "left in" in note]
         return "; ".join(note for note in notes if note)
     notes += footprint.notes
+    if row.get("status") == "verified":
+        if (reference.get("reference_max_abs") or 0.0) < TINY_OUTPUT:
+            notes.append(f"the float32 output is nearly zero (max |y| {reference.get('reference_max_abs', 0):.1e}): "
+                         "SQNR and top-1 say little; check the model's initialisation or example input")
+        slowdown = (row.get("latency_ms") or 0) / (reference.get("latency_ms") or math.inf)
+        if slowdown >= SLOW_FACTOR:
+            notes.append(f"{slowdown:.0f}× slower than float32 on this machine")
     diff = row.get("runtime_diff")
     if diff is not None and abs(diff) > 0.05:
         gap = abs((row.get("analytic_runtime_bytes") or 0) - (row.get("verified_runtime_bytes") or 0))
@@ -256,13 +267,20 @@ def _verify_recipes(source: ModelSource, recipes: list[Recipe], inputs: tuple[to
         if recipe.name == REFERENCE:
             result, artifact = reference, fp32_path
         elif (reason := why_unsupported(recipe, source, footprint)) is not None:
-            result = {"status": "unsupported", "note": reason}
+            # Analytic figures stay as a what-if only where the recipe would change something here.
+            what_if = ((recipe.scheme is None or footprint.quantized_layers > 0)
+                       and (not recipe.prune or footprint.pruned_layers > 0))
+            result = {"status": "unsupported", "note": reason, "analytic_is_what_if": what_if}
         else:
             report(f"applying {recipe.name}")
             result = _apply_and_verify(source, recipe, fp32_path, artifact, workdir, fmt, options, report)
         row.update(result)
         row.update(_figures(footprint, row, artifact))
-        row["note"] = explain(row, footprint, source.kind)
+        if row["status"] == "unsupported" and not row.get("analytic_is_what_if", True):
+            for key in ("analytic_disk_bytes", "analytic_weight_bytes", "analytic_activation_bytes",
+                        "analytic_runtime_bytes"):
+                row[key] = None
+        row["note"] = explain(row, footprint, source.kind, reference)
         row["fits"] = rank.fits(row, options.budget_bytes, options.budget_on)
         if row["status"] == "verified" and artifact.exists():
             row["artifact"] = str(artifact)

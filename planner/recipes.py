@@ -139,7 +139,8 @@ SCHEMES: dict[str, Scheme] = {
                needs_cuda="float8 dynamic activation kernels need CUDA (sm89+)"),
     ]
 }
-PRUNABLE_DEFAULT = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+# Conv1D is transformers' transposed linear (GPT-2): pruning is layout-agnostic, so it is included.
+PRUNABLE_DEFAULT = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D")
 RECIPE_KEYS = {"name", "description", "dtype", "quantize", "bits", "group_size", "mapping", "layers", "prune",
                "prune_layers"}
 MAPPINGS = ("asymmetric", "symmetric")

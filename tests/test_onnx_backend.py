@@ -1,0 +1,204 @@
+"""The ONNX Runtime backend: export, quantize in ONNX, predict file sizes, verify in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from planner import onnx_backend as backend
+from planner.onnx_verify import make_job, save_inputs_npz, verify_in_subprocess
+from planner.recipes import Recipe, UnsupportedRecipe, default_recipes
+from planner.verify import compare_outputs, floating_tensors
+from planner.zoo import ZOO
+
+RECIPES = {recipe.name: recipe for recipe in default_recipes()}
+ZOO_MODELS = ("simplenet", "convnet", "tinylm")
+SUPPORTED = ("fp32", "fp16", "int8-dynamic", "int4-g128")
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 1024))
+
+
+def _mlp_input(batch: int) -> tuple[torch.Tensor, ...]:
+    return (torch.randn(8 * batch, 1024, generator=torch.Generator().manual_seed(0)),)
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int], tuple[torch.Tensor, ...]]]] = {
+    **{name: (ZOO[name].build, ZOO[name].example_input) for name in ZOO_MODELS},
+    "mlp": (_mlp, _mlp_input),
+}
+
+
+def _build(name: str) -> nn.Module:
+    torch.manual_seed(0)  # every build of a model must hold the same weights as its reference
+    return MODELS[name][0]().eval()
+
+
+class Artifacts:
+    """Each (model, recipe) artifact built once per test module, with the torch reference outputs."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.built: dict[tuple[str, str], tuple[Path, list[str]]] = {}
+
+    def inputs(self, model: str) -> tuple[torch.Tensor, ...]:
+        return MODELS[model][1](1)
+
+    def reference(self, model: str) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [t.float() for t in floating_tensors(_build(model)(*self.inputs(model)))]
+
+    def get(self, model: str, recipe: Recipe) -> tuple[Path, list[str]]:
+        key = (model, recipe.name)
+        if key not in self.built:
+            workdir = self.root / model
+            workdir.mkdir(exist_ok=True)
+            self.built[key] = backend.build_onnx_artifact(_build(model), self.inputs(model), recipe, workdir)
+        return self.built[key]
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Artifacts:
+    return Artifacts(tmp_path_factory.mktemp("onnx"))
+
+
+def _run(path: Path, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {meta.name: tensor.numpy() for meta, tensor in zip(session.get_inputs(), inputs, strict=True)}
+    outputs = zip(session.run(None, feeds), session.get_outputs(), strict=True)
+    return [torch.from_numpy(value).float() for value, meta in outputs if meta.type == "tensor(float)"]
+
+
+def _sqnr(artifacts: Artifacts, model: str, recipe: str) -> float:
+    path, _ = artifacts.get(model, RECIPES[recipe])
+    return compare_outputs(artifacts.reference(model), _run(path, artifacts.inputs(model)))["sqnr_db"]
+
+
+@pytest.mark.parametrize("model", ZOO_MODELS)
+def test_fp32_export_runs_in_onnxruntime_and_matches_torch(artifacts: Artifacts, model: str) -> None:
+    path, _ = artifacts.get(model, RECIPES["fp32"])
+    graph = onnx.load(str(path)).graph
+    assert [value.name for value in graph.output] == ["output_0"]
+    assert all(not node.metadata_props for node in graph.node)  # no stack traces with local paths
+    assert _sqnr(artifacts, model, "fp32") > 80
+
+
+@pytest.mark.parametrize("model", ZOO_MODELS)
+def test_int8_dynamic_quantizes_every_linear_and_keeps_accuracy(artifacts: Artifacts, model: str) -> None:
+    path, notes = artifacts.get(model, RECIPES["int8-dynamic"])
+    setting = "reduce_range=True" if backend.int8_reduce_range() else "reduce_range=False"
+    assert any(setting in note for note in notes)  # the row says which setting this CPU got
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "Gemm" not in ops and "MatMulInteger" in ops
+    assert backend.count_quantized_nodes(path, "int8-dynamic") == len(backend.onnx_matmul_weights(_build(model)))
+    assert _sqnr(artifacts, model, "int8-dynamic") > 25
+
+
+def test_int4_reaches_the_gemm_layers_and_shrinks_the_file(artifacts: Artifacts) -> None:
+    fp32, _ = artifacts.get("mlp", RECIPES["fp32"])
+    assert {node.op_type for node in onnx.load(str(fp32)).graph.node} == {"Gemm", "Relu"}
+    int4, notes = artifacts.get("mlp", RECIPES["int4-g128"])
+    ops = [node.op_type for node in onnx.load(str(int4)).graph.node]
+    assert ops.count("MatMulNBits") == 2 and "Gemm" not in ops and "MatMul" not in ops
+    assert any("2 Gemm node(s) rewritten" in note for note in notes)
+    assert backend.onnx_file_bytes(int4) <= 0.17 * backend.onnx_file_bytes(fp32)
+    assert _sqnr(artifacts, "mlp", "int4-g128") > 15
+
+
+@pytest.mark.parametrize("model", [*ZOO_MODELS, "mlp"])
+def test_analytic_file_bytes_within_3_percent(artifacts: Artifacts, model: str) -> None:
+    extra = (Recipe("int4-g32-sym", quantize="int4-weight-only", group_size=32, mapping="symmetric"),
+             RECIPES["prune50-int8-dynamic"])
+    with torch.device("meta"):
+        meta_model = MODELS[model][0]()
+    for recipe in [*(RECIPES[name] for name in SUPPORTED), *(extra if model == "mlp" else ())]:
+        path, _ = artifacts.get(model, recipe)
+        real = backend.onnx_file_bytes(path)
+        predicted = backend.analytic_onnx_bytes(meta_model, recipe)
+        assert abs(predicted - real) <= 0.03 * real, (recipe.name, predicted, real)
+
+
+def test_recipe_support() -> None:
+    for name in ("fp32", "fp16", "int8-dynamic", "int4-g128", "prune50", "prune50-int8-dynamic", "prune50-int4-g128"):
+        assert backend.onnx_recipe_support(RECIPES[name]) is None, name
+    for name in ("bf16", "int8-weight-only", "fp8-weight-only", "fp8-dynamic", "intx4-g32-unpacked"):
+        reason = backend.onnx_recipe_support(RECIPES[name])
+        assert reason and "no ONNX Runtime CPU equivalent" in reason, name
+    odd_block = Recipe("int4-g48", quantize="int4-weight-only", group_size=48)
+    assert "power-of-two" in (backend.onnx_recipe_support(odd_block) or "")
+    with pytest.raises(UnsupportedRecipe):
+        backend.build_onnx_artifact(nn.Linear(4, 4), (torch.randn(1, 4),), RECIPES["bf16"], Path("/nonexistent"))
+
+
+def test_pruning_is_applied_before_export(tmp_path: Path) -> None:
+    path, notes = backend.build_onnx_artifact(_build("simplenet"), MODELS["simplenet"][1](1), RECIPES["prune50"],
+                                              tmp_path)
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    assert (weights["fc1.weight"] == 0).mean() >= 0.5
+    assert any("pruned" in note for note in notes)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prune50.onnx"]  # the float intermediate is gone
+
+
+def test_gemm_rewrite_keeps_the_result() -> None:
+    weight = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
+    bias = np.arange(3, dtype=np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 5])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])],
+        [onnx.numpy_helper.from_array(weight, "w"), onnx.numpy_helper.from_array(bias, "b")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    assert backend.gemm_to_matmul(model) == 1
+    assert [node.op_type for node in model.graph.node] == ["MatMul", "Add"]
+    assert [list(t.dims) for t in model.graph.initializer if t.name.startswith("w")] == [[5, 3]]
+    x = np.ones((2, 5), dtype=np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ weight.T + bias, rtol=1e-5)
+
+
+def test_external_data_above_the_threshold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backend, "EXTERNAL_DATA_THRESHOLD_BYTES", 10_000)
+    path = tmp_path / "fp32.onnx"
+    backend.export_fp32(_build("simplenet"), MODELS["simplenet"][1](1), path)
+    data = tmp_path / "fp32.onnx.data"
+    assert data.exists() and path.stat().st_size < 10_000
+    assert backend.onnx_file_bytes(path) == path.stat().st_size + data.stat().st_size
+    int8, _ = backend.build_onnx_artifact(path, MODELS["simplenet"][1](1), RECIPES["int8-dynamic"], tmp_path)
+    assert len(_run(int8, MODELS["simplenet"][1](1))) == 1
+
+
+def test_worker_end_to_end(artifacts: Artifacts, tmp_path: Path) -> None:
+    path, _ = artifacts.get("tinylm", RECIPES["int8-dynamic"])
+    save_inputs_npz(artifacts.inputs("tinylm"), tmp_path / "inputs.npz")
+    torch.save(artifacts.reference("tinylm"), tmp_path / "reference.pt")
+    job = make_job(path, tmp_path / "inputs.npz", tmp_path / "reference.pt")
+    result = verify_in_subprocess(job, tmp_path / "job.json", tmp_path / "result.json", timeout_s=120)
+    assert "error" not in result, result
+    for key in ("verified_runtime_bytes", "verified_weight_resident_bytes", "verified_activation_bytes",
+                "latency_ms", "sqnr_db", "max_abs_error", "top1_agreement", "output_shapes"):
+        assert key in result
+    assert result["sqnr_db"] > 25 and result["output_shapes"] == [[1, 128, 2048]]
+    assert result["verified_weight_resident_bytes"] > backend.onnx_file_bytes(path) / 2
+    assert result["verified_runtime_bytes"] >= result["verified_weight_resident_bytes"]
+
+
+def test_worker_reports_errors(tmp_path: Path) -> None:
+    job = make_job(tmp_path / "missing.onnx", tmp_path / "inputs.npz", tmp_path / "reference.pt")
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    done = subprocess.run([sys.executable, "-m", "planner.onnx_verify", str(tmp_path / "job.json"),
+                           str(tmp_path / "result.json")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    error = json.loads((tmp_path / "result.json").read_text())["error"]
+    assert ":" in error and "\n" not in error
