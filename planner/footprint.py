@@ -132,7 +132,8 @@ def _coverage_notes(layers: list[LayerFootprint], recipe: Recipe) -> list[str]:
     for layer in layers:
         if not layer.quantized and layer.params:
             untouched[layer.type] += layer.params
-    largest = ", ".join(f"{kind} {count / total:.0%}" for kind, count in untouched.most_common(3))
+    largest = ", ".join(f"{kind} {count / total:.0%}" for kind, count in untouched.most_common(3)
+                        if count / total >= 0.01)
     return [f"quantized layers hold {reached / total:.0%} of the parameters; left in {recipe.dtype}: {largest}"]
 
 

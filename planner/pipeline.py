@@ -58,6 +58,7 @@ class PlanResult:
     footprints: dict[str, Footprint]
     workdir: Path
     input_shapes: list[list[int]]
+    input_note: str | None = None
 
     def artifact(self, recipe: str) -> Path | None:
         row = next((r for r in self.rows if r["recipe"] == recipe), None)
@@ -221,7 +222,7 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
 
     workdir = Path(tempfile.mkdtemp(prefix="planner-"))
     try:
-        rows = _verify_recipes(source, recipes, inputs, footprints, workdir, options,
+        rows = _verify_recipes(source, recipes, footprints, workdir, options,
                                lambda message, done: progress(message, done, total))
     except BaseException:  # an error or Ctrl-C: remove the artifacts, keep nothing half-written
         shutil.rmtree(workdir, ignore_errors=True)
@@ -230,16 +231,15 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
     ranked = rank.rank_rows(rows, options.budget_bytes, options.budget_on)
     return PlanResult(model=source.spec, budget_bytes=options.budget_bytes, budget_on=options.budget_on,
                       rows=ranked, pick=rank.pick(ranked), footprints=footprints, workdir=workdir,
-                      input_shapes=[list(t.shape) for t in inputs])
+                      input_shapes=[list(t.shape) for t in inputs], input_note=source.input_note)
 
 
-def _verify_recipes(source: ModelSource, recipes: list[Recipe], inputs: tuple[torch.Tensor, ...],
-                    footprints: dict[str, Footprint], workdir: Path, options: PlanOptions,
+def _verify_recipes(source: ModelSource, recipes: list[Recipe], footprints: dict[str, Footprint], workdir: Path,
+                    options: PlanOptions,
                     progress: Callable[[str, int], None]) -> list[dict[str, Any]]:
     """Materialize the fp32 reference, then apply, save and verify each recipe in turn: one row each."""
     fmt = artifact_format(source)
     suffix = ".ts" if fmt == "torchscript" else ".pt"
-    torch.save(tuple(inputs), workdir / "inputs.pt")
     step = 1
 
     def report(message: str) -> None:
@@ -250,6 +250,8 @@ def _verify_recipes(source: ModelSource, recipes: list[Recipe], inputs: tuple[to
     model = source.build("cpu")
     _save(model, fp32_path, fmt)
     del model
+    # After the real build: a factory's example input made on meta now has its real values.
+    torch.save(tuple(source.example_inputs()), workdir / "inputs.pt")
 
     rows: list[dict[str, Any]] = []
     reference_recipe = _reference_recipe(recipes)

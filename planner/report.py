@@ -77,11 +77,10 @@ def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
         "status": frame["status"],
         "fits": frame.apply(fmt_fits, axis=1),
         "disk (analytic)": frame["analytic_disk_bytes"].map(format_bytes),
-        "disk (verified)": frame["verified_disk_bytes"].map(lambda v: format_bytes(None if pd.isna(v) else v)),
+        "disk (verified)": frame["verified_disk_bytes"].map(format_bytes),
         "Δdisk": frame["disk_diff"].map(_percent),
-        "runtime (analytic)": frame["analytic_runtime_bytes"].map(lambda v: format_bytes(None if pd.isna(v) else v)),
-        "runtime (verified)": frame["verified_runtime_bytes"].map(
-            lambda v: format_bytes(None if pd.isna(v) else v)),
+        "runtime (analytic)": frame["analytic_runtime_bytes"].map(format_bytes),
+        "runtime (verified)": frame["verified_runtime_bytes"].map(format_bytes),
         "Δruntime": frame["runtime_diff"].map(_percent),
         "SQNR dB": frame["sqnr_db"].map(_sqnr),
         "top-1": frame["top1_agreement"].map(top1),
@@ -106,6 +105,8 @@ def print_table(result: Any, console: Any) -> None:
         style = "green" if row["fits"] == "yes" else ("dim" if row["status"] != "verified" else None)
         table.add_row(*[str(row[c]) for c in columns], style=style)
     console.print(table)
+    if result.input_note:
+        console.print(f"  [bold yellow]input[/]: {result.input_note}", highlight=False)
     for _, row in shown.iterrows():
         if row["note"]:
             console.print(f"  [bold]{row['recipe']}[/]: {row['note']}", highlight=False)
@@ -137,6 +138,7 @@ def plan_json(result: Any) -> dict[str, Any]:
         "budget_on": result.budget_on,
         "pick": result.pick,
         "input_shapes": result.input_shapes,
+        "input_note": result.input_note,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "environment": environment(),
         "rows": [{key: _json_value(row.get(key)) for key in ROW_FIELDS} for row in result.rows],

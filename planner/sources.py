@@ -510,6 +510,8 @@ class ModelSource:
     path: str | None = None
     _known_inputs: tuple[torch.Tensor, ...] | None = field(default=None, init=False, repr=False, compare=False)
     _inputs_looked_up: bool = field(default=False, init=False, repr=False, compare=False)
+    # Set when the example input's values had to be made up (a factory that created it on meta).
+    input_note: str | None = field(default=None, init=False, repr=False, compare=False)
 
     # -- identity -----------------------------------------------------------------------------------------------
 
@@ -581,7 +583,10 @@ class ModelSource:
                 # move to meta, which costs memory once but still gives the caller a weightless model.
                 model, example = _call_factory(factory, self.spec)
                 return model.to("meta"), example
-        return _call_factory(factory, self.spec)
+        model, example = _call_factory(factory, self.spec)
+        if example is not None and self.input_note:
+            self._remember_inputs(example)  # the real call gives the real values the meta call could not
+        return model, example
 
     def _file(self) -> Path:
         return Path(self.path or self.spec)
@@ -635,6 +640,12 @@ class ModelSource:
         return self._known_inputs
 
     def _remember_inputs(self, inputs: tuple[torch.Tensor, ...] | None) -> None:
+        self.input_note = None
+        if inputs is not None and any(t.device.type == "meta" for t in inputs) and self.input_shape is None:
+            self.input_note = ("the factory made its example input on the meta device (the planner calls factories "
+                               "there to build without weights), so its values were synthesized: normal floats, "
+                               "zeros for integers. Create it with device='cpu' to keep real values.")
+            self._inputs_looked_up = True
         self._known_inputs = tuple(_real(t) for t in inputs) if inputs is not None else None
         self._inputs_looked_up = True
 

@@ -47,8 +47,8 @@ def parse_size(text: str) -> int:
 
 
 def format_bytes(size: float | int | None) -> str:
-    """Human-readable decimal size ('537.2 MB'); '-' for a missing value."""
-    if size is None:
+    """Human-readable decimal size ('537.2 MB'); '-' for a missing value (None or NaN, as pandas gives it)."""
+    if size is None or size != size:
         return "-"
     size = float(size)
     sign = "-" if size < 0 else ""

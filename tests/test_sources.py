@@ -519,3 +519,18 @@ def test_input_shape_garbage_is_a_one_line_planner_error(text: str) -> None:
         assert "\n" not in str(exc)
     else:
         assert dims is not None and all(d >= 1 for d in dims)
+
+
+def test_factory_input_made_on_meta_gets_real_values_after_the_real_build(tmp_path: Path) -> None:
+    (tmp_path / "ids.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "def build():\n"
+        "    return nn.Embedding(100, 8), torch.randint(1, 100, (2, 16))\n")
+    source = resolve_source(f"{tmp_path / 'ids.py'}:build")
+    source.build("meta")
+    assert source.example_inputs()[0].shape == (2, 16)
+    assert source.input_note is not None and "meta" in source.input_note
+    source.build("cpu")
+    ids = source.example_inputs()[0]
+    assert source.input_note is None
+    assert int(ids.min()) >= 1  # the factory's own randint values, not synthesized zeros

@@ -69,3 +69,7 @@ def test_relative_difference() -> None:
     assert relative_difference(110, 100) == pytest.approx(0.1)
     assert relative_difference(None, 100) is None
     assert relative_difference(5, 0) is None
+
+
+def test_format_bytes_treats_nan_as_missing() -> None:
+    assert format_bytes(float("nan")) == "-"
