@@ -82,6 +82,8 @@ def load_artifact(folder: str | Path) -> nn.Module:
     """Load an exported artifact (DIR/RECIPE with manifest.json) into a ready-to-run module."""
     folder = Path(folder)
     manifest = json.loads((folder / "manifest.json").read_text())
+    if manifest["format"] == "onnx":
+        raise ValueError(f"{folder} holds an ONNX model: load it with onnxruntime.InferenceSession")
     if manifest["format"] == "torchscript":
         return torch.jit.load(str(folder / manifest["file"]), map_location="cpu")
     from planner.recipes import import_tensor_types
@@ -91,4 +93,14 @@ def load_artifact(folder: str | Path) -> nn.Module:
     model = weightless_structure(source, manifest["format"])
     assert model is not None
     load_weights_into(model, torch.load(folder / manifest["file"], weights_only=True))
+    return set_eval(model)
+
+
+def load_reference(source: ModelSource, fp32_path: Path) -> nn.Module:
+    """A fresh float32 model backed by the memory-mapped reference weights (no second copy)."""
+    if source.kind == "torchscript":
+        return torch.jit.load(str(fp32_path), map_location="cpu")
+    model = weightless_structure(source, "state_dict")
+    assert model is not None
+    load_weights_into(model, torch.load(fp32_path, weights_only=True, mmap=True))
     return set_eval(model)

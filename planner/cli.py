@@ -33,6 +33,8 @@ def plan(
                                              "KiB/MiB/GiB = 1024^n)")],
     budget_on: Annotated[str, typer.Option(help="what the budget limits: runtime (peak memory) or disk")]
     = "runtime",
+    backend: Annotated[str | None, typer.Option(help="comma-separated runtimes to verify on: torch, onnxruntime "
+                                                     "(default: both where onnxruntime is installed)")] = None,
     recipes: Annotated[str | None, typer.Option(help="comma-separated recipe names (see `planner recipes`)")]
     = None,
     recipe_file: Annotated[Path | None, typer.Option(help="a TOML file of [[recipe]] tables")] = None,
@@ -61,6 +63,7 @@ def plan(
         raise PlannerError(f"--budget-on {budget_on!r}: use runtime or disk")
     if timeout <= 0:
         raise PlannerError("--timeout must be a positive number of seconds")
+    backends = parse_backends(backend)
     available = load_recipe_file(recipe_file) if recipe_file else default_recipes()
     chosen = select_recipes(available, recipes)
     from planner import report
@@ -68,7 +71,7 @@ def plan(
     if out:
         report.check_writable_target(out, report.PLAN_FILES, force, "--out")
     if export:
-        names = tuple(r.name for r in chosen)
+        names = tuple(report.export_folder(r.name, b) for r in chosen for b in backends)
         report.check_writable_target(export, names, force, "--export")
 
     from planner.pipeline import PlanOptions, run_plan
@@ -78,7 +81,7 @@ def plan(
                             input_dtype=input_dtype, batch_size=batch_size)
     keep = (lambda row: True) if export_all else (lambda row: row.get("fits", False))
     options = PlanOptions(budget_bytes=budget_bytes, budget_on=budget_on, timeout_s=timeout,
-                          keep_artifacts=keep)
+                          keep_artifacts=keep, backends=backends)
     if memory_cap_bytes is not None:
         options.memory_cap_bytes = memory_cap_bytes
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -95,8 +98,8 @@ def plan(
                 console.print(f"wrote {path}")
         _announce(result, console)
         if export:
-            exported = [r["recipe"] for r in result.rows if r.get("status") == "verified"] if export_all else (
-                [result.pick] if result.pick else [])
+            exported = ([(r["recipe"], r["backend"]) for r in result.rows if r.get("status") == "verified"]
+                        if export_all else [(result.pick, result.pick_backend)] if result.pick else [])
             recipe_table = {r.name: r.to_json() for r in chosen}
             for path in report.export_artifacts(result, exported, export, recipe_table, source.to_json()):
                 console.print(f"exported {path}")
@@ -106,23 +109,43 @@ def plan(
         raise NothingFits()
 
 
+BACKENDS = ("torch", "onnxruntime")
+
+
+def parse_backends(text: str | None) -> tuple[str, ...]:
+    """--backend: torch and/or onnxruntime; by default both where onnxruntime can be imported."""
+    import importlib.util
+
+    if text is None:
+        return BACKENDS if importlib.util.find_spec("onnxruntime") else ("torch",)
+    chosen = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = [name for name in chosen if name not in BACKENDS]
+    if unknown or not chosen:
+        raise PlannerError(f"--backend {text!r}: use torch, onnxruntime or torch,onnxruntime")
+    if "onnxruntime" in chosen and not importlib.util.find_spec("onnxruntime"):
+        raise PlannerError("--backend onnxruntime: onnxruntime is not installed (pip install onnxruntime)")
+    return chosen
+
+
 def _announce(result: PlanResult, console: Console) -> None:
     from planner import rank
     from planner.units import format_bytes
 
     budget = format_bytes(result.budget_bytes)
     if result.pick:
-        row = next(r for r in result.rows if r["recipe"] == result.pick)
+        row = result.row(result.pick, result.pick_backend or "torch")
+        assert row is not None
         size = format_bytes(rank.measured_size(row, result.budget_on))
-        console.print(f"[bold green]pick: {row['recipe']}[/] ({result.budget_on} {size} verified, budget {budget})")
+        console.print(f"[bold green]pick: {row['recipe']} on {row['backend']}[/] ({result.budget_on} {size} "
+                      f"verified, budget {budget})")
         return
     near = rank.closest(result.rows, result.budget_on)
     if near is None:
         console.print("[bold red]no recipe verified on this machine[/]")
     else:
         size = format_bytes(rank.measured_size(near, result.budget_on))
-        console.print(f"[bold red]nothing fits {budget}[/]: the closest is {near['recipe']} at {size} verified "
-                      f"{result.budget_on}")
+        console.print(f"[bold red]nothing fits {budget}[/]: the closest is {near['recipe']} on {near['backend']} "
+                      f"at {size} verified {result.budget_on}")
 
 
 @app.command("recipes")

@@ -22,9 +22,11 @@ import logging
 import math
 import os
 import platform
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -524,3 +526,25 @@ def describe_machine() -> str:
     """One line for notes: which int8 setting this machine gets and why."""
     vnni = "with" if cpu_has_vnni() else "without"
     return f"{platform.machine()} CPU {vnni} VNNI, {os.cpu_count()} cores"
+
+
+def build_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Worker body for `python -m planner.onnx_backend JOB RESULT`: build one recipe's ONNX artifact in its own
+    process (quantize_dynamic holds several copies of the weights: a memory cap must be able to stop it)."""
+    from planner.artifact import load_reference
+    from planner.recipes import recipe_from_table
+    from planner.sources import ModelSource
+
+    recipe = recipe_from_table(job["recipe"], "job")
+    inputs = tuple(torch.load(job["inputs"], weights_only=True))
+    base = job.get("fp32_onnx")
+    what: Path | nn.Module = Path(base) if base and not recipe.prune else load_reference(
+        ModelSource.from_json(job["source"]), Path(job["fp32"]))
+    artifact, notes = build_onnx_artifact(what, inputs, recipe, Path(job["workdir"]))
+    return {"artifact": str(artifact), "notes": notes}
+
+
+if __name__ == "__main__":
+    from planner.verify import worker_main
+
+    sys.exit(worker_main(sys.argv[1:], build_job))

@@ -20,10 +20,7 @@ does for planner.verify, so freed blocks go back to the OS and the high-water ma
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,8 +29,6 @@ from typing import Any
 from planner.verify import (
     LATENCY_BUDGET_S,
     LATENCY_MAX_RUNS,
-    MEASUREMENT_ENV,
-    _json_safe,
     _proc_status_kib,
     compare_outputs,
     release_freed_memory,
@@ -162,42 +157,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def verify_in_subprocess(job: dict[str, Any], job_path: Path, result_path: Path, timeout_s: float) -> dict[str, Any]:
-    """Run the worker as planner.pipeline runs planner.verify; the parsed result, or {"error": ...}."""
-    job_path.write_text(json.dumps(job))
-    result_path.unlink(missing_ok=True)
-    env = dict(os.environ, **MEASUREMENT_ENV)
-    try:
-        done = subprocess.run([sys.executable, "-m", "planner.onnx_verify", str(job_path), str(result_path)],
-                              capture_output=True, text=True, timeout=timeout_s, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"TimeoutExpired: verification took over {timeout_s:.0f} s"}
-    if not result_path.exists():
-        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-        return {"error": lines[-1][:300] if lines else f"exit {done.returncode}"}
-    result = json.loads(result_path.read_text())
-    if isinstance(result.get("sqnr_db"), str):
-        result["sqnr_db"] = float(result["sqnr_db"])
-    return result
-
-
-def main(argv: list[str]) -> int:
-    from planner import quiet_library_noise
-
-    quiet_library_noise()
-    job_path, result_path = Path(argv[0]), Path(argv[1])
-    job = json.loads(job_path.read_text())
-    try:
-        result = run_job(job)
-    except Exception as error:  # reported as the row's reason; the parent decides what to show
-        first_line = (str(error).strip().splitlines() or [""])[0][:300]
-        result = {"error": f"{type(error).__name__}: {first_line}"}
-    temporary = result_path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(_json_safe(result)))
-    temporary.replace(result_path)
-    return 1 if "error" in result else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from planner.verify import worker_main
 
+    sys.exit(worker_main(sys.argv[1:], run_job))

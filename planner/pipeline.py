@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from planner import rank
-from planner.artifact import load_weights_into, set_eval, weightless_structure
+from planner.artifact import load_reference
 from planner.errors import PlannerError
 from planner.footprint import Footprint, analytic_footprint
 from planner.isolation import default_memory_cap, describe_exit, run_isolated
@@ -45,6 +45,7 @@ class PlanOptions:
     budget_on: str = "runtime"
     timeout_s: float = 900.0
     memory_cap_bytes: int | None = field(default_factory=default_memory_cap)
+    backends: tuple[str, ...] = ("torch",)
     keep_artifacts: Callable[[dict[str, Any]], bool] = field(default=lambda row: row.get("fits", False))
 
 
@@ -59,9 +60,13 @@ class PlanResult:
     workdir: Path
     input_shapes: list[list[int]]
     input_note: str | None = None
+    pick_backend: str | None = None
 
-    def artifact(self, recipe: str) -> Path | None:
-        row = next((r for r in self.rows if r["recipe"] == recipe), None)
+    def row(self, recipe: str, backend: str = "torch") -> dict[str, Any] | None:
+        return next((r for r in self.rows if r["recipe"] == recipe and r.get("backend") == backend), None)
+
+    def artifact(self, recipe: str, backend: str = "torch") -> Path | None:
+        row = self.row(recipe, backend)
         path = row and row.get("artifact")
         return Path(path) if path and Path(path).exists() else None
 
@@ -94,15 +99,6 @@ def why_unsupported(recipe: Recipe, source: ModelSource, footprint: Footprint) -
     return None
 
 
-def _load_fp32(source: ModelSource, fp32_path: Path) -> torch.nn.Module:
-    """A fresh float32 model backed by the memory-mapped reference weights (no second copy)."""
-    if artifact_format(source) == "torchscript":
-        return torch.jit.load(str(fp32_path), map_location="cpu")
-    model = weightless_structure(source, "state_dict")
-    load_weights_into(model, torch.load(fp32_path, weights_only=True, mmap=True))
-    return set_eval(model)
-
-
 def _save(model: torch.nn.Module, path: Path, fmt: str) -> None:
     temporary = path.with_suffix(path.suffix + ".tmp")
     if fmt == "torchscript":
@@ -112,10 +108,12 @@ def _save(model: torch.nn.Module, path: Path, fmt: str) -> None:
     temporary.replace(path)
 
 
-def _run_worker(job: dict[str, Any], workdir: Path, name: str, options: PlanOptions) -> dict[str, Any]:
+def _run_worker(job: dict[str, Any], workdir: Path, name: str, options: PlanOptions,
+                worker: str = "planner.verify") -> dict[str, Any]:
+    """Run `python -m WORKER JOB RESULT` isolated; the result with status verified, or failed with the reason."""
     job_path, result_path = workdir / f"{name}.job.json", workdir / f"{name}.result.json"
     job_path.write_text(json.dumps(job))
-    outcome = run_isolated([sys.executable, "-m", "planner.verify", str(job_path), str(result_path)],
+    outcome = run_isolated([sys.executable, "-m", worker, str(job_path), str(result_path)],
                            timeout_s=options.timeout_s, memory_cap_bytes=options.memory_cap_bytes,
                            env=dict(os.environ, **MEASUREMENT_ENV))
     result = json.loads(result_path.read_text()) if result_path.exists() and not outcome.failure else None
@@ -140,13 +138,13 @@ def _job(source: ModelSource, recipe: Recipe, artifact: Path, workdir: Path, sav
     }
 
 
-def explain(row: dict[str, Any], footprint: Footprint, source_kind: str, reference: dict[str, Any]) -> str:
+def explain(row: dict[str, Any], analytic_notes: list[str], source_kind: str, reference: dict[str, Any]) -> str:
     """The note column: what the recipe did, and why analytic and verified figures differ where they do."""
     notes = [row.pop("note", "")] if row.get("note") else []
     if row.get("status") == "unsupported":  # say why it did not run, not what it would have done
-        notes += [note for note in footprint.notes if "left in" in note]
+        notes += [note for note in analytic_notes if "left in" in note]
         return "; ".join(note for note in notes if note)
-    notes += footprint.notes
+    notes += analytic_notes
     if row.get("status") == "verified":
         if (reference.get("reference_max_abs") or 0.0) < TINY_OUTPUT:
             notes.append(f"the float32 output is nearly zero (max |y| {reference.get('reference_max_abs', 0):.1e}): "
@@ -212,32 +210,47 @@ def check_inputs_fit(source: ModelSource, meta_model: torch.nn.Module, inputs: t
 def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
              progress: Callable[[str, int, int], None] = lambda message, done, total: None) -> PlanResult:
     """`progress(message, steps_done, steps_total)` is called as the plan goes (for a progress bar)."""
-    total = len(recipes) + 2
+    total = len(recipes) * len(options.backends) + 2
     progress("describing the model (weightless)", 0, total)
     meta_model = source.build("meta")
     inputs = source.example_inputs()
     check_inputs_fit(source, meta_model, inputs)
     footprints = {recipe.name: analytic_footprint(meta_model, inputs, recipe) for recipe in recipes}
+    onnx_disk = _onnx_analytic_disk(meta_model, recipes) if "onnxruntime" in options.backends else {}
     del meta_model
 
     workdir = Path(tempfile.mkdtemp(prefix="planner-"))
     try:
-        rows = _verify_recipes(source, recipes, footprints, workdir, options,
+        rows = _verify_recipes(source, recipes, footprints, onnx_disk, workdir, options,
                                lambda message, done: progress(message, done, total))
     except BaseException:  # an error or Ctrl-C: remove the artifacts, keep nothing half-written
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     progress("done", total, total)
     ranked = rank.rank_rows(rows, options.budget_bytes, options.budget_on)
+    chosen = rank.pick_row(ranked)
     return PlanResult(model=source.spec, budget_bytes=options.budget_bytes, budget_on=options.budget_on,
-                      rows=ranked, pick=rank.pick(ranked), footprints=footprints, workdir=workdir,
-                      input_shapes=[list(t.shape) for t in inputs], input_note=source.input_note)
+                      rows=ranked, pick=chosen["recipe"] if chosen else None, footprints=footprints, workdir=workdir,
+                      input_shapes=[list(t.shape) for t in inputs], input_note=source.input_note,
+                      pick_backend=chosen.get("backend") if chosen else None)
 
 
-def _verify_recipes(source: ModelSource, recipes: list[Recipe], footprints: dict[str, Footprint], workdir: Path,
-                    options: PlanOptions,
+def _onnx_analytic_disk(meta_model: torch.nn.Module, recipes: list[Recipe]) -> dict[str, int | None]:
+    from planner.onnx_backend import analytic_onnx_bytes, onnx_recipe_support
+
+    sizes: dict[str, int | None] = {}
+    for recipe in recipes:
+        try:
+            sizes[recipe.name] = None if onnx_recipe_support(recipe) else analytic_onnx_bytes(meta_model, recipe)
+        except Exception:  # an architecture the ONNX size model does not know: verified figures still come
+            sizes[recipe.name] = None
+    return sizes
+
+
+def _verify_recipes(source: ModelSource, recipes: list[Recipe], footprints: dict[str, Footprint],
+                    onnx_disk: dict[str, int | None], workdir: Path, options: PlanOptions,
                     progress: Callable[[str, int], None]) -> list[dict[str, Any]]:
-    """Materialize the fp32 reference, then apply, save and verify each recipe in turn: one row each."""
+    """Materialize the fp32 reference, then apply, save and verify each recipe on each backend: a row each."""
     fmt = artifact_format(source)
     suffix = ".ts" if fmt == "torchscript" else ".pt"
     step = 1
@@ -261,42 +274,132 @@ def _verify_recipes(source: ModelSource, recipes: list[Recipe], footprints: dict
         raise PlannerError(f"{source.spec} does not run in float32 in a fresh process, so nothing can be compared: "
                            f"{reference.get('note')}")
 
-    for recipe in recipes:
-        step += 1
-        footprint = footprints[recipe.name]
-        row: dict[str, Any] = {"recipe": recipe.name, "backend": "torch", "touches": recipe.touches()}
-        artifact = workdir / f"{recipe.name}{suffix}"
-        if recipe.name == REFERENCE:
-            result, artifact = reference, fp32_path
-        elif (reason := why_unsupported(recipe, source, footprint)) is not None:
-            # Analytic figures stay as a what-if only where the recipe would change something here.
-            what_if = ((recipe.scheme is None or footprint.quantized_layers > 0)
-                       and (not recipe.prune or footprint.pruned_layers > 0))
-            result = {"status": "unsupported", "note": reason, "analytic_is_what_if": what_if}
-        else:
+    if "torch" in options.backends:
+        for recipe in recipes:
+            step += 1
             report(f"applying {recipe.name}")
-            result = _apply_and_verify(source, recipe, fp32_path, artifact, workdir, fmt, options, report)
-        row.update(result)
-        row.update(_figures(footprint, row, artifact))
-        if row["status"] == "unsupported" and not row.get("analytic_is_what_if", True):
-            for key in ("analytic_disk_bytes", "analytic_weight_bytes", "analytic_activation_bytes",
-                        "analytic_runtime_bytes"):
-                row[key] = None
-        row["note"] = explain(row, footprint, source.kind, reference)
-        row["fits"] = rank.fits(row, options.budget_bytes, options.budget_on)
-        if row["status"] == "verified" and artifact.exists():
-            row["artifact"] = str(artifact)
-            if not options.keep_artifacts(row) and artifact != fp32_path:
-                artifact.unlink()
-                row["artifact"] = None
-        rows.append(row)
+            rows.append(_torch_row(source, recipe, footprints[recipe.name], fp32_path, reference, workdir, fmt,
+                                   options, report))
+    if "onnxruntime" in options.backends:
+        onnx_base: Path | None = None
+        for recipe in recipes:
+            step += 1
+            report(f"onnxruntime: {recipe.name}")
+            row, onnx_base = _onnx_row(source, recipe, onnx_disk.get(recipe.name), fp32_path, onnx_base,
+                                       reference, workdir, options)
+            rows.append(row)
     return rows
+
+
+def _torch_row(source: ModelSource, recipe: Recipe, footprint: Footprint, fp32_path: Path,
+               reference: dict[str, Any], workdir: Path, fmt: str, options: PlanOptions,
+               report: Callable[[str], None]) -> dict[str, Any]:
+    row: dict[str, Any] = {"recipe": recipe.name, "backend": "torch", "touches": recipe.touches()}
+    artifact = workdir / f"{recipe.name}{fp32_path.suffix}"
+    if recipe.name == REFERENCE:
+        result, artifact = reference, fp32_path
+    elif (reason := why_unsupported(recipe, source, footprint)) is not None:
+        # Analytic figures stay as a what-if only where the recipe would change something here.
+        what_if = ((recipe.scheme is None or footprint.quantized_layers > 0)
+                   and (not recipe.prune or footprint.pruned_layers > 0))
+        result = {"status": "unsupported", "note": reason, "analytic_is_what_if": what_if}
+    else:
+        result = _apply_and_verify(source, recipe, fp32_path, artifact, workdir, fmt, options, report)
+    row.update(result)
+    row.update(_figures(footprint, row, artifact))
+    if row["status"] == "unsupported" and not row.get("analytic_is_what_if", True):
+        for key in ("analytic_disk_bytes", "analytic_weight_bytes", "analytic_activation_bytes",
+                    "analytic_runtime_bytes"):
+            row[key] = None
+    row["note"] = explain(row, footprint.notes, source.kind, reference)
+    return _keep_or_drop(row, [artifact], options, keep_anyway=artifact == fp32_path)
+
+
+def _keep_or_drop(row: dict[str, Any], files: list[Path], options: PlanOptions, keep_anyway: bool = False
+                  ) -> dict[str, Any]:
+    """Decide fits, and delete the artifact unless it may be exported (it can be gigabytes)."""
+    row["fits"] = rank.fits(row, options.budget_bytes, options.budget_on)
+    row["artifact"] = None
+    if row["status"] == "verified" and files[0].exists():
+        if keep_anyway or options.keep_artifacts(row):
+            row["artifact"] = str(files[0])
+        else:
+            for path in files:
+                path.unlink(missing_ok=True)
+    return row
+
+
+def _onnx_row(source: ModelSource, recipe: Recipe, analytic_disk: int | None, fp32_path: Path,
+              onnx_base: Path | None, reference: dict[str, Any], workdir: Path, options: PlanOptions
+              ) -> tuple[dict[str, Any], Path | None]:
+    """One recipe on ONNX Runtime: export the float model (once), quantize in ONNX, verify in a fresh process."""
+    from planner.onnx_backend import external_data_name, onnx_file_bytes, onnx_recipe_support
+
+    row: dict[str, Any] = {"recipe": recipe.name, "backend": "onnxruntime", "touches": onnx_touches(recipe),
+                           "analytic_disk_bytes": analytic_disk}
+    reason = onnx_recipe_support(recipe)
+    if source.kind == "torchscript":
+        reason = "the ONNX exporter does not take TorchScript modules; give a factory (file.py:build) or a .pt2"
+    notes: list[str] = []
+    artifact: Path | None = None
+    if reason is not None:
+        result: dict[str, Any] = {"status": "unsupported", "note": reason}
+    else:
+        if onnx_base is None and recipe.prune == 0:
+            onnx_base = _onnx_build(source, Recipe(REFERENCE, dtype="float32"), fp32_path, None, workdir, options,
+                                    notes)
+        if recipe.name == REFERENCE and onnx_base is not None:
+            artifact = onnx_base
+        else:
+            artifact = _onnx_build(source, recipe, fp32_path, onnx_base, workdir, options, notes)
+        if artifact is None:
+            result = {"status": "failed", "note": "; ".join(notes)}
+        else:
+            job = {"artifact": str(artifact), "inputs": str(workdir / "inputs.pt"),
+                   "reference": str(workdir / "reference.pt"), "backend": "onnxruntime"}
+            result = _run_worker(job, workdir, f"{recipe.name}.onnx", options, worker="planner.onnx_verify")
+            result["note"] = "; ".join(filter(None, [*notes, result.get("note", "")]))
+    row.update(result)
+    verified = row["status"] == "verified" and artifact is not None
+    row["verified_disk_bytes"] = onnx_file_bytes(artifact) if verified else None
+    row["disk_diff"] = relative_difference(analytic_disk, row["verified_disk_bytes"])
+    if not verified:
+        for key in ("sqnr_db", "max_abs_error", "top1_agreement", "latency_ms", "verified_runtime_bytes"):
+            row[key] = None
+    row["note"] = explain(row, ["runtime measured only: ONNX Runtime's arena allocator is not modelled"]
+                          if verified else [], source.kind, reference)
+    files = [artifact, artifact.with_name(external_data_name(artifact))] if artifact else [workdir / "none"]
+    return _keep_or_drop(row, files, options, keep_anyway=artifact == onnx_base), onnx_base
+
+
+def onnx_touches(recipe: Recipe) -> str:
+    parts = [f"prunes {recipe.prune:.0%} of Linear/Conv weights before export"] if recipe.prune else []
+    if recipe.quantize == "int8-dynamic":
+        parts.append("onnxruntime quantize_dynamic on MatMul (Linear) weights")
+    elif recipe.quantize == "int4-weight-only":
+        parts.append(f"onnxruntime MatMulNBits 4-bit, block {recipe.group_size}, on MatMul/Gemm (Linear) weights")
+    parts.append("float16 initializers" if recipe.dtype == "float16" else "everything else float32")
+    return "; ".join(parts)
+
+
+def _onnx_build(source: ModelSource, recipe: Recipe, fp32_path: Path, onnx_base: Path | None, workdir: Path,
+                options: PlanOptions, notes: list[str]) -> Path | None:
+    """Build one ONNX artifact in an isolated process; None (and the reason in notes) when it fails."""
+    job = {"source": source.to_json(), "recipe": recipe.to_json(), "fp32": str(fp32_path),
+           "fp32_onnx": str(onnx_base) if onnx_base else None, "inputs": str(workdir / "inputs.pt"),
+           "workdir": str(workdir)}
+    built = _run_worker(job, workdir, f"{recipe.name}.onnx-build", options, worker="planner.onnx_backend")
+    if built["status"] != "verified":
+        notes.append(built.get("note", "").replace("verification failed", "ONNX build failed"))
+        return None
+    notes += built.get("notes", [])
+    return Path(built["artifact"])
 
 
 def _apply_and_verify(source: ModelSource, recipe: Recipe, fp32_path: Path, artifact: Path, workdir: Path,
                       fmt: str, options: PlanOptions, progress: Callable[[str], None]) -> dict[str, Any]:
     try:
-        model, notes = apply_recipe(_load_fp32(source, fp32_path), recipe)
+        model, notes = apply_recipe(load_reference(source, fp32_path), recipe)
         _save(model, artifact, fmt)
         del model
         gc.collect()  # module graphs hold reference cycles; free this recipe's copy before the next

@@ -34,21 +34,28 @@ def rank_rows(rows: list[dict[str, Any]], budget_bytes: int, budget_on: str) -> 
     if budget_on not in BUDGET_TARGETS:
         raise ValueError(f"budget_on must be one of {BUDGET_TARGETS}")
 
-    def key(row: dict[str, Any]) -> tuple[int, float, float, str]:
+    def key(row: dict[str, Any]) -> tuple[int, float, float, str, str]:
         size = measured_size(row, budget_on)
+        name, backend = row["recipe"], row.get("backend", "torch")
         if size is None:
-            return (2, 0.0, 0.0, row["recipe"])
+            return (2, 0.0, 0.0, name, backend)
         if size <= budget_bytes:
-            return (0, -quality(row), float(size), row["recipe"])
-        return (1, float(size), -quality(row), row["recipe"])
+            return (0, -quality(row), float(size), name, backend)
+        return (1, float(size), -quality(row), name, backend)
 
     ranked = sorted(rows, key=key)
     return [dict(row, fits=fits(row, budget_bytes, budget_on), rank=index + 1) for index, row in enumerate(ranked)]
 
 
+def pick_row(ranked: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The first fitting row of a ranked list, or None."""
+    return next((row for row in ranked if row.get("fits")), None)
+
+
 def pick(ranked: list[dict[str, Any]]) -> str | None:
-    """The first fitting recipe of a ranked list, or None."""
-    return next((row["recipe"] for row in ranked if row.get("fits")), None)
+    """The recipe name of the pick, or None."""
+    row = pick_row(ranked)
+    return row["recipe"] if row else None
 
 
 def closest(ranked: list[dict[str, Any]], budget_on: str) -> dict[str, Any] | None:

@@ -74,6 +74,7 @@ def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({
         "#": frame["rank"],
         "recipe": frame["recipe"],
+        "backend": frame["backend"].map(lambda b: "ort" if b == "onnxruntime" else b),
         "status": frame["status"],
         "fits": frame.apply(fmt_fits, axis=1),
         "disk (analytic)": frame["analytic_disk_bytes"].map(format_bytes),
@@ -100,7 +101,7 @@ def print_table(result: Any, console: Any) -> None:
     columns = [c for c in shown.columns if c != "note"]
     for column in columns:
         table.add_column(column, no_wrap=column == "recipe",
-                         justify="right" if column not in ("recipe", "status", "fits") else "left")
+                         justify="right" if column not in ("recipe", "backend", "status", "fits") else "left")
     for _, row in shown.iterrows():
         style = "green" if row["fits"] == "yes" else ("dim" if row["status"] != "verified" else None)
         table.add_row(*[str(row[c]) for c in columns], style=style)
@@ -109,7 +110,7 @@ def print_table(result: Any, console: Any) -> None:
         console.print(f"  [bold yellow]input[/]: {result.input_note}", highlight=False)
     for _, row in shown.iterrows():
         if row["note"]:
-            console.print(f"  [bold]{row['recipe']}[/]: {row['note']}", highlight=False)
+            console.print(f"  [bold]{row['recipe']}[/] ({row['backend']}): {row['note']}", highlight=False)
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
@@ -137,6 +138,7 @@ def plan_json(result: Any) -> dict[str, Any]:
         "budget_bytes": result.budget_bytes,
         "budget_on": result.budget_on,
         "pick": result.pick,
+        "pick_backend": result.pick_backend,
         "input_shapes": result.input_shapes,
         "input_note": result.input_note,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -233,34 +235,40 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def export_artifacts(result: Any, recipes: list[str], directory: Path, recipe_table: dict[str, Any],
+def export_folder(recipe: str, backend: str) -> str:
+    return recipe if backend == "torch" else f"{recipe}-{backend}"
+
+
+def export_artifacts(result: Any, picks: list[tuple[str, str]], directory: Path, recipe_table: dict[str, Any],
                      source_json: dict[str, Any]) -> list[Path]:
-    """Copy each verified artifact to DIRECTORY/RECIPE/ with manifest.json (atomically, folder by folder)."""
+    """Copy each verified (recipe, backend) artifact to DIRECTORY/FOLDER/ with manifest.json, folder by folder
+    through a staging directory, so an interrupted export leaves no half-written folder."""
     exported = []
-    for name in recipes:
-        artifact = result.artifact(name)
-        row = next(r for r in result.rows if r["recipe"] == name)
-        if artifact is None:
+    for name, backend in picks:
+        artifact = result.artifact(name, backend)
+        row = result.row(name, backend)
+        if artifact is None or row is None:
             continue
-        target = directory / name
-        staging = Path(tempfile.mkdtemp(dir=directory, prefix=f".{name}."))
+        target = directory / export_folder(name, backend)
+        staging = Path(tempfile.mkdtemp(dir=directory, prefix=f".{target.name}."))
         try:
-            model_file = staging / ("model.ts" if artifact.suffix == ".ts" else "model.pt")
-            shutil.copyfile(artifact, model_file)
+            files = _artifact_files(artifact, backend)
+            for path in files:
+                shutil.copyfile(path, staging / path.name)
+            model_file = staging / files[0].name
             manifest = {
                 "recipe": recipe_table[name],
+                "backend": backend,
                 "model": result.model,
                 "source": source_json,
                 "file": model_file.name,
-                "format": "torchscript" if artifact.suffix == ".ts" else "state_dict",
-                "sha256": sha256(model_file),
-                "bytes": model_file.stat().st_size,
+                "files": [path.name for path in files],
+                "format": {".ts": "torchscript", ".onnx": "onnx"}.get(artifact.suffix, "state_dict"),
+                "sha256": {path.name: sha256(staging / path.name) for path in files},
+                "bytes": sum((staging / path.name).stat().st_size for path in files),
                 "verification": {key: _json_value(row.get(key)) for key in ROW_FIELDS},
                 "environment": environment(),
-                "how_to_load": ("torch.jit.load('model.ts')" if artifact.suffix == ".ts" else
-                                "import torchao; model = <build the model>; model.load_state_dict("
-                                "torch.load('model.pt', weights_only=True), assign=True)  "
-                                "# or planner.artifact.load_artifact(this folder)"),
+                "how_to_load": _how_to_load(model_file.name, backend, artifact.suffix),
             }
             (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
             if target.exists():
@@ -271,3 +279,21 @@ def export_artifacts(result: Any, recipes: list[str], directory: Path, recipe_ta
             raise
         exported.append(target)
     return exported
+
+
+def _artifact_files(artifact: Path, backend: str) -> list[Path]:
+    if backend != "onnxruntime":
+        return [artifact]
+    from planner.onnx_backend import external_data_name
+
+    data = artifact.with_name(external_data_name(artifact))
+    return [artifact, data] if data.exists() else [artifact]
+
+
+def _how_to_load(file: str, backend: str, suffix: str) -> str:
+    if backend == "onnxruntime":
+        return f"onnxruntime.InferenceSession('{file}') (keep any .data file beside it)"
+    if suffix == ".ts":
+        return f"torch.jit.load('{file}')"
+    return (f"import torchao; model = <build the model>; model.load_state_dict(torch.load('{file}', "
+            "weights_only=True), assign=True)  # or planner.artifact.load_artifact(this folder)")

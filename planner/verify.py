@@ -25,7 +25,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -208,15 +208,17 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def main(argv: list[str]) -> int:
+def worker_main(argv: list[str], run: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
+    """`python -m planner.WORKER JOB.json RESULT.json`: run the job, write the result atomically.
+    A failure is a result too ({"error": "Type: first line"}, exit 1): the parent turns it into a row."""
     from planner import quiet_library_noise
 
     quiet_library_noise()
     job_path, result_path = Path(argv[0]), Path(argv[1])
     job = json.loads(job_path.read_text())
     try:
-        result = run_job(job)
-    except Exception as error:  # reported as the row's reason; the parent decides what to show
+        result = run(job)
+    except Exception as error:
         first_line = (str(error).strip().splitlines() or [""])[0][:300]
         result = {"error": f"{type(error).__name__}: {first_line}"}
     temporary = result_path.with_suffix(".tmp")
@@ -226,4 +228,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(worker_main(sys.argv[1:], run_job))

@@ -31,7 +31,7 @@ def _library_noise(line: str) -> bool:
 def simplenet_plan(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path, Path]:
     root = tmp_path_factory.mktemp("plan")
     out, export = root / "out", root / "export"
-    done = planner("plan", "zoo:simplenet", "--budget", "5MB", "--recipes",
+    done = planner("plan", "zoo:simplenet", "--budget", "5MB", "--backend", "torch", "--recipes",
                    "fp32,bf16,int8-dynamic,int8-weight-only,fp8-dynamic,int4-g128,prune50",
                    "--out", str(out), "--export", str(export), "--export-all")
     return done, out, export
@@ -42,7 +42,7 @@ def test_plan_writes_a_stable_json(simplenet_plan: tuple) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     plan = json.loads((out / "plan.json").read_text())
     assert plan["model"] == "zoo:simplenet" and plan["budget_bytes"] == 5_000_000 and plan["budget_on"] == "runtime"
-    assert plan["pick"] == "fp32"  # everything fits 5 MB, and fp32 loses nothing
+    assert plan["pick"] == "fp32" and plan["pick_backend"] == "torch"  # everything fits 5 MB; fp32 loses nothing
     rows = {row["recipe"]: row for row in plan["rows"]}
     required = {"recipe", "status", "analytic_disk_bytes", "verified_disk_bytes", "analytic_runtime_bytes",
                 "verified_runtime_bytes", "sqnr_db", "latency_ms", "fits", "note"}
@@ -100,17 +100,47 @@ def test_existing_results_are_not_overwritten(simplenet_plan: tuple) -> None:
     assert done.returncode == 2 and "--force" in one_clean_line(done.stderr)
 
 
-def test_transformer_int4_is_really_smaller_and_estimates_hold(tmp_path: Path) -> None:
+def test_transformer_on_both_backends(tmp_path: Path) -> None:
+    out, export = tmp_path / "out", tmp_path / "export"
     done = planner("plan", "zoo:tinylm", "--budget", "1GB", "--recipes", "fp32,int8-dynamic,int4-g128",
-                   "--out", str(tmp_path))
+                   "--backend", "torch,onnxruntime", "--out", str(out), "--export", str(export), "--export-all")
     assert done.returncode == 0, done.stdout + done.stderr
-    rows = {row["recipe"]: row for row in json.loads((tmp_path / "plan.json").read_text())["rows"]}
+    rows = {(row["recipe"], row["backend"]): row for row in json.loads((out / "plan.json").read_text())["rows"]}
+    assert len(rows) == 6
     for row in rows.values():
         assert row["status"] == "verified", row
         assert row["verified_disk_bytes"] == pytest.approx(row["analytic_disk_bytes"], rel=0.03)
-    # Embeddings and attention in_proj stay bf16, so int4 cannot reach 1/8 of fp32; it must beat int8 though.
-    assert rows["int4-g128"]["verified_disk_bytes"] < rows["int8-dynamic"]["verified_disk_bytes"]
-    assert rows["int4-g128"]["sqnr_db"] > 5 and math.isfinite(rows["int4-g128"]["sqnr_db"])
+    torch_rows = {name: row for (name, backend), row in rows.items() if backend == "torch"}
+    # Embeddings and attention in_proj stay float, so int4 cannot reach 1/8 of fp32; it must beat int8 though.
+    assert torch_rows["int4-g128"]["verified_disk_bytes"] < torch_rows["int8-dynamic"]["verified_disk_bytes"]
+    assert torch_rows["int4-g128"]["sqnr_db"] > 5 and math.isfinite(torch_rows["int4-g128"]["sqnr_db"])
+    ort_int4 = rows[("int4-g128", "onnxruntime")]
+    assert ort_int4["verified_disk_bytes"] < 0.5 * rows[("fp32", "onnxruntime")]["verified_disk_bytes"]
+
+    # The exported ONNX artifact runs in a plain ONNX Runtime session, with no planner code, and its error
+    # against the float32 torch model is the one the plan reported.
+    import numpy as np
+    import onnxruntime
+
+    from planner.zoo import ZOO
+
+    manifest = json.loads((export / "int4-g128-onnxruntime" / "manifest.json").read_text())
+    session = onnxruntime.InferenceSession(str(export / "int4-g128-onnxruntime" / manifest["file"]))
+    ids = ZOO["tinylm"].example_input(1)[0]
+    (logits,) = session.run(None, {session.get_inputs()[0].name: ids.numpy()})
+    torch.manual_seed(0)
+    reference = _reference_logits(ids)
+    noise = float(((reference - logits) ** 2).sum())
+    sqnr = 10 * np.log10(float((reference**2).sum()) / noise)
+    assert sqnr == pytest.approx(ort_int4["sqnr_db"], abs=0.5)
+
+
+def _reference_logits(ids: torch.Tensor):
+    from planner.sources import resolve_source
+
+    model = resolve_source("zoo:tinylm").build("cpu")
+    with torch.inference_mode():
+        return model(ids).numpy().astype("float64")
 
 
 def test_nothing_fits_exits_1_and_names_the_closest(tmp_path: Path) -> None:
