@@ -584,8 +584,8 @@ class ModelSource:
                 model, example = _call_factory(factory, self.spec)
                 return model.to("meta"), example
         model, example = _call_factory(factory, self.spec)
-        if example is not None and self.input_note:
-            self._remember_inputs(example)  # the real call gives the real values the meta call could not
+        if example is not None and (self.input_note or not self._inputs_looked_up):
+            self._remember_inputs(example)  # the real call gives the real values a meta call could not
         return model, example
 
     def _file(self) -> Path:

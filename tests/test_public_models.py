@@ -15,7 +15,7 @@ def test_bert_tiny_plan_verifies_every_row_and_predicts_its_disk_size(tmp_path: 
     out = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, "-m", "planner.cli", "plan", "examples/public_models.py:bert_tiny", "--budget", "1GB",
-         "--recipes", "fp32,int8-dynamic,bf16", "--out", str(out)],
+         "--recipes", "fp32,int8-dynamic,bf16", "--backend", "torch", "--out", str(out)],
         capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = json.loads((out / "plan.json").read_text())["rows"]
