@@ -60,6 +60,9 @@ QUANTIZED_OP_TYPES = {"int8-dynamic": ("MatMulInteger", "DynamicQuantizeMatMul")
 
 def onnx_recipe_support(recipe: Recipe) -> str | None:
     """None when the recipe maps to an ONNX Runtime CPU artifact; otherwise the reason it does not."""
+    if recipe.quantize not in (None, "int8-dynamic", "int4-weight-only"):
+        return (f"no ONNX Runtime CPU equivalent for {recipe.quantize}: onnxruntime quantizes weights to int8 with "
+                "int8 activations (int8-dynamic) or to 4-bit blocks (int4-weight-only) only")
     if recipe.dtype == "bfloat16" and recipe.quantize != "int4-weight-only":
         return "no ONNX Runtime CPU equivalent: bfloat16 has almost no CPU kernels in ONNX Runtime"
     if recipe.quantize is None:
@@ -77,9 +80,7 @@ def onnx_recipe_support(recipe: Recipe) -> str | None:
         block = recipe.group_size
         if block < 16 or block & (block - 1):
             return f"MatMulNBits needs a power-of-two block of at least 16, not group_size {block}"
-        return None
-    return (f"no ONNX Runtime CPU equivalent for {recipe.quantize}: onnxruntime quantizes weights to int8 with "
-            "int8 activations (int8-dynamic) or to 4-bit blocks (int4-weight-only) only")
+    return None
 
 
 def _onnx_int4_note(recipe: Recipe) -> str:
@@ -368,7 +369,9 @@ def _convert(float_path: Path, target: Path, recipe: Recipe) -> list[str]:
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         # keep_io_types: the caller feeds float32 and compares float32 outputs, as with the torch fp16 rows.
-        model = convert_float_to_float16(model, keep_io_types=True)
+        # Its shape inference serializes the whole model, which fails above protobuf's 2 GB limit.
+        too_big = not _inline_size_known(model)
+        model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=too_big)
         _save(model, target)
         return ["float16 initializers (convert_float_to_float16, float32 inputs and outputs)"]
     _save(model, target)
