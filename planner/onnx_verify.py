@@ -20,17 +20,16 @@ does for planner.verify, so freed blocks go back to the OS and the high-water ma
 
 from __future__ import annotations
 
-import statistics
+import functools
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from planner.verify import (
-    LATENCY_BUDGET_S,
-    LATENCY_MAX_RUNS,
     _proc_status_kib,
     compare_outputs,
+    measure_runs,
     release_freed_memory,
     reset_peak,
 )
@@ -109,40 +108,23 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     load_peak = _proc_status_kib("VmHWM")
     feeds = _feeds(session, inputs)
 
-    # First run: includes one-time lazy initialisation (kernel selection, arena growth).
-    reset_peak()
-    started = time.perf_counter()
-    outputs = _floating(session, session.run(None, feeds))
-    first_ms = (time.perf_counter() - started) * 1000
-    first_peak = _proc_status_kib("VmHWM")
-    # Second run from a reset high-water mark: the warm peak, arena included.
-    release_freed_memory()
-    reset_peak()
-    started = time.perf_counter()
-    session.run(None, feeds)
-    latencies = [(time.perf_counter() - started) * 1000]
-    warm_peak = _proc_status_kib("VmHWM")
-    budget_end = time.perf_counter() + LATENCY_BUDGET_S
-    while len(latencies) < LATENCY_MAX_RUNS and time.perf_counter() < budget_end and first_ms < 5000:
-        started = time.perf_counter()
-        session.run(None, feeds)
-        latencies.append((time.perf_counter() - started) * 1000)
-
+    measured = measure_runs(functools.partial(session.run, None, feeds))
+    outputs = _floating(session, measured.first_output)
     weights = loaded - baseline
-    runtime = max(warm_peak - baseline, weights)
+    runtime = max(measured.warm_peak - baseline, weights)  # ORT's arena keeps memory between runs
     result: dict[str, Any] = {
         "verified_runtime_bytes": runtime,
         "verified_weight_resident_bytes": weights,
         "verified_activation_bytes": runtime - weights,
-        "verified_first_run_extra_bytes": max(0, first_peak - warm_peak),
+        "verified_first_run_extra_bytes": max(0, measured.first_peak - measured.warm_peak),
         # Creating the session holds the file's tensors and ORT's copies at once; reported, not ranked.
         "verified_load_peak_bytes": load_peak - baseline,
         "baseline_rss_bytes": baseline,
         "peak_is_exact": exact_peak,
         "load_s": load_s,
-        "first_forward_ms": first_ms,
-        "latency_ms": statistics.median(latencies),
-        "latency_runs": len(latencies),
+        "first_forward_ms": measured.first_ms,
+        "latency_ms": measured.latency_ms,
+        "latency_runs": measured.runs,
         "backend": "onnxruntime",
         "onnxruntime_version": ort.__version__,
         "providers": session.get_providers(),

@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,40 @@ def compare_outputs(reference: list[Any], candidate: list[Any]) -> dict[str, flo
     return {"sqnr_db": sqnr, "max_abs_error": max_abs, "top1_agreement": top1, "reference_max_abs": reference_max}
 
 
+@dataclass
+class RunMeasurement:
+    first_output: Any  # what the first run returned
+    first_ms: float
+    first_peak: int  # VmHWM after the first run (lazy initialisation included)
+    warm_peak: int  # VmHWM of the warm run, from a reset high-water mark
+    warm_growth: int  # warm_peak minus the resident memory just before the warm run
+    latency_ms: float  # median of the warm runs
+    runs: int
+
+
+def measure_runs(run: Callable[[], Any]) -> RunMeasurement:
+    """Run once (first-use costs included), then again from a reset high-water mark (the warm peak),
+    then repeat for a latency median within LATENCY_BUDGET_S. Shared by the torch and ONNX workers."""
+    started = time.perf_counter()
+    first_output = run()
+    first_ms = (time.perf_counter() - started) * 1000
+    first_peak = _proc_status_kib("VmHWM")
+    release_freed_memory()
+    reset_peak()
+    before_warm = _proc_status_kib("VmRSS")
+    started = time.perf_counter()
+    run()
+    latencies = [(time.perf_counter() - started) * 1000]
+    warm_peak = _proc_status_kib("VmHWM")
+    budget_end = time.perf_counter() + LATENCY_BUDGET_S
+    while len(latencies) < LATENCY_MAX_RUNS and time.perf_counter() < budget_end and first_ms < 5000:
+        started = time.perf_counter()
+        run()
+        latencies.append((time.perf_counter() - started) * 1000)
+    return RunMeasurement(first_output, first_ms, first_peak, warm_peak, warm_peak - before_warm,
+                          statistics.median(latencies), len(latencies))
+
+
 def _warm_up(dtype: Any) -> None:
     # First-use costs of the framework (thread pool, oneDNN primitives) belong to the baseline.
     import torch
@@ -153,40 +188,21 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     loaded = _proc_status_kib("VmRSS")
 
     with torch.inference_mode():
-        # First forward: includes one-time lazy initialisation (kernel selection, packed weight caches).
-        started = time.perf_counter()
-        output = model(*inputs)
-        first_ms = (time.perf_counter() - started) * 1000
-        first_peak = _proc_status_kib("VmHWM")
-        outputs = [t.float() for t in floating_tensors(output)]
-        del output
-        # Second forward from a reset high-water mark: the activation peak of a warm model.
-        release_freed_memory()
-        reset_peak()
-        before_second = _proc_status_kib("VmRSS")
-        started = time.perf_counter()
-        model(*inputs)
-        latencies = [(time.perf_counter() - started) * 1000]
-        activation_peak = _proc_status_kib("VmHWM") - before_second
-        budget_end = time.perf_counter() + LATENCY_BUDGET_S
-        while len(latencies) < LATENCY_MAX_RUNS and time.perf_counter() < budget_end and first_ms < 5000:
-            started = time.perf_counter()
-            model(*inputs)
-            latencies.append((time.perf_counter() - started) * 1000)
-
+        measured = measure_runs(lambda: model(*inputs))
+    outputs = [t.float() for t in floating_tensors(measured.first_output)]
     weights = loaded - baseline
     result: dict[str, Any] = {
-        "verified_runtime_bytes": weights + activation_peak,
+        "verified_runtime_bytes": weights + measured.warm_growth,
         "verified_weight_resident_bytes": weights,
-        "verified_activation_bytes": activation_peak,
+        "verified_activation_bytes": measured.warm_growth,
         # What the first forward needed beyond a warm one (framework lazy init); reported, not ranked.
-        "verified_first_run_extra_bytes": max(0, first_peak - loaded - activation_peak),
+        "verified_first_run_extra_bytes": max(0, measured.first_peak - loaded - measured.warm_growth),
         "baseline_rss_bytes": baseline,
         "peak_is_exact": exact_peak,
         "load_s": load_s,
-        "first_forward_ms": first_ms,
-        "latency_ms": statistics.median(latencies),
-        "latency_runs": len(latencies),
+        "first_forward_ms": measured.first_ms,
+        "latency_ms": measured.latency_ms,
+        "latency_runs": measured.runs,
     }
     if job.get("save_reference"):
         torch.save(outputs, job["reference"])
