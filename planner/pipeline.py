@@ -1,7 +1,8 @@
 """The plan: describe the model → analytic footprint per recipe → apply, save, verify each → rank.
 
 The planner process holds the float32 weights only as a memory-mapped file and one recipe's copy at
-a time; every verification runs in a fresh subprocess (planner.verify) with a wall-clock timeout.
+a time; every verification (planner.verify, planner.onnx_verify) and every ONNX build runs in a fresh
+subprocess under a timeout and a memory cap (planner.isolation).
 """
 
 from __future__ import annotations
@@ -94,8 +95,7 @@ def why_unsupported(recipe: Recipe, source: ModelSource, footprint: Footprint) -
     if source.kind == "torchscript":
         return "torchao cannot quantize a TorchScript module; give a factory (file.py:build) or a .pt2"
     if footprint.quantized_layers == 0:
-        kind = " (a .pt2 graph keeps no layer types: use a factory to quantize)" if source.kind == "export" else ""
-        return f"no {'/'.join(recipe.layers)} layer it can quantize{kind}"
+        return f"no {'/'.join(recipe.layers)} layer it can quantize"
     return None
 
 
@@ -108,7 +108,7 @@ def _save(model: torch.nn.Module, path: Path, fmt: str) -> None:
     temporary.replace(path)
 
 
-def _run_worker(job: dict[str, Any], workdir: Path, name: str, options: PlanOptions,
+def run_worker(job: dict[str, Any], workdir: Path, name: str, options: PlanOptions,
                 worker: str = "planner.verify") -> dict[str, Any]:
     """Run `python -m WORKER JOB RESULT` isolated; the result with status verified, or failed with the reason."""
     job_path, result_path = workdir / f"{name}.job.json", workdir / f"{name}.result.json"
@@ -269,7 +269,7 @@ def _verify_recipes(source: ModelSource, recipes: list[Recipe], footprints: dict
     rows: list[dict[str, Any]] = []
     reference_recipe = _reference_recipe(recipes)
     report(f"verifying {REFERENCE} (reference)")
-    reference = _run_worker(_job(source, reference_recipe, fp32_path, workdir, True), workdir, REFERENCE, options)
+    reference = run_worker(_job(source, reference_recipe, fp32_path, workdir, True), workdir, REFERENCE, options)
     if reference["status"] != "verified":
         raise PlannerError(f"{source.spec} does not run in float32 in a fresh process, so nothing can be compared: "
                            f"{reference.get('note')}")
@@ -357,7 +357,7 @@ def _onnx_row(source: ModelSource, recipe: Recipe, analytic_disk: int | None, fp
         else:
             job = {"artifact": str(artifact), "inputs": str(workdir / "inputs.pt"),
                    "reference": str(workdir / "reference.pt"), "backend": "onnxruntime"}
-            result = _run_worker(job, workdir, f"{recipe.name}.onnx", options, worker="planner.onnx_verify")
+            result = run_worker(job, workdir, f"{recipe.name}.onnx", options, worker="planner.onnx_verify")
             result["note"] = "; ".join(filter(None, [*notes, result.get("note", "")]))
     row.update(result)
     verified = row["status"] == "verified" and artifact is not None
@@ -388,7 +388,7 @@ def _onnx_build(source: ModelSource, recipe: Recipe, fp32_path: Path, onnx_base:
     job = {"source": source.to_json(), "recipe": recipe.to_json(), "fp32": str(fp32_path),
            "fp32_onnx": str(onnx_base) if onnx_base else None, "inputs": str(workdir / "inputs.pt"),
            "workdir": str(workdir)}
-    built = _run_worker(job, workdir, f"{recipe.name}.onnx-build", options, worker="planner.onnx_backend")
+    built = run_worker(job, workdir, f"{recipe.name}.onnx-build", options, worker="planner.onnx_backend")
     if built["status"] != "verified":
         notes.append(built.get("note", "").replace("verification failed", "ONNX build failed"))
         return None
@@ -408,7 +408,7 @@ def _apply_and_verify(source: ModelSource, recipe: Recipe, fp32_path: Path, arti
     except Exception as error:  # a recipe that breaks on this model is a row, not a crash
         return {"status": "failed", "note": f"applying the recipe failed: {type(error).__name__}: {str(error)[:200]}"}
     progress(f"verifying {recipe.name} in a fresh process")
-    result = _run_worker(_job(source, recipe, artifact, workdir, False), workdir, recipe.name, options)
+    result = run_worker(_job(source, recipe, artifact, workdir, False), workdir, recipe.name, options)
     result["note"] = "; ".join(filter(None, [*notes, result.get("note", "")]))
     return result
 

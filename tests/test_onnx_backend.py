@@ -17,7 +17,7 @@ from torch import nn
 
 from planner import onnx_backend as backend
 from planner.onnx_verify import make_job, save_inputs_npz
-from planner.pipeline import PlanOptions, _run_worker
+from planner.pipeline import PlanOptions, run_worker
 from planner.recipes import Recipe, UnsupportedRecipe, default_recipes
 from planner.verify import compare_outputs, floating_tensors
 from planner.zoo import ZOO
@@ -186,7 +186,7 @@ def test_worker_end_to_end(artifacts: Artifacts, tmp_path: Path) -> None:
     torch.save(artifacts.reference("tinylm"), tmp_path / "reference.pt")
     job = make_job(path, tmp_path / "inputs.npz", tmp_path / "reference.pt")
     options = PlanOptions(budget_bytes=1, timeout_s=120)
-    result = _run_worker(job, tmp_path, "onnx", options, worker="planner.onnx_verify")
+    result = run_worker(job, tmp_path, "onnx", options, worker="planner.onnx_verify")
     assert result["status"] == "verified", result
     for key in ("verified_runtime_bytes", "verified_weight_resident_bytes", "verified_activation_bytes",
                 "latency_ms", "sqnr_db", "max_abs_error", "top1_agreement", "output_shapes"):
