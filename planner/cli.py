@@ -79,16 +79,15 @@ def plan(
 
     source = resolve_source(model, weights=weights, trust_pickle=trust_pickle, input_shape=input_shape,
                             input_dtype=input_dtype, batch_size=batch_size)
-    keep = (lambda row: True) if export_all else (lambda row: row.get("fits", False))
     options = PlanOptions(budget_bytes=budget_bytes, budget_on=budget_on, timeout_s=timeout,
-                          keep_artifacts=keep, backends=backends)
-    if memory_cap_bytes is not None:
+                          keep_all_artifacts=export_all, backends=backends)
+    if memory_cap_bytes is not None:  # else the default: what the machine can give now
         options.memory_cap_bytes = memory_cap_bytes
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("planning", total=len(chosen) + 2)
+        task = bar.add_task("planning", total=None)
         result = run_plan(source, chosen, options, progress=lambda message, done, total: bar.update(
             task, description=message, completed=done, total=total))
     try:

@@ -47,7 +47,7 @@ class PlanOptions:
     timeout_s: float = 900.0
     memory_cap_bytes: int | None = field(default_factory=default_memory_cap)
     backends: tuple[str, ...] = ("torch",)
-    keep_artifacts: Callable[[dict[str, Any]], bool] = field(default=lambda row: row.get("fits", False))
+    keep_all_artifacts: bool = False  # otherwise only those that fit the budget survive verification
 
 
 @dataclass
@@ -321,7 +321,7 @@ def _keep_or_drop(row: dict[str, Any], files: list[Path], options: PlanOptions, 
     row["fits"] = rank.fits(row, options.budget_bytes, options.budget_on)
     row["artifact"] = None
     if row["status"] == "verified" and files[0].exists():
-        if keep_anyway or options.keep_artifacts(row):
+        if keep_anyway or options.keep_all_artifacts or row["fits"]:
             row["artifact"] = str(files[0])
         else:
             for path in files:
