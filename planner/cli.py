@@ -147,6 +147,78 @@ def _announce(result: PlanResult, console: Console) -> None:
                       f"at {size} verified {result.budget_on}")
 
 
+@app.command()
+def inspect(
+    model: Annotated[str, typer.Argument(help="the same model sources as `planner plan`")],
+    recipes: Annotated[str, typer.Option(help="comma-separated recipes whose per-layer bytes to show")]
+    = "fp32,bf16,int8-dynamic,int4-g128",
+    batch_size: Annotated[str | None, typer.Option(help="one batch size or several to sweep, e.g. 1,8,64")] = None,
+    input_shape: Annotated[str | None, typer.Option(help="example input shape, e.g. 1,3,256,256")] = None,
+    input_dtype: Annotated[str | None, typer.Option(help="example input dtype, e.g. float32, int64")] = None,
+    weights: Annotated[str | None, typer.Option(help="state dict for a factory: .safetensors or .pt")] = None,
+    trust_pickle: Annotated[bool, typer.Option(help="allow a pickled model file to run code")] = False,
+    recipe_file: Annotated[Path | None, typer.Option(help="a TOML file of [[recipe]] tables")] = None,
+    csv: Annotated[Path | None, typer.Option(help="also write the per-layer table of each batch size here "
+                                                  "(one CSV, a batch column)")] = None,
+    debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
+) -> None:
+    """Per-layer parameters, bytes under each recipe and live activations, without materializing weights."""
+    import dataclasses
+
+    import pandas as pd
+    from rich.table import Table
+
+    from planner.inspection import inspect_model, summary_row
+    from planner.recipes import default_recipes, load_recipe_file, select_recipes
+    from planner.sources import resolve_source
+    from planner.units import format_bytes
+
+    chosen = select_recipes(load_recipe_file(recipe_file) if recipe_file else default_recipes(), recipes)
+    batches = _batch_sizes(batch_size)
+    source = resolve_source(model, weights=weights, trust_pickle=trust_pickle, input_shape=input_shape,
+                            input_dtype=input_dtype)
+    meta_model = source.build("meta")
+    inspections = []
+    for batch in batches:
+        inputs = (dataclasses.replace(source, batch_size=batch) if batch else source).example_inputs()
+        inspections.append(inspect_model(meta_model, inputs, chosen, batch or int(inputs[0].shape[0])))
+    first = inspections[0]
+    table = Table(title=f"{model}: layers (activations in {chosen[0].dtype}, batch {first.batch}; "
+                        "* = quantized by the recipe)")
+    for column in first.layers.columns:
+        table.add_column(str(column), justify="left" if column in ("layer", "type", "peak here") else "right")
+    for _, row in first.layers.iterrows():
+        table.add_row(*[f"{value:,}" if isinstance(value, int) else str(value) for value in row])
+    console.print(table)
+    summary = pd.DataFrame([summary_row(item, recipe) for item in inspections for recipe in chosen])
+    totals = Table(title="totals (weights resident + liveness peak of one inference forward)")
+    for column in summary.columns:
+        totals.add_column(str(column))
+    for _, row in summary.iterrows():
+        totals.add_row(*[format_bytes(value) if str(column).endswith("bytes") else
+                         (f"{value:,}" if isinstance(value, int) else str(value))
+                         for column, value in row.items()])
+    console.print(totals)
+    if csv:
+        from planner.report import write_atomic
+
+        frames = [item.layers.assign(batch=item.batch) for item in inspections]
+        write_atomic(csv, pd.concat(frames).to_csv(index=False))
+        console.print(f"wrote {csv}")
+
+
+def _batch_sizes(text: str | None) -> list[int | None]:
+    if text is None:
+        return [None]
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise PlannerError(f"--batch-size {text!r}: give whole numbers, e.g. 1,8,64") from error
+    if not sizes or min(sizes) < 1:
+        raise PlannerError(f"--batch-size {text!r}: give whole numbers of at least 1, e.g. 1,8,64")
+    return list(sizes)
+
+
 @app.command("recipes")
 def list_recipes(
     recipe_file: Annotated[Path | None, typer.Option(help="a TOML file of [[recipe]] tables")] = None,
