@@ -483,6 +483,9 @@ def main() -> int:
                   + (" — --quick run" if args.quick else ""))
 
     table, summary, extra = accuracy_sections(rows, failures)
+    if not rows:  # every case failed: keep the previous results rather than overwrite them with an empty table
+        print("\n".join(["every accuracy case failed; results/bench not written:", *failures]), file=sys.stderr)
+        return 1
     write_csv(out_dir / "accuracy.csv", ACCURACY_COLUMNS, rows)
     write_header_csv(out_dir / "accuracy.csv", header)
     write_markdown(out_dir / "accuracy.md", "planner benchmark: estimator accuracy", header,
