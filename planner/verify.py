@@ -119,6 +119,9 @@ class RunMeasurement:
     latency_ms: float  # median of the warm runs
     runs: int
 
+    def timing_fields(self) -> dict[str, Any]:
+        return {"first_forward_ms": self.first_ms, "latency_ms": self.latency_ms, "latency_runs": self.runs}
+
 
 def measure_runs(run: Callable[[], Any]) -> RunMeasurement:
     """Run once (first-use costs included), then again from a reset high-water mark (the warm peak),
@@ -200,9 +203,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         "baseline_rss_bytes": baseline,
         "peak_is_exact": exact_peak,
         "load_s": load_s,
-        "first_forward_ms": measured.first_ms,
-        "latency_ms": measured.latency_ms,
-        "latency_runs": measured.runs,
+        **measured.timing_fields(),
     }
     if job.get("save_reference"):
         torch.save(outputs, job["reference"])
