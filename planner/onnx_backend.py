@@ -20,8 +20,6 @@ import contextlib
 import io
 import logging
 import math
-import os
-import platform
 import sys
 import warnings
 from collections.abc import Iterator
@@ -523,12 +521,6 @@ def _quantized_bytes(k: int, n: int, recipe: Recipe) -> int:
     if recipe.quantize == "int8-dynamic":
         return int8_matmul_bytes(k, n)
     return int4_matmul_bytes(k, n, recipe.group_size, recipe.mapping == "symmetric")
-
-
-def describe_machine() -> str:
-    """One line for notes: which int8 setting this machine gets and why."""
-    vnni = "with" if cpu_has_vnni() else "without"
-    return f"{platform.machine()} CPU {vnni} VNNI, {os.cpu_count()} cores"
 
 
 def build_job(job: dict[str, Any]) -> dict[str, Any]:

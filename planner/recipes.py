@@ -55,7 +55,6 @@ class Scheme:
     why_not: Callable[[int, int, Recipe], str | None] = lambda out_f, in_f, recipe: None
     needs_cuda: str | None = None  # reason, when the scheme has no CPU kernel
     weightless_ok: bool = True  # quantize_ works on the meta device
-    transient_dequant: bool = False  # forward materializes the weight in the compute dtype
     caveat: str = ""  # said in every row that uses the scheme
 
 
@@ -123,16 +122,16 @@ SCHEMES: dict[str, Scheme] = {
                lambda recipe: _torchao().Int8DynamicActivationInt8WeightConfig(), _int8_per_row),
         Scheme("int8-weight-only", "torchao Int8WeightOnlyConfig: int8 weights per row, dequantized "
                "to the compute dtype inside each matmul",
-               lambda recipe: _torchao().Int8WeightOnlyConfig(), _int8_per_row, transient_dequant=True),
+               lambda recipe: _torchao().Int8WeightOnlyConfig(), _int8_per_row),
         Scheme("int4-weight-only", "torchao PrototypeInt4WeightOnlyConfig: real 4-bit packing "
                "(Int4OpaqueTensor), bf16 scale and zero per group",
                _int4_packed_config, _int4_packed, _int4_packed_why_not, weightless_ok=False),
         Scheme("intx-weight-only", "torchao IntxWeightOnlyConfig: low-bit values stored unpacked, one int8 "
                "byte each (an int4 file is int8-sized)",
-               _intx_config, _intx_per_group, _group_divides, transient_dequant=True,
+               _intx_config, _intx_per_group, _group_divides,
                caveat="low-bit values stored unpacked, one byte each: the file is int8-sized"),
         Scheme("fp8-weight-only", "torchao Float8WeightOnlyConfig: float8 e4m3 weights per row",
-               lambda recipe: _torchao().Float8WeightOnlyConfig(), _fp8_per_row, transient_dequant=True),
+               lambda recipe: _torchao().Float8WeightOnlyConfig(), _fp8_per_row),
         Scheme("fp8-dynamic", "torchao Float8DynamicActivationFloat8WeightConfig: float8 weights and "
                "activations",
                lambda recipe: _torchao().Float8DynamicActivationFloat8WeightConfig(), _fp8_per_row,
