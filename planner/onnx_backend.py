@@ -456,27 +456,35 @@ def _quantize_int4(model: object, target: Path, recipe: Recipe) -> list[str]:
 def onnx_matmul_weights(meta_model: nn.Module) -> list[tuple[int, int]]:
     """(K, N) of every weight the export turns into the constant B of a MatMul (or Gemm, rewritten).
 
-    A Linear's weight always does; so does MultiheadAttention's packed in_proj_weight (or its separate
-    q/k/v weights), which torchao leaves alone but onnxruntime quantizes. Weights used only inside custom
-    forward code (F.linear on a raw Parameter) are not found: the rule follows module types."""
+    A Linear's weight always does (and a transformers Conv1D's); so does MultiheadAttention's packed
+    in_proj_weight (or its separate q/k/v weights), which torchao leaves alone but onnxruntime quantizes.
+    Weights used only inside custom forward code (F.linear on a raw Parameter) are not found: the rule
+    follows module types."""
     found: list[tuple[int, int]] = []
     seen: set[int] = set()
     for module in meta_model.modules():
-        for weight in _matmul_weights_of(module):
+        for weight, transposed in _matmul_weights_of(module):
             if id(weight) in seen or weight.dim() != 2 or not weight.is_floating_point():
                 continue
             seen.add(id(weight))
-            out_features, in_features = weight.shape
-            found.append((in_features, out_features))
+            found.append(_k_n(weight, transposed))
     return found
 
 
-def _matmul_weights_of(module: nn.Module) -> list[torch.Tensor]:
+def _k_n(weight: torch.Tensor, transposed: bool) -> tuple[int, int]:
+    out_features, in_features = weight.shape[::-1] if transposed else weight.shape
+    return in_features, out_features
+
+
+def _matmul_weights_of(module: nn.Module) -> list[tuple[torch.Tensor, bool]]:
+    """(weight, stored as (in, out)) for each weight the module feeds to a MatMul or Gemm."""
     if isinstance(module, nn.Linear):
-        return [module.weight]
+        return [(module.weight, False)]
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return [(module.weight, True)]  # transformers' GPT-2 Conv1D: a Linear stored transposed
     if isinstance(module, nn.MultiheadAttention):
         names = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
-        return [weight for name in names if isinstance(weight := getattr(module, name, None), torch.Tensor)]
+        return [(weight, False) for name in names if isinstance(weight := getattr(module, name, None), torch.Tensor)]
     return []
 
 
@@ -498,7 +506,15 @@ def analytic_onnx_bytes(meta_model: nn.Module, recipe: Recipe) -> int:
 
     Shapes only, so a model on the meta device is fine. Assumes the recipe is supported (onnx_recipe_support)."""
     float_bytes = 2 if recipe.dtype == "float16" else 4
-    matmul = {id(w) for module in meta_model.modules() for w in _matmul_weights_of(module)}
+    matmul = {id(weight): transposed for module in meta_model.modules()
+              for weight, transposed in _matmul_weights_of(module)}
+    # A weight tied to a non-MatMul user (GPT-2's lm_head and the wte embedding) is exported once and
+    # transposed at run time, so quantize_dynamic and MatMulNBits leave it float.
+    for module in meta_model.modules():
+        own = {id(weight) for weight, _ in _matmul_weights_of(module)}
+        for param in module._parameters.values():
+            if param is not None and id(param) not in own:
+                matmul.pop(id(param), None)
     quantized = recipe.quantize in QUANTIZED_OP_TYPES
     total = GRAPH_BASE_BYTES + (FP16_CAST_BYTES if recipe.dtype == "float16" else 0)
     seen: set[int] = set()
@@ -508,7 +524,7 @@ def analytic_onnx_bytes(meta_model: nn.Module, recipe: Recipe) -> int:
         seen.add(id(tensor))
         total += GRAPH_BYTES_PER_TENSOR
         if quantized and id(tensor) in matmul and tensor.dim() == 2:
-            out_features, in_features = tensor.shape
+            in_features, out_features = _k_n(tensor, matmul[id(tensor)])
             total += _quantized_bytes(in_features, out_features, recipe) + QUANTIZED_NODE_BYTES[recipe.quantize]
         elif tensor.is_floating_point():
             total += tensor.numel() * float_bytes

@@ -204,3 +204,21 @@ def test_worker_reports_errors(tmp_path: Path) -> None:
     assert done.returncode == 1
     error = json.loads((tmp_path / "result.json").read_text())["error"]
     assert ":" in error and "\n" not in error
+
+
+def test_gpt2_style_conv1d_and_tied_head_are_predicted(tmp_path: Path) -> None:
+    # transformers' Conv1D (weight stored (in, out)) is exported as Gemm and quantized; the lm_head tied to the
+    # token embedding is exported once and transposed at run time, so it stays float.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=2, n_embd=256, n_head=4, vocab_size=1024, n_positions=64, use_cache=False)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).eval()
+    with torch.device("meta"):
+        meta_model = GPT2LMHeadModel(config)
+    ids = (torch.randint(0, 1024, (1, 16)),)
+    for name in ("fp32", "int8-dynamic", "int4-g128"):
+        path, _ = backend.build_onnx_artifact(model, ids, RECIPES[name], tmp_path)
+        real = backend.onnx_file_bytes(path)
+        predicted = backend.analytic_onnx_bytes(meta_model, RECIPES[name])
+        assert abs(predicted - real) <= 0.03 * real, (name, predicted, real)
