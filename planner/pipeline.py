@@ -311,11 +311,12 @@ def _torch_row(source: ModelSource, recipe: Recipe, footprint: Footprint, fp32_p
     else:
         result = _apply_and_verify(source, recipe, fp32_path, artifact, workdir, fmt, options, report)
     row.update(result)
-    row.update(_figures(footprint, row, artifact))
+    analytic = {"analytic_disk_bytes": footprint.disk_bytes, "analytic_weight_bytes": footprint.weight_bytes,
+                "analytic_activation_bytes": footprint.activation_bytes,
+                "analytic_runtime_bytes": footprint.runtime_bytes}
     if row["status"] == "unsupported" and not row.get("analytic_is_what_if", True):
-        for key in ("analytic_disk_bytes", "analytic_weight_bytes", "analytic_activation_bytes",
-                    "analytic_runtime_bytes"):
-            row[key] = None
+        analytic = dict.fromkeys(analytic)
+    _set_figures(row, analytic, artifact.stat().st_size if artifact.exists() else None)
     has_convolutions = any(layer.type.startswith("Conv") for layer in footprint.layers)
     row["note"] = explain(row, footprint.notes, source.kind, reference, has_convolutions)
     return _keep_or_drop(row, [artifact], options, keep_anyway=artifact == fp32_path)
@@ -341,8 +342,7 @@ def _onnx_row(source: ModelSource, recipe: Recipe, analytic_disk: int | None, fp
     """One recipe on ONNX Runtime: export the float model (once), quantize in ONNX, verify in a fresh process."""
     from planner.onnx_backend import external_data_name, onnx_file_bytes, onnx_recipe_support
 
-    row: dict[str, Any] = {"recipe": recipe.name, "backend": "onnxruntime", "touches": onnx_touches(recipe),
-                           "analytic_disk_bytes": analytic_disk}
+    row: dict[str, Any] = {"recipe": recipe.name, "backend": "onnxruntime", "touches": onnx_touches(recipe)}
     reason = onnx_recipe_support(recipe)
     if source.kind == "torchscript":
         reason = "the ONNX exporter does not take TorchScript modules; give a factory (file.py:build) or a .pt2"
@@ -367,11 +367,7 @@ def _onnx_row(source: ModelSource, recipe: Recipe, analytic_disk: int | None, fp
             result["note"] = "; ".join(filter(None, [*notes, result.get("note", "")]))
     row.update(result)
     verified = row["status"] == "verified" and artifact is not None
-    row["verified_disk_bytes"] = onnx_file_bytes(artifact) if verified else None
-    row["disk_diff"] = relative_difference(analytic_disk, row["verified_disk_bytes"])
-    if not verified:
-        for key in ("sqnr_db", "max_abs_error", "top1_agreement", "latency_ms", "verified_runtime_bytes"):
-            row[key] = None
+    _set_figures(row, {"analytic_disk_bytes": analytic_disk}, onnx_file_bytes(artifact) if verified else None)
     row["note"] = explain(row, ["runtime measured only: ONNX Runtime's arena allocator is not modelled"]
                           if verified else [], source.kind, reference)
     files = [artifact, artifact.with_name(external_data_name(artifact))] if artifact else [workdir / "none"]
@@ -419,23 +415,17 @@ def _apply_and_verify(source: ModelSource, recipe: Recipe, fp32_path: Path, arti
     return result
 
 
-def _figures(footprint: Footprint, row: dict[str, Any], artifact: Path) -> dict[str, Any]:
+def _set_figures(row: dict[str, Any], analytic: dict[str, Any], verified_disk: int | None) -> None:
+    """Analytic figures beside their verified twins and the relative differences; a row that was not
+    verified keeps no measurement (one shape for the torch and the ONNX Runtime rows)."""
     verified = row.get("status") == "verified"
-    verified_disk = artifact.stat().st_size if verified and artifact.exists() else None
-    figures = {
-        "analytic_disk_bytes": footprint.disk_bytes,
-        "verified_disk_bytes": verified_disk,
-        "analytic_weight_bytes": footprint.weight_bytes,
-        "analytic_activation_bytes": footprint.activation_bytes,
-        "analytic_runtime_bytes": footprint.runtime_bytes,
-        "verified_runtime_bytes": row.get("verified_runtime_bytes") if verified else None,
-    }
-    figures["disk_diff"] = relative_difference(figures["analytic_disk_bytes"], verified_disk)
-    figures["runtime_diff"] = relative_difference(figures["analytic_runtime_bytes"],
-                                                  figures["verified_runtime_bytes"])
+    row.update(analytic)
+    row["verified_disk_bytes"] = verified_disk if verified else None
+    row["verified_runtime_bytes"] = row.get("verified_runtime_bytes") if verified else None
+    row["disk_diff"] = relative_difference(row.get("analytic_disk_bytes"), row["verified_disk_bytes"])
+    row["runtime_diff"] = relative_difference(row.get("analytic_runtime_bytes"), row["verified_runtime_bytes"])
     if not verified:
         for key in ("sqnr_db", "max_abs_error", "top1_agreement", "latency_ms"):
-            row.setdefault(key, None)
+            row[key] = None
     elif row.get("sqnr_db") is not None and math.isnan(row["sqnr_db"]):
         row["sqnr_db"] = None
-    return figures
