@@ -23,14 +23,9 @@ workspace is modeled: reductions that cast their input to a wider `dtype` (see _
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import subprocess
-import sys
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -304,37 +299,3 @@ def activation_peak(model: nn.Module, inputs: tuple[torch.Tensor, ...], *,
 # Runs in a fresh process: real weights, one warm-up forward (one-time allocations: thread pools, kernels),
 # then the peak resident growth of a second forward. The malloc settings make glibc hand big freed blocks
 # back to the OS, so the baseline after warm-up is not inflated by cached free memory.
-_MEASURE_SCRIPT = """
-import ctypes, gc, json, sys
-import torch
-from planner.zoo import ZOO
-
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-
-entry = ZOO[sys.argv[1]]
-torch.manual_seed(0)
-model = entry.build().eval()
-inputs = entry.example_input(int(sys.argv[2]))
-with torch.inference_mode():
-    model(*inputs)
-gc.collect()
-ctypes.CDLL("libc.so.6").malloc_trim(0)
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-baseline = status("VmRSS")
-with torch.inference_mode():
-    output = model(*inputs)
-print(json.dumps({"activation_bytes": status("VmHWM") - baseline, "baseline_bytes": baseline}))
-"""
-
-
-def measure_activation_peak(zoo_name: str, batch: int, timeout: float = 600) -> int:
-    """Measured activation peak (VmHWM growth over a warm baseline) of a real CPU forward of a zoo model."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
-           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    result = subprocess.run([sys.executable, "-c", _MEASURE_SCRIPT, zoo_name, str(batch)], env=env,
-                            capture_output=True, text=True, timeout=timeout, check=True)
-    return int(json.loads(result.stdout.strip().splitlines()[-1])["activation_bytes"])
