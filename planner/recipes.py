@@ -373,8 +373,9 @@ def _magnitude_prune(model: nn.Module, recipe: Recipe) -> tuple[int, int]:
         flat = weight.view(-1) if weight.is_contiguous() else weight.contiguous().view(-1)
         threshold = magnitude_threshold(flat, recipe.prune)
         for chunk in flat.split(PRUNE_CHUNK):
-            chunk.masked_fill_(chunk.abs() <= threshold, 0)
-            zeros += int((chunk == 0).sum())
+            pruned = chunk.abs() <= threshold  # one pass: the same mask zeroes and counts
+            chunk.masked_fill_(pruned, 0)
+            zeros += int(pruned.sum())
         if flat.data_ptr() != weight.data_ptr():
             weight.copy_(flat.view_as(weight))
         total += weight.numel()
@@ -382,31 +383,59 @@ def _magnitude_prune(model: nn.Module, recipe: Recipe) -> tuple[int, int]:
 
 
 PRUNE_CHUNK = 1 << 24
+THRESHOLD_SAMPLE = 1 << 18
 
 
-def magnitude_threshold(weight: torch.Tensor, fraction: float) -> float:
+def magnitude_threshold(weight: torch.Tensor, fraction: float, sample_size: int = THRESHOLD_SAMPLE) -> float:
     """The k-th smallest |w| for k = ceil(fraction · n): zeroing |w| <= it prunes at least that share.
 
-    Exact and chunked, in three passes: the maximum, a histogram of magnitudes, then an exact k-th
-    value among the few values in the bin that holds it (topk on a 537M-value layer needs gigabytes).
+    Exact, chunked and fast: a strided sample brackets the k-th value, one pass counts what lies below the
+    bracket and keeps the few values inside it, and the k-th value is found among those (a full sort or
+    topk on a 537M-value layer needs gigabytes; abs() over it several times takes seconds). A bracket the
+    sample got wrong is detected by the exact count and falls back to a histogram search.
     """
     values = weight.detach().reshape(-1)
     wanted = math.ceil(fraction * values.numel())
     if wanted <= 0:
         return -1.0
+    if values.numel() <= sample_size:
+        return float(values.abs().float().kthvalue(wanted).values)
+    step = values.numel() // sample_size
+    sample = values[::step].abs().float()
+    # Four standard deviations of the sample quantile on each side, plus one sample for rounding.
+    margin = 4 * math.sqrt(fraction * (1 - fraction) / sample.numel()) + 1 / sample.numel()
+    low = float(sample.kthvalue(max(1, math.floor((fraction - margin) * sample.numel()))).values)
+    high = float(sample.kthvalue(min(sample.numel(), math.ceil((fraction + margin) * sample.numel()))).values)
+    found = _kth_in_bracket(values, wanted, low, high)
+    return found if found is not None else _kth_by_histogram(values, wanted)
+
+
+def _kth_in_bracket(values: torch.Tensor, wanted: int, low: float, high: float) -> float | None:
+    """The wanted-th smallest |v| if it lies in [low, high], else None; one abs() per chunk."""
+    below = 0
+    inside = []
+    for chunk in values.split(PRUNE_CHUNK):
+        magnitude = chunk.abs()
+        below += int((magnitude < low).sum())
+        inside.append(magnitude[(magnitude >= low) & (magnitude <= high)])
+    candidates = torch.cat(inside)
+    if not 1 <= wanted - below <= candidates.numel():
+        return None
+    return float(candidates.float().kthvalue(wanted - below).values)
+
+
+def _kth_by_histogram(values: torch.Tensor, wanted: int) -> float:
+    """The same k-th value in bounded memory for any distribution: the maximum, a histogram of magnitudes,
+    then an exact search in the bin that holds it."""
     chunks = values.split(PRUNE_CHUNK)
     top = max(float(chunk.abs().max()) for chunk in chunks)
     if top == 0:
         return 0.0
     bins = 1 << 16
     counts = sum(torch.histc(chunk.float().abs(), bins=bins, min=0.0, max=top) for chunk in chunks)
-    cumulative = counts.cumsum(0)
-    index = int(torch.searchsorted(cumulative, torch.tensor(float(wanted))))
-    # Bin edges as histc computes them may round differently: widen by one bin each side, then count exactly.
-    low = top * max(index - 1, 0) / bins
-    high = top * min(index + 2, bins) / bins
-    below = sum(int((chunk.abs() < low).sum()) for chunk in chunks)
-    inside = torch.cat([chunk.abs()[(chunk.abs() >= low) & (chunk.abs() <= high)] for chunk in chunks])
-    if not 1 <= wanted - below <= inside.numel():  # never seen; exactness matters more than memory here
+    index = int(torch.searchsorted(counts.cumsum(0), torch.tensor(float(wanted))))
+    # Bin edges as histc computes them may round differently: widen by one bin each side.
+    found = _kth_in_bracket(values, wanted, top * max(index - 1, 0) / bins, top * min(index + 2, bins) / bins)
+    if found is None:  # never seen; exactness matters more than memory here
         return float(values.abs().float().kthvalue(wanted).values)
-    return float(inside.float().kthvalue(wanted - below).values)
+    return found

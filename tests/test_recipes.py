@@ -161,3 +161,17 @@ def test_prune_then_quantize() -> None:
     assert type(model[0].weight).__name__ == "Int8Tensor"
     assert int((model[0].weight.qdata == 0).sum()) >= 64 * 64 // 2
     assert "50%" in notes[0]
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.9])
+def test_magnitude_threshold_sampled_bracket_is_exact(fraction: float) -> None:
+    """Above the sample size the k-th value comes from a sampled bracket; it must still be exact, also for a
+    layout that defeats a strided sample (sorted magnitudes) and so exercises the histogram fallback."""
+    from planner.recipes import magnitude_threshold
+
+    generator = torch.Generator().manual_seed(3)
+    for weight in (torch.randn(4000, 50, generator=generator), torch.linspace(-1, 1, 200_000).sort().values,
+                   torch.randint(-5, 6, (100_000,), generator=generator).float()):
+        k = int(np.ceil(fraction * weight.numel()))
+        assert magnitude_threshold(weight, fraction, sample_size=1000) == float(
+            weight.abs().view(-1).kthvalue(k).values)
