@@ -31,7 +31,9 @@ def plan(
                                               "model.pt2, a TorchScript file, or a torch.save'd model.pt")],
     budget: Annotated[str, typer.Option(help="device limit, e.g. 512MB, 2GiB (kB/MB/GB = 1000^n, "
                                              "KiB/MiB/GiB = 1024^n)")],
-    budget_on: Annotated[str, typer.Option(help="what the budget limits: runtime (peak memory) or disk")]
+    budget_on: Annotated[str, typer.Option(help="what the budget limits: runtime (the model's peak memory), disk "
+                                                "(the artifact), or device (runtime plus the framework's own "
+                                                "baseline, measured once per machine)")]
     = "runtime",
     backend: Annotated[str | None, typer.Option(help="comma-separated runtimes to verify on: torch, onnxruntime "
                                                      "(default: both where onnxruntime is installed)")] = None,
@@ -59,8 +61,8 @@ def plan(
 
     budget_bytes = parse_size(budget)
     memory_cap_bytes = parse_size(memory_cap) if memory_cap is not None else None
-    if budget_on not in ("runtime", "disk"):
-        raise PlannerError(f"--budget-on {budget_on!r}: use runtime or disk")
+    if budget_on not in ("runtime", "disk", "device"):
+        raise PlannerError(f"--budget-on {budget_on!r}: use runtime, disk or device")
     if timeout <= 0:
         raise PlannerError("--timeout must be a positive number of seconds")
     backends = parse_backends(backend)

@@ -40,6 +40,8 @@ class Footprint:
     disk_bytes: int  # state dict payload plus container overhead
     activation_bytes: int | None = None  # liveness peak of one forward, transients included
     transient_bytes: int | None = None  # largest non-output allocation inside a layer (e.g. a dequantized weight)
+    output_bytes: int | None = None  # the forward's outputs (part of activation_bytes: alive at the end)
+    input_bytes: int | None = None  # the example inputs after the recipe's cast (held by the caller, not counted)
     quantized_layers: int = 0
     pruned_layers: int = 0
     notes: list[str] = field(default_factory=list)
@@ -181,6 +183,8 @@ def analytic_footprint(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], 
         footprint.notes.append(note)
     footprint.activation_bytes = report.peak_bytes
     footprint.transient_bytes = report.transient_bytes
+    footprint.output_bytes = report.output_bytes
+    footprint.input_bytes = sum(t.numel() * t.element_size() for t in cast_inputs(inputs, recipe.torch_dtype))
     if report.fused_ops:
         footprint.notes.append(f"fused kernels hide workspace: {', '.join(sorted(set(report.fused_ops)))}")
     return footprint

@@ -7,7 +7,7 @@ subprocess under a timeout and a memory cap (planner.isolation).
 
 from __future__ import annotations
 
-import gc
+import dataclasses
 import json
 import math
 import os
@@ -23,13 +23,14 @@ import torch
 
 from planner import rank
 from planner.artifact import load_reference
+from planner.baseline import framework_baseline
 from planner.errors import PlannerError
 from planner.footprint import Footprint, analytic_footprint
 from planner.isolation import default_memory_cap, describe_exit, run_isolated
 from planner.recipes import Recipe, UnsupportedRecipe, apply_recipe
 from planner.sources import ModelSource
 from planner.units import format_bytes, relative_difference
-from planner.verify import MEASUREMENT_ENV
+from planner.verify import MEASUREMENT_ENV, release_freed_memory, return_freed_memory_promptly
 
 REFERENCE = "fp32"
 # Below this, a runtime difference is allocator and framework noise rather than a modelling error.
@@ -48,6 +49,7 @@ class PlanOptions:
     memory_cap_bytes: int | None = field(default_factory=default_memory_cap)
     backends: tuple[str, ...] = ("torch",)
     keep_all_artifacts: bool = False  # otherwise only those that fit the budget survive verification
+    framework_bytes: dict[str, int | None] = field(default_factory=dict)  # per backend, set by run_plan
 
 
 @dataclass
@@ -216,6 +218,7 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
              progress: Callable[[str, int, int], None] = lambda message, done, total: None) -> PlanResult:
     """`progress(message, steps_done, steps_total)` is called as the plan goes (for a progress bar)."""
     total = len(recipes) * len(options.backends) + 2
+    return_freed_memory_promptly()
     progress("describing the model (weightless)", 0, total)
     meta_model = source.build("meta")
     inputs = source.example_inputs()
@@ -224,6 +227,11 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
     onnx_disk = _onnx_analytic_disk(meta_model, recipes) if "onnxruntime" in options.backends else {}
     del meta_model
 
+    progress("measuring the framework baseline (once per machine, then cached)", 0, total)
+    options = dataclasses.replace(options, framework_bytes={b: framework_baseline(b) for b in options.backends})
+    if options.budget_on == "device" and None in options.framework_bytes.values():
+        raise PlannerError("--budget-on device needs the framework baseline, and measuring it failed here: "
+                           "use --budget-on runtime")
     workdir = Path(tempfile.mkdtemp(prefix="planner-"))
     try:
         rows = _verify_recipes(source, recipes, footprints, onnx_disk, workdir, options,
@@ -268,6 +276,7 @@ def _verify_recipes(source: ModelSource, recipes: list[Recipe], footprints: dict
     model = source.build("cpu")
     _save(model, fp32_path, fmt)
     del model
+    release_freed_memory()
     # After the real build: a factory's example input made on meta now has its real values.
     torch.save(tuple(source.example_inputs()), workdir / "inputs.pt")
 
@@ -313,7 +322,9 @@ def _torch_row(source: ModelSource, recipe: Recipe, footprint: Footprint, fp32_p
     row.update(result)
     analytic = {"analytic_disk_bytes": footprint.disk_bytes, "analytic_weight_bytes": footprint.weight_bytes,
                 "analytic_activation_bytes": footprint.activation_bytes,
-                "analytic_runtime_bytes": footprint.runtime_bytes}
+                "analytic_runtime_bytes": footprint.runtime_bytes,
+                "analytic_transient_bytes": footprint.transient_bytes, "analytic_input_bytes": footprint.input_bytes,
+                "analytic_output_bytes": footprint.output_bytes}
     if row["status"] == "unsupported" and not row.get("analytic_is_what_if", True):
         analytic = dict.fromkeys(analytic)
     _set_figures(row, analytic, artifact.stat().st_size if artifact.exists() else None)
@@ -325,6 +336,7 @@ def _torch_row(source: ModelSource, recipe: Recipe, footprint: Footprint, fp32_p
 def _keep_or_drop(row: dict[str, Any], files: list[Path], options: PlanOptions, keep_anyway: bool = False
                   ) -> dict[str, Any]:
     """Decide fits, and delete the artifact unless it may be exported (it can be gigabytes)."""
+    row["framework_bytes"] = options.framework_bytes.get(row["backend"])
     row["fits"] = rank.fits(row, options.budget_bytes, options.budget_on)
     row["artifact"] = None
     if row["status"] == "verified" and files[0].exists():
@@ -404,7 +416,7 @@ def _apply_and_verify(source: ModelSource, recipe: Recipe, fp32_path: Path, arti
         model, notes = apply_recipe(load_reference(source, fp32_path), recipe)
         _save(model, artifact, fmt)
         del model
-        gc.collect()  # module graphs hold reference cycles; free this recipe's copy before the next
+        release_freed_memory()  # module graphs hold reference cycles; free this recipe's copy before the next
     except UnsupportedRecipe as error:
         return {"status": "unsupported", "note": str(error)}
     except Exception as error:  # a recipe that breaks on this model is a row, not a crash

@@ -5,14 +5,22 @@ from __future__ import annotations
 import math
 from typing import Any
 
-BUDGET_TARGETS = ("runtime", "disk")
+# runtime: what the model adds to a running process; disk: the artifact; device: runtime plus the
+# framework's own baseline (interpreter, runtime library, allocator), the whole process on this stack.
+BUDGET_TARGETS = ("runtime", "disk", "device")
 
 
 def measured_size(row: dict[str, Any], budget_on: str) -> int | None:
     """The verified figure the budget applies to (None when the row was not verified)."""
     if row.get("status") != "verified":
         return None
-    return row.get("verified_runtime_bytes" if budget_on == "runtime" else "verified_disk_bytes")
+    if budget_on == "disk":
+        return row.get("verified_disk_bytes")
+    runtime = row.get("verified_runtime_bytes")
+    if budget_on == "runtime" or runtime is None:
+        return runtime
+    framework = row.get("framework_bytes")
+    return None if framework is None else runtime + framework
 
 
 def fits(row: dict[str, Any], budget_bytes: int, budget_on: str) -> bool:

@@ -27,6 +27,8 @@ ROW_FIELDS = [
     "analytic_runtime_bytes", "verified_runtime_bytes", "runtime_diff",
     "verified_weight_resident_bytes", "verified_activation_bytes",
     "sqnr_db", "max_abs_error", "top1_agreement", "latency_ms", "touches", "note",
+    # runtime terms, each its own column (see terms_frame)
+    "analytic_transient_bytes", "analytic_input_bytes", "analytic_output_bytes", "framework_bytes",
 ]
 PLAN_FILES = ("plan.csv", "plan.md", "plan.json", "plan.png", "layers.csv")
 LIBRARIES = ("torch", "torchao", "numpy", "pandas", "safetensors", "onnx", "onnxruntime")
@@ -90,21 +92,61 @@ def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
     })
 
 
-def print_table(result: Any, console: Any) -> None:
-    """The ranked table, notes numbered underneath so the columns stay readable in 120 characters."""
+TERM_COLUMNS = {
+    "weights": "analytic_weight_bytes", "weights (verified)": "verified_weight_resident_bytes",
+    "activation peak": "analytic_activation_bytes", "activations (verified)": "verified_activation_bytes",
+    "of which transient": "analytic_transient_bytes", "outputs": "analytic_output_bytes",
+    "inputs": "analytic_input_bytes", "framework": "framework_bytes",
+}
+
+
+def terms_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """The runtime terms behind each row's peak, for the terminal and plan.md: weights, activations (of which
+    transient copies such as a dequantized weight), the inputs (held by the caller, not in the runtime
+    figure), and the framework's own baseline, measured once per machine; then the whole process."""
+    def device(row: pd.Series) -> Any:
+        runtime = row["verified_runtime_bytes"]
+        if runtime is None or pd.isna(runtime):
+            runtime = row["analytic_runtime_bytes"]
+        framework = row["framework_bytes"]
+        if runtime is None or pd.isna(runtime) or framework is None or pd.isna(framework):
+            return None
+        return runtime + framework
+
+    return pd.DataFrame({
+        "recipe": frame["recipe"],
+        "backend": frame["backend"].map(lambda b: "ort" if b == "onnxruntime" else b),
+        **{label: frame[key].map(format_bytes) for label, key in TERM_COLUMNS.items()},
+        "device total": frame.apply(device, axis=1).map(format_bytes),
+    })
+
+
+def _rich_table(frame: pd.DataFrame, title: str, left: tuple[str, ...]) -> Any:
     from rich.table import Table
 
-    shown = display_frame(plan_frame(result.rows))
+    table = Table(title=title, show_lines=False)
+    for column in frame.columns:
+        table.add_column(column, no_wrap=column == "recipe", justify="left" if column in left else "right")
+    return table
+
+
+def print_table(result: Any, console: Any) -> None:
+    """The ranked table, notes numbered underneath so the columns stay readable in 120 characters."""
+    frame = plan_frame(result.rows)
+    shown = display_frame(frame)
     title = (f"{result.model}: budget {format_bytes(result.budget_bytes)} on {result.budget_on}, "
              f"input {' '.join('×'.join(map(str, s)) for s in result.input_shapes)}")
-    table = Table(title=title, show_lines=False)
     columns = [c for c in shown.columns if c != "note"]
-    for column in columns:
-        table.add_column(column, no_wrap=column == "recipe",
-                         justify="right" if column not in ("recipe", "backend", "status", "fits") else "left")
+    table = _rich_table(shown[columns], title, ("recipe", "backend", "status", "fits"))
     for _, row in shown.iterrows():
         style = "green" if row["fits"] == "yes" else ("dim" if row["status"] != "verified" else None)
         table.add_row(*[str(row[c]) for c in columns], style=style)
+    console.print(table)
+    terms = terms_frame(frame)
+    table = _rich_table(terms, "runtime terms (analytic unless marked verified; framework measured once per machine; "
+                        "device total = runtime + framework)", ("recipe", "backend"))
+    for _, row in terms.iterrows():
+        table.add_row(*map(str, row))
     console.print(table)
     if result.input_note:
         console.print(f"  [bold yellow]input[/]: {result.input_note}", highlight=False)
@@ -177,7 +219,8 @@ def write_outputs(result: Any, directory: Path) -> list[Path]:
     written = []
     for name, data in [
         ("plan.csv", frame.to_csv(index=False)),
-        ("plan.md", display_frame(frame).to_markdown(index=False) + "\n"),
+        ("plan.md", display_frame(frame).to_markdown(index=False) + "\n\n### Runtime terms\n\n"
+         + terms_frame(frame).to_markdown(index=False) + "\n"),
         ("plan.json", json.dumps(plan_json(result), indent=2) + "\n"),
     ]:
         write_atomic(directory / name, data)
@@ -198,20 +241,21 @@ def chart_png(result: Any) -> bytes:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    key = "verified_runtime_bytes" if result.budget_on == "runtime" else "verified_disk_bytes"
+    from planner.rank import measured_size
+
     figure, axes = plt.subplots(figsize=(8, 5))
     finite = [r["sqnr_db"] for r in result.rows if r.get("sqnr_db") not in (None,) and math.isfinite(r["sqnr_db"])]
     ceiling = (max(finite) + 10) if finite else 100.0
     for row in result.rows:
-        if row.get("status") != "verified" or row.get(key) is None:
+        size = measured_size(row, result.budget_on)
+        if size is None:
             continue
         sqnr = row.get("sqnr_db")
         quality = ceiling if sqnr is not None and math.isinf(sqnr) and sqnr > 0 else sqnr
         if quality is None:
             continue
-        axes.scatter(row[key] / 1e6, quality, color="tab:green" if row.get("fits") else "tab:red")
-        axes.annotate(row["recipe"], (row[key] / 1e6, quality), textcoords="offset points", xytext=(4, 4),
-                      fontsize=8)
+        axes.scatter(size / 1e6, quality, color="tab:green" if row.get("fits") else "tab:red")
+        axes.annotate(row["recipe"], (size / 1e6, quality), textcoords="offset points", xytext=(4, 4), fontsize=8)
     axes.axvline(result.budget_bytes / 1e6, color="black", linestyle="--", label="budget")
     axes.set_xscale("log")
     axes.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))

@@ -54,6 +54,17 @@ def reset_peak() -> bool:
         return False
 
 
+def return_freed_memory_promptly() -> None:
+    """In this process, what MEASUREMENT_ENV does for a child: large blocks come from mmap and go back to the
+    OS when freed, with no trim hysteresis, so one recipe's freed copy is gone before the next is made."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD
+    libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD (also stops glibc raising it dynamically)
+
+
 def release_freed_memory() -> None:
     gc.collect()
     try:

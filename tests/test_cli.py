@@ -61,7 +61,14 @@ def test_plan_writes_a_stable_json(simplenet_plan: tuple) -> None:
     assert rows["int4-g128"]["status"] == "unsupported" and "not divisible by 16" in rows["int4-g128"]["note"]
     assert "densely" in rows["prune50"]["note"]
     assert (out / "plan.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| recipe" in (out / "plan.md").read_text()
+    assert "| recipe" in (out / "plan.md").read_text() and "Runtime terms" in (out / "plan.md").read_text()
+    # Runtime terms, each its own column: a 1×100 input and 1×10 output; int8 weight-only dequantizes fc1's
+    # 100×50 weight to float32 inside the matmul; the framework baseline is one figure for the torch stack.
+    assert rows["fp32"]["analytic_input_bytes"] == 400 and rows["bf16"]["analytic_input_bytes"] == 200
+    assert rows["fp32"]["analytic_output_bytes"] == 40
+    assert rows["int8-weight-only"]["analytic_transient_bytes"] >= 100 * 50 * 4
+    assert rows["fp32"]["analytic_transient_bytes"] == 0
+    assert len({row["framework_bytes"] for row in rows.values()}) == 1 and rows["fp32"]["framework_bytes"] > 100e6
     assert "analytic_disk_bytes" in (out / "plan.csv").read_text().splitlines()[0]
 
 

@@ -56,7 +56,7 @@ rows_strategy = st.lists(
     max_size=12)
 
 
-@given(rows_strategy, st.integers(1, 10**10), st.sampled_from(["runtime", "disk"]))
+@given(rows_strategy, st.integers(1, 10**10), st.sampled_from(rank.BUDGET_TARGETS))
 def test_ranking_invariants(rows: list[dict], budget: int, budget_on: str) -> None:
     ranked = rank.rank_rows(rows, budget, budget_on)
     assert len(ranked) == len(rows)
@@ -69,3 +69,13 @@ def test_ranking_invariants(rows: list[dict], budget: int, budget_on: str) -> No
         assert all(rank.quality(best) >= rank.quality(r) for r in ranked if r["fits"])
     else:
         assert not any(fits)
+
+
+def test_budget_on_device_adds_the_framework_baseline() -> None:
+    # The same model on two runtimes: torch's own baseline is what makes it miss a small device.
+    rows = [dict(row("fp32", 50, math.inf), backend="torch", framework_bytes=320),
+            dict(row("fp32", 60, math.inf), backend="onnxruntime", framework_bytes=70)]
+    assert [r["backend"] for r in rank.rank_rows(rows, 200, "device") if r["fits"]] == ["onnxruntime"]
+    assert rank.measured_size(rows[0], "device") == 370
+    assert rank.measured_size(dict(rows[0], framework_bytes=None), "device") is None  # unknown never fits
+    assert all(r["fits"] for r in rank.rank_rows(rows, 200, "runtime"))
