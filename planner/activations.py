@@ -190,6 +190,14 @@ class _LivenessTracker(TorchDispatchMode):
             self.stack[-1].allocs[self._next_serial] = nbytes
         self._next_serial += 1  # a serial no output will ever hold
 
+    def replay(self, peak_above_entry: int, largest_scratch: int) -> None:
+        """What a memoized layer did the first time (see _memoized_layers): its peak and its largest scratch
+        buffer; its output is then allocated for real."""
+        self._note_peak(self.live_bytes + peak_above_entry)
+        if largest_scratch and self.stack:
+            self.stack[-1].allocs[self._next_serial] = largest_scratch
+        self._next_serial += 1
+
     def _note_peak(self, live_bytes: int) -> None:
         for frame in self.stack:
             frame.peak = max(frame.peak, live_bytes)
@@ -240,6 +248,64 @@ def _module_hooks(model: nn.Module, tracker: _LivenessTracker,
         post_handle.remove()
 
 
+@dataclass(frozen=True)
+class _Replay:
+    peak_above_entry: int
+    largest_scratch: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _signature(module: nn.Module, args: tuple) -> tuple[Any, ...]:
+    weight, bias = module.weight, getattr(module, "bias", None)
+    return (type(module), type(weight), tuple(weight.shape), weight.dtype,
+            None if bias is None else (tuple(bias.shape), bias.dtype),
+            tuple((tuple(a.shape), a.stride(), a.dtype, a.device) for a in args))
+
+
+@contextlib.contextmanager
+def _memoized_layers(model: nn.Module, tracker: _LivenessTracker) -> Iterator[None]:
+    """Quantized leaf layers of one signature (type, weight layout, input shapes) allocate identically, so the
+    first call of a signature runs and the others replay its peak, scratch and output. Running torchao's
+    subclass dispatch on fake tensors for each of a 7B Llama's 225 layers took seconds."""
+    memo: dict[tuple[Any, ...], _Replay] = {}
+    patched: list[nn.Module] = []
+
+    def memoized(module: nn.Module, original: Any) -> Any:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if kwargs or not args or not all(isinstance(a, torch.Tensor) for a in args) or not tracker.stack:
+                return original(*args, **kwargs)
+            key = _signature(module, args)
+            if key in memo:
+                replay = memo[key]
+                tracker.replay(replay.peak_above_entry, replay.largest_scratch)
+                return torch.empty_strided(replay.shape, replay.stride, dtype=replay.dtype, device=args[0].device)
+            frame = tracker.stack[-1]  # pushed for this module by the global pre-hook, so peak starts at entry
+            entry = tracker.live_bytes
+            out = original(*args)
+            if (isinstance(out, torch.Tensor) and not is_traceable_wrapper_subclass(out)
+                    and out.untyped_storage().nbytes() == out.numel() * out.element_size()):
+                output_serial = tracker.serial.get(out.untyped_storage()._cdata)
+                scratch = [nbytes for serial, nbytes in frame.allocs.items() if serial != output_serial]
+                memo[key] = _Replay(frame.peak - entry, max(scratch, default=0), tuple(out.shape), out.stride(),
+                                    out.dtype)
+            return out
+        return forward
+
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (next(module.children(), None) is None and isinstance(weight, torch.Tensor)
+                and is_traceable_wrapper_subclass(weight)):
+            module.forward = memoized(module, module.forward)
+            patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward  # the class's forward again
+
+
 def _fake_on(tensor: torch.Tensor, mode: Any, device: str) -> torch.Tensor:
     """A storage-less copy of `tensor` that claims to live on `device` (subclasses keep their layout)."""
     if is_traceable_wrapper_subclass(tensor):
@@ -257,7 +323,7 @@ def _on_meta(tensors: list[torch.Tensor]) -> bool:
 
 
 def activation_peak(model: nn.Module, inputs: tuple[torch.Tensor, ...], *,
-                    simulate_device: str | None = "cpu") -> ActivationReport:
+                    simulate_device: str | None = "cpu", memoize: bool = True) -> ActivationReport:
     """Peak live activation bytes of one `model(*inputs)` under inference_mode.
 
     Parameters, buffers and inputs are not counted; the outputs are (they are alive at the end).
@@ -281,6 +347,8 @@ def activation_peak(model: nn.Module, inputs: tuple[torch.Tensor, ...], *,
         if fake_mode is not None:
             stack.enter_context(fake_mode)
         stack.enter_context(_module_hooks(model, tracker, per_module))
+        if memoize:
+            stack.enter_context(_memoized_layers(model, tracker))
         stack.enter_context(tracker)
         try:
             output = torch.func.functional_call(model, state, inputs) if fake_mode else model(*inputs)

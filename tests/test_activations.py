@@ -165,3 +165,28 @@ def measure_activation_peak(zoo_name: str, batch: int, timeout: float = 600) -> 
     result = subprocess.run([sys.executable, "-c", _MEASURE_SCRIPT, zoo_name, str(batch)], env=env,
                             capture_output=True, text=True, timeout=timeout, check=True)
     return int(json.loads(result.stdout.strip().splitlines()[-1])["activation_bytes"])
+
+
+@pytest.mark.parametrize("scheme", ["int8-dynamic", "int8-weight-only", "intx-weight-only"])
+@pytest.mark.parametrize("name", ["stack", "tinylm"])
+def test_memoized_layers_replay_exactly(scheme: str, name: str) -> None:
+    """Repeated quantized layers replay the first call's peak, scratch and output: the report must equal a
+    full trace, per module included."""
+    from planner.footprint import weightless_recipe_model
+    from planner.recipes import Recipe
+
+    if name == "stack":
+        with torch.device("meta"):
+            meta = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), *[nn.Sequential(nn.Linear(512, 512), nn.ReLU())
+                                                                   for _ in range(4)], nn.Linear(512, 10))
+        inputs: tuple[torch.Tensor, ...] = (torch.empty(8, 256, device="meta"),)
+    else:
+        meta, inputs = _meta_model(name), _inputs(name, 2)
+    model, _ = weightless_recipe_model(meta, Recipe("r", quantize=scheme, bits=4, group_size=32))
+    full = activation_peak(model, inputs, memoize=False)
+    replayed = activation_peak(model, inputs)
+    assert full.transient_bytes > 0
+    assert (replayed.peak_bytes, replayed.transient_bytes, replayed.peak_module, replayed.output_bytes) == (
+        full.peak_bytes, full.transient_bytes, full.peak_module, full.output_bytes)
+    assert replayed.per_module == full.per_module
+    assert replayed.fused_ops == full.fused_ops

@@ -81,3 +81,30 @@ def test_activation_peak_is_part_of_the_runtime_figure() -> None:
     footprint = analytic_footprint(meta("convnet"), ZOO["convnet"].example_input(8), RECIPES["fp32"])
     assert footprint.activation_bytes == 64 * 1024 * 1024  # two live 8×16×256×256 fp32 maps
     assert footprint.runtime_bytes == footprint.weight_bytes + footprint.activation_bytes
+
+
+def test_quantize_on_meta_matches_quantize_layer_by_layer() -> None:
+    """Sharing one quantized template per layer signature gives every layer exactly what quantize_ gives it."""
+    import copy
+
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    from planner.footprint import quantize_on_meta
+    from planner.recipes import Recipe, layer_filter
+
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 128), nn.Linear(128, 128, bias=False),
+                             nn.Linear(128, 128), nn.Linear(128, 10))
+    recipe = Recipe("int8", quantize="int8-dynamic")
+    shared, reference = copy.deepcopy(meta), copy.deepcopy(meta)
+    quantize_on_meta(shared, Int8DynamicActivationInt8WeightConfig(), layer_filter(recipe))
+    quantize_(reference, Int8DynamicActivationInt8WeightConfig(), filter_fn=layer_filter(recipe))
+
+    def layout(tensor: torch.Tensor) -> list[tuple]:
+        names, _ = tensor.__tensor_flatten__()
+        return [(type(tensor).__name__, name, tuple(getattr(tensor, name).shape), getattr(tensor, name).dtype)
+                for name in names]
+
+    for ours, theirs in zip(shared, reference, strict=True):
+        assert layout(ours.weight) == layout(theirs.weight)
+    assert shared[1].weight is not shared[3].weight  # each layer owns its Parameter
