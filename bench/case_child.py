@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torchinfo
+from accelerate.utils import calculate_maximum_sizes
 
 from planner.pipeline import PlanOptions, run_plan
 from planner.recipes import default_recipes, select_recipes
@@ -34,7 +35,9 @@ def torchinfo_figures(source) -> dict[str, int]:
     inputs = list(source.example_inputs())
     stats = torchinfo.summary(model, input_data=inputs, verbose=0, device="cpu", mode="eval")
     params = sum(p.numel() for p in model.parameters())  # tied weights counted once
+    accelerate_total, _largest_layer = calculate_maximum_sizes(model)  # what `accelerate estimate-memory` sums
     figures = {
+        "accelerate_total_bytes": int(accelerate_total),
         "params": params,
         "torchinfo_params": int(stats.total_params),
         "torchinfo_input_bytes": int(stats.total_input),

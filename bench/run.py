@@ -28,15 +28,18 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 PYTHON = sys.executable
-LIBRARIES = ("torch", "torchao", "onnxruntime", "transformers", "torchinfo")
+LIBRARIES = ("torch", "torchao", "onnxruntime", "transformers", "torchinfo", "accelerate")
 
 ZOO_RECIPES = "fp32,bf16,int8-dynamic,int8-weight-only,int4-g128"
 # (spec, batch, recipes)
 FULL_CASES: list[tuple[str, int, str]] = [
-    *[(f"zoo:{name}", batch, ZOO_RECIPES) for name in ("simplenet", "convnet", "tinylm", "lstm") for batch in (1, 8)],
+    *[(f"zoo:{name}", batch, ZOO_RECIPES) for name in ("simplenet", "convnet", "tinylm", "lstm")
+      for batch in (1, 8, 64)],
     ("zoo:complexnet", 1, "fp32,int8-weight-only,int4-g128"),
     ("examples/public_models.py:bert_tiny", 1, "fp32,int8-dynamic,int4-g128"),
+    ("examples/public_models.py:bert_base", 1, "fp32,int8-dynamic,int4-g128"),
     ("examples/public_models.py:resnet50", 1, "fp32,int8-dynamic,int4-g128"),
+    ("examples/public_models.py:mobilenet_v2", 8, "fp32,bf16,int8-dynamic"),
     ("examples/public_models.py:gpt2_small", 1, "fp32,int8-dynamic"),
 ]
 QUICK_CASES = [(f"zoo:{name}", 1, ZOO_RECIPES) for name in ("simplenet", "convnet")]
@@ -64,6 +67,9 @@ the artifact plus the peak growth of a warm forward) and with the verified artif
   would do by hand): parameter bytes × (recipe bytes per parameter / 4), and input + forward/backward bytes × (the
   recipe's float dtype bytes / 4), i.e. halved for bf16 and int4-g128 (bf16 activations), unchanged for the int8
   recipes (float32 activations). Disk estimate: the scaled parameter bytes alone.
+- **accelerate**: `accelerate.utils.calculate_maximum_sizes(model)`, the "Total Size" `accelerate estimate-memory`
+  prints (parameters and buffers of the float32 model), scaled as that command scales it: ÷2 for float16 (used here
+  for bf16 too), ÷4 for int8, ÷8 for int4; the same figure for runtime and disk.
 - **params×bytes**: parameters (tied weights once) × bytes per parameter of the recipe: fp32 4, fp16/bf16 2,
   int8 (dynamic or weight-only) 1, int4 0.5; the same figure for runtime and disk.
 
@@ -208,6 +214,16 @@ def bytes_per_param(recipe: dict[str, Any]) -> float:
     raise ValueError(f"no bytes-per-parameter rule for {scheme}")
 
 
+def accelerate_scale(recipe: dict[str, Any]) -> float:
+    """accelerate estimate-memory's divisor, as a factor on the float32 total."""
+    scheme = recipe.get("quantize")
+    if scheme is None:
+        return {"float32": 1, "float16": 1 / 2, "bfloat16": 1 / 2}[recipe["dtype"]]
+    if scheme.startswith("int8") or scheme.startswith("fp8"):
+        return 1 / 4
+    return 1 / 8 if scheme == "int4-weight-only" else recipe["bits"] / 32
+
+
 def float_bytes(recipe: dict[str, Any]) -> int:
     return {"float32": 4, "float16": 2, "bfloat16": 2}[recipe["dtype"]]
 
@@ -234,6 +250,7 @@ def accuracy_rows(case: dict[str, Any]) -> list[dict[str, Any]]:
         ti_runtime = (info["torchinfo_input_bytes"] + info["torchinfo_output_bytes"]) * float_bytes(recipe) / 4
         ti_runtime += ti_params
         naive = info["params"] * bpp
+        accelerate = info["accelerate_total_bytes"] * accelerate_scale(recipe)
         verified_runtime = row.get("verified_runtime_bytes")
         verified_disk = row.get("verified_disk_bytes")
         rows.append({
@@ -242,13 +259,16 @@ def accuracy_rows(case: dict[str, Any]) -> list[dict[str, Any]]:
             "verified_disk_bytes": verified_disk, "verified_runtime_bytes": verified_runtime,
             "planner_runtime_bytes": row.get("analytic_runtime_bytes"),
             "torchinfo_runtime_bytes": round(ti_runtime), "params_x_bytes": round(naive),
+            "accelerate_bytes": round(accelerate),
             "planner_disk_bytes": row.get("analytic_disk_bytes"), "torchinfo_disk_bytes": round(ti_params),
             "planner_runtime_err": relative(row.get("analytic_runtime_bytes"), verified_runtime),
             "torchinfo_runtime_err": relative(ti_runtime, verified_runtime),
             "params_x_bytes_runtime_err": relative(naive, verified_runtime),
+            "accelerate_runtime_err": relative(accelerate, verified_runtime),
             "planner_disk_err": relative(row.get("analytic_disk_bytes"), verified_disk),
             "torchinfo_disk_err": relative(ti_params, verified_disk),
             "params_x_bytes_disk_err": relative(naive, verified_disk),
+            "accelerate_disk_err": relative(accelerate, verified_disk),
             "below_resolution": verified_runtime is not None and verified_runtime < RESOLUTION_BYTES,
             "note": "" if row["status"] == "verified" else (row.get("note") or "")[:160],
         })
@@ -256,9 +276,9 @@ def accuracy_rows(case: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 RUNTIME_ESTIMATORS = (("planner", "planner_runtime_err"), ("torchinfo", "torchinfo_runtime_err"),
-                      ("params×bytes", "params_x_bytes_runtime_err"))
+                      ("accelerate", "accelerate_runtime_err"), ("params×bytes", "params_x_bytes_runtime_err"))
 DISK_ESTIMATORS = (("planner", "planner_disk_err"), ("torchinfo", "torchinfo_disk_err"),
-                   ("params×bytes", "params_x_bytes_disk_err"))
+                   ("accelerate", "accelerate_disk_err"), ("params×bytes", "params_x_bytes_disk_err"))
 
 
 def summarize(rows: list[dict[str, Any]], estimators: tuple[tuple[str, str], ...], subset: str
@@ -277,10 +297,10 @@ def summarize(rows: list[dict[str, Any]], estimators: tuple[tuple[str, str], ...
 
 
 ACCURACY_COLUMNS = ["model", "batch", "recipe", "status", "params", "verified_disk_bytes", "verified_runtime_bytes",
-                    "planner_runtime_bytes", "torchinfo_runtime_bytes", "params_x_bytes", "planner_disk_bytes",
-                    "torchinfo_disk_bytes", "planner_runtime_err", "torchinfo_runtime_err",
-                    "params_x_bytes_runtime_err", "planner_disk_err", "torchinfo_disk_err",
-                    "params_x_bytes_disk_err", "below_resolution", "note"]
+                    "planner_runtime_bytes", "torchinfo_runtime_bytes", "params_x_bytes", "accelerate_bytes",
+                    "planner_disk_bytes", "torchinfo_disk_bytes", "planner_runtime_err", "torchinfo_runtime_err",
+                    "accelerate_runtime_err", "params_x_bytes_runtime_err", "planner_disk_err", "torchinfo_disk_err",
+                    "accelerate_disk_err", "params_x_bytes_disk_err", "below_resolution", "note"]
 
 
 def run_accuracy(cases: list[tuple[str, int, str]], work: Path) -> tuple[list[dict[str, Any]], list[str]]:
@@ -305,13 +325,14 @@ def run_accuracy(cases: list[tuple[str, int, str]], work: Path) -> tuple[list[di
 
 def accuracy_sections(rows: list[dict[str, Any]], failures: list[str]) -> tuple[str, str, str]:
     headers = ["model", "batch", "recipe", "status", "verified disk MB", "verified runtime MB", "planner rt err",
-               "torchinfo rt err", "params×bytes rt err", "planner disk err", "torchinfo disk err",
-               "params×bytes disk err"]
+               "torchinfo rt err", "accelerate rt err", "params×bytes rt err", "planner disk err",
+               "torchinfo disk err", "accelerate disk err", "params×bytes disk err"]
     table = markdown_table(headers, [[
         r["model"], str(r["batch"]), r["recipe"], r["status"] + (" <2MB" if r["below_resolution"] else ""),
         mb(r["verified_disk_bytes"]), mb(r["verified_runtime_bytes"]), pct(r["planner_runtime_err"]),
-        pct(r["torchinfo_runtime_err"]), pct(r["params_x_bytes_runtime_err"]), pct(r["planner_disk_err"]),
-        pct(r["torchinfo_disk_err"]), pct(r["params_x_bytes_disk_err"])] for r in rows])
+        pct(r["torchinfo_runtime_err"]), pct(r["accelerate_runtime_err"]), pct(r["params_x_bytes_runtime_err"]),
+        pct(r["planner_disk_err"]), pct(r["torchinfo_disk_err"]), pct(r["accelerate_disk_err"]),
+        pct(r["params_x_bytes_disk_err"])] for r in rows])
     big = [r for r in rows if not r["below_resolution"]]
     summary_headers = ["rows", "estimator", "n", "median abs err", "worst err", "worst case"]
     runtime = markdown_table(summary_headers, summarize(rows, RUNTIME_ESTIMATORS, "all")
