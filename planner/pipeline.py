@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from planner.artifact import load_reference
 from planner.baseline import framework_baseline
 from planner.errors import PlannerError
 from planner.footprint import Footprint, analytic_footprint
-from planner.isolation import default_memory_cap, describe_exit, run_isolated
+from planner.isolation import default_memory_cap, describe_exit, run_module_isolated
 from planner.recipes import Recipe, UnsupportedRecipe, apply_recipe
 from planner.sources import ModelSource
 from planner.units import format_bytes, relative_difference
@@ -115,9 +114,8 @@ def run_worker(job: dict[str, Any], workdir: Path, name: str, options: PlanOptio
     """Run `python -m WORKER JOB RESULT` isolated; the result with status verified, or failed with the reason."""
     job_path, result_path = workdir / f"{name}.job.json", workdir / f"{name}.result.json"
     job_path.write_text(json.dumps(job))
-    outcome = run_isolated([sys.executable, "-m", worker, str(job_path), str(result_path)],
-                           timeout_s=options.timeout_s, memory_cap_bytes=options.memory_cap_bytes,
-                           env=dict(os.environ, **MEASUREMENT_ENV))
+    outcome = run_module_isolated(worker, [str(job_path), str(result_path)], timeout_s=options.timeout_s,
+                                  memory_cap_bytes=options.memory_cap_bytes, env=dict(os.environ, **MEASUREMENT_ENV))
     result = json.loads(result_path.read_text()) if result_path.exists() and not outcome.failure else None
     if result is None or "error" in result or outcome.returncode != 0:
         reason = result["error"] if result and "error" in result else describe_exit(outcome)

@@ -1,0 +1,15 @@
+"""Imported once by the verification fork server (planner.isolation): what every torch worker imports before
+its baseline, with torchao's import-time chatter silenced (the server shares the planner's terminal)."""
+
+from planner import quiet_library_noise
+
+quiet_library_noise()
+
+import torch  # noqa: E402, F401
+import torchao  # noqa: E402, F401
+import torchao.prototype.quantization.int4  # noqa: E402, F401
+
+import planner.artifact  # noqa: E402, F401
+import planner.recipes  # noqa: E402, F401
+import planner.sources  # noqa: E402, F401
+import planner.verify  # noqa: E402, F401
