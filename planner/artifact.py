@@ -92,6 +92,10 @@ def load_artifact(folder: str | Path) -> nn.Module:
     source = ModelSource.from_json(manifest["source"])
     model = weightless_structure(source, manifest["format"])
     assert model is not None
+    if manifest.get("recipe"):
+        from planner.recipes import Recipe, linearize_conv1d
+
+        linearize_conv1d(model, Recipe.from_json(manifest["recipe"]))
     load_weights_into(model, torch.load(folder / manifest["file"], weights_only=True))
     return set_eval(model)
 

@@ -135,6 +135,7 @@ def _job(source: ModelSource, recipe: Recipe, artifact: Path, workdir: Path, sav
         "reference": str(workdir / "reference.pt"),
         "save_reference": save_reference,
         "needs_torchao": recipe.scheme is not None,
+        "recipe": recipe.to_json(),
     }
 
 

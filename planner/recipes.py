@@ -140,6 +140,9 @@ SCHEMES: dict[str, Scheme] = {
 }
 # Conv1D is transformers' transposed linear (GPT-2): pruning is layout-agnostic, so it is included.
 PRUNABLE_DEFAULT = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D")
+# Quantized by default: torchao's Linear, and transformers' Conv1D (GPT-2's every projection), which the
+# recipe turns into the equivalent Linear first (see linearize_conv1d).
+QUANTIZABLE_DEFAULT = ("Linear", "Conv1D")
 RECIPE_KEYS = {"name", "description", "dtype", "quantize", "bits", "group_size", "mapping", "layers", "prune",
                "prune_layers"}
 MAPPINGS = ("asymmetric", "symmetric")
@@ -156,7 +159,7 @@ class Recipe:
     # intx only. Asymmetric by default: symmetric int4 clips a bias that adds up over long dot products
     # (ComplexNet fc1: about 1 dB output SQNR symmetric against 25 dB asymmetric).
     mapping: str = "asymmetric"
-    layers: tuple[str, ...] = ("Linear",)  # layer types the quantization touches
+    layers: tuple[str, ...] = QUANTIZABLE_DEFAULT  # layer types the quantization touches
     prune: float = 0.0  # fraction of each weight zeroed by L1 magnitude
     prune_layers: tuple[str, ...] = PRUNABLE_DEFAULT
     source: str = field(default="", compare=False)  # file it came from
@@ -182,6 +185,10 @@ class Recipe:
             parts.append(f"{self.quantize} on {'/'.join(self.layers)}")
         parts.append(f"everything else {self.dtype}" if self.scheme else f"all floating tensors {self.dtype}")
         return "; ".join(parts)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Recipe:
+        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in data.items()})
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "dtype": self.dtype,
@@ -217,7 +224,7 @@ def recipe_from_table(table: dict[str, Any], where: str) -> Recipe:
     prune = table.get("prune", 0.0)
     if not isinstance(prune, int | float) or isinstance(prune, bool) or not 0 <= prune < 1:
         raise PlannerError(f"{label}: prune must be a fraction from 0 to below 1, e.g. 0.5")
-    layers = _layer_list(table.get("layers", ["Linear"]), label, "layers")
+    layers = _layer_list(table.get("layers", list(QUANTIZABLE_DEFAULT)), label, "layers")
     prune_layers = _layer_list(table.get("prune_layers", list(PRUNABLE_DEFAULT)), label, "prune_layers")
     description = table.get("description", "")
     if not isinstance(description, str):
@@ -303,12 +310,44 @@ def quantization_decision(module: nn.Module, recipe: Recipe) -> tuple[bool, str]
     if "NonDynamicallyQuantizableLinear" in names:
         # MultiheadAttention reads out_proj.weight directly; torchao skips it too.
         return False, "attention out_proj (MultiheadAttention uses the raw weight)"
+    shape = linear_shape(module)
+    if shape is None:
+        return False, f"{type(module).__name__} has no 2-D weight"
+    reason = scheme.why_not(*shape, recipe)
+    return reason is None, reason or ""
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(out_features, in_features) of a layer's 2-D weight; transformers' Conv1D stores it as (in, out)."""
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        return False, f"{type(module).__name__} has no 2-D weight"
-    out_f, in_f = weight.shape
-    reason = scheme.why_not(out_f, in_f, recipe)
-    return reason is None, reason or ""
+        return None
+    rows, columns = weight.shape
+    return (columns, rows) if _is_conv1d(module) else (rows, columns)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")  # transformers.pytorch_utils.Conv1D
+
+
+def linearize_conv1d(model: nn.Module, recipe: Recipe) -> list[str]:
+    """Replace each transformers Conv1D the recipe quantizes with the equivalent nn.Linear (weight transposed),
+    since torchao quantizes Linear only. Deterministic from the structure and the recipe, so the verification
+    worker and `load_artifact` rebuild the same structure before loading. Returns the replaced layer names."""
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if not _is_conv1d(module) or not quantization_decision(module, recipe)[0]:
+            continue
+        out_f, in_f = linear_shape(module) or (0, 0)
+        weight, bias = module.weight, module.bias
+        linear = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+        linear.weight = nn.Parameter(weight.detach().t().contiguous(), requires_grad=weight.requires_grad)
+        if bias is not None:
+            linear.bias = bias
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, linear)
+        replaced.append(name)
+    return replaced
 
 
 def layer_filter(recipe: Recipe) -> Callable[[nn.Module, str], bool]:
@@ -340,6 +379,9 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> tuple[nn.Module, list[str]
             raise UnsupportedRecipe(f"needs CUDA: {scheme.needs_cuda}")
         from torchao.quantization import quantize_
 
+        if linearize_conv1d(model, recipe):
+            notes.append("transformers Conv1D layers became nn.Linear (weight transposed) so torchao quantizes them; "
+                         "load the artifact with planner.artifact.load_artifact")
         quantize_(model, scheme.make_config(recipe), filter_fn=layer_filter(recipe))
     return model, notes
 

@@ -184,6 +184,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     _warm_up(dtype)
     source = ModelSource.from_json(job["source"])
     model = weightless_structure(source, job["artifact_format"])
+    if model is not None and job.get("recipe"):
+        from planner.recipes import Recipe, linearize_conv1d
+
+        linearize_conv1d(model, Recipe.from_json(job["recipe"]))  # the structure the recipe saved
     inputs = torch.load(job["inputs"], weights_only=True)
     inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
     release_freed_memory()

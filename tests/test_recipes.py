@@ -175,3 +175,48 @@ def test_magnitude_threshold_sampled_bracket_is_exact(fraction: float) -> None:
         k = int(np.ceil(fraction * weight.numel()))
         assert magnitude_threshold(weight, fraction, sample_size=1000) == float(
             weight.abs().view(-1).kthvalue(k).values)
+
+
+def _conv1d_stack() -> nn.Module:
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    return nn.Sequential(Conv1D(64, 32), nn.GELU(), Conv1D(40, 64))  # Conv1D(nf=out, nx=in), weight (in, out)
+
+
+def test_conv1d_is_quantized_as_the_linear_it_is(tmp_path: Path) -> None:
+    """transformers' Conv1D (GPT-2's projections) becomes nn.Linear, is quantized, and a weightless structure
+    rebuilt the same way (as the verification worker and load_artifact do) loads the saved artifact."""
+    import copy
+
+    from planner.artifact import load_weights_into
+    from planner.footprint import weight_footprint
+    from planner.recipes import Recipe, import_tensor_types, linearize_conv1d
+
+    import_tensor_types()
+    original = _conv1d_stack().eval()
+    int4, int8 = Recipe("int4", dtype="bfloat16", quantize="int4-weight-only", group_size=32), \
+        Recipe("int8", quantize="int8-dynamic")
+    assert quantization_decision(original[0], int4) == (True, "")  # shape read as (out 64, in 32)
+    assert quantization_decision(original[2], int4) == (False, "out_features 40 not divisible by 16")
+
+    inputs = torch.randn(3, 7, 32)
+    quantized, notes = apply_recipe(copy.deepcopy(original), int8)
+    assert [type(m).__name__ for m in quantized] == ["Linear", "GELU", "Linear"]
+    assert type(quantized[0].weight).__name__ == "Int8Tensor" and "Conv1D" in notes[0]
+    with torch.inference_mode():
+        expected, got = original(inputs), quantized(inputs)
+    assert 10 * torch.log10(expected.pow(2).sum() / (expected - got).pow(2).sum()) > 25
+
+    path = tmp_path / "artifact.pt"
+    torch.save(quantized.state_dict(), path)
+    with torch.device("meta"):
+        structure = _conv1d_stack()
+    assert linearize_conv1d(structure, int8) == ["0", "2"]
+    load_weights_into(structure, torch.load(path, weights_only=True))
+    with torch.inference_mode():
+        assert torch.equal(structure.eval()(inputs), got)
+    with torch.device("meta"):
+        analytic = weight_footprint(_conv1d_stack(), int8)
+    assert analytic.quantized_layers == 2
+    assert analytic.disk_bytes == pytest.approx(path.stat().st_size, rel=0.03)
