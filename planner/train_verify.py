@@ -3,8 +3,9 @@
 The parent starts `python -m planner.train_verify JOB.json RESULT.json` once per (batch, dtype, optimizer), with the
 same malloc settings as planner.verify (freed blocks go straight back to the OS). The process:
 
-1. imports torch, warms the framework up with one tiny training step of the same optimizer (thread pools, kernel
-   selection, autograd engine: first-use costs that are not the model's), and builds the example input;
+1. imports torch, warms the framework up with two tiny training steps of the same optimizer and a tiny backward
+   through convolution, attention and LSTM (thread pools, oneDNN initialisation, autograd engine: first-use
+   costs of the framework, which planner.verify also keeps in the baseline), and builds the example input;
 2. builds the model with real (random or given) weights: resident parameters = RSS growth;
 3. constructs the optimizer (no state yet: torch creates it in the first step), and takes the baseline RSS;
 4. runs TRACED_STEPS training steps (planner.training.train_step, the very function the analytic trace runs),
@@ -28,8 +29,10 @@ from planner.verify import _proc_status_kib, release_freed_memory, reset_peak, w
 def _warm_up(optimizer_name: str, dtype: Any) -> None:
     import torch
 
+    from planner.scratch import warm_up_kernels
     from planner.training import make_optimizer, train_step
 
+    warm_up_kernels()
     layer = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).to(dtype)
     x = torch.randn(4, 64, dtype=dtype)
     optimizer = make_optimizer(optimizer_name, list(layer.parameters()))
@@ -47,7 +50,11 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
     dtype = DTYPES[job["dtype"]]
     torch.manual_seed(0)
+    release_freed_memory()
+    before_warm_up = _proc_status_kib("VmRSS")
     _warm_up(job["optimizer"], dtype)
+    release_freed_memory()
+    warm_up_bytes = _proc_status_kib("VmRSS") - before_warm_up
     source = ModelSource.from_json(job["source"])
     inputs = cast_inputs(source.example_inputs(), dtype)
     release_freed_memory()
@@ -70,6 +77,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         steps.append({"peak_bytes": params_resident + peak - baseline,
                       "start_bytes": params_resident + start - baseline, "seconds": seconds})
     return {"param_resident_bytes": params_resident, "baseline_rss_bytes": baseline, "steps": steps,
+            "framework_warm_up_bytes": warm_up_bytes,
             "peak_is_exact": exact}
 
 

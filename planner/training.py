@@ -38,6 +38,7 @@ from planner.activations import _fake_on, _LivenessTracker, _state, _storage_key
 from planner.errors import PlannerError
 from planner.footprint import cast_inputs
 from planner.recipes import Recipe
+from planner.scratch import SCRATCH_OPS, Scratch, load_cache, op_signature, scratch_bytes
 
 MODES = ("infer", "train")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -134,7 +135,10 @@ class TrainingReport:
     step_peaks: list[int]         # per traced step: parameters + peak live bytes during that step
     step_peak_phases: list[str]   # per traced step: the phase where its peak happened
     foreach: bool
-    fused_ops: list[str] = field(default_factory=list)
+    fused_ops: list[str] = field(default_factory=list)  # kernels whose workspace is neither traced nor measured
+    scratch_applied: dict[str, int] = field(default_factory=dict)  # op -> largest measured scratch added
+    kept_scratch_bytes: int = 0  # what kernels' first calls leave resident (measured): scratchpads, caches
+    scratch_failure: str | None = None
 
     @property
     def peak_bytes(self) -> int:
@@ -147,13 +151,36 @@ class TrainingReport:
 
 
 class _PhasedTracker(_LivenessTracker):
-    """The liveness tracker, also keeping the peak of the current step and the phase it happened in."""
+    """The liveness tracker, also keeping the peak of the current step and the phase it happened in, and adding
+    the measured scratch of kernels with hidden workspace (planner.scratch) on top of what is live after them."""
 
-    def __init__(self, preexisting: set[int]) -> None:
+    def __init__(self, preexisting: set[int], scratch: dict[str, Scratch]) -> None:
         super().__init__(preexisting)
         self.phase = ""
         self.window_peak = 0
         self.window_phase = ""
+        self.scratch = scratch
+        self.scratch_calls: dict[str, None] = {}  # signatures of the calls with hidden workspace, in trace order
+        self.scratch_applied: dict[str, int] = {}  # op -> largest transient scratch added
+        self.kept_bytes = 0  # what the library keeps after first calls (scratchpads, caches), never freed
+
+    def __torch_dispatch__(self, func: torch._ops.OpOverload, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        packet = str(func.overloadpacket)
+        if packet in SCRATCH_OPS and out is not NotImplemented:
+            signature = op_signature(func, args, kwargs or {})
+            if signature is not None:
+                measured = self.scratch.get(signature, Scratch(0, 0))
+                if signature not in self.scratch_calls and measured.kept:
+                    self.live_bytes += measured.kept
+                    self.kept_bytes += measured.kept
+                    self._note_peak(self.live_bytes)
+                self.scratch_calls[signature] = None
+                if measured.transient:  # while `out` is held: the workspace and the outputs coexist
+                    self._note_peak(self.live_bytes + measured.transient)
+                    self.scratch_applied[packet] = max(measured.transient, self.scratch_applied.get(packet, 0))
+        return out
 
     def start_window(self) -> None:
         self.window_peak = self.live_bytes
@@ -167,8 +194,23 @@ class _PhasedTracker(_LivenessTracker):
 
 
 def training_footprint(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], optimizer: str = "adamw",
-                       dtype: torch.dtype = torch.float32, steps: int = TRACED_STEPS) -> TrainingReport:
-    """Trace `steps` training steps of the meta model on FakeTensors (see the module docstring)."""
+                       dtype: torch.dtype = torch.float32, steps: int = TRACED_STEPS,
+                       measure_scratch: bool = True) -> TrainingReport:
+    """Trace `steps` training steps of the meta model on FakeTensors (see the module docstring).
+
+    Kernels with hidden workspace get their measured scratch (planner.scratch): from the per-machine cache, else,
+    with measure_scratch, measured in a fresh process at these shapes, then the step is traced again with it.
+    """
+    report, calls = _trace_training(meta_model, inputs, optimizer, dtype, steps, load_cache())
+    if measure_scratch and set(calls) - set(load_cache()):
+        scratch, failure = scratch_bytes(calls)
+        report, _calls = _trace_training(meta_model, inputs, optimizer, dtype, steps, scratch)
+        report.scratch_failure = failure
+    return report
+
+
+def _trace_training(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], optimizer: str, dtype: torch.dtype,
+                    steps: int, scratch: dict[str, Scratch]) -> tuple[TrainingReport, list[str]]:
     from torch._subclasses.fake_tensor import FakeTensorMode  # import late: it is heavy
 
     check_optimizer(optimizer)
@@ -179,7 +221,7 @@ def training_footprint(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], 
     trainable = [state[name].requires_grad_(True) for name, p in model.named_parameters() if p.requires_grad]
     param_bytes = sum(_storage_keys([state[name] for name, _ in model.named_parameters()]).values())
     preexisting = set(_storage_keys((state, fake_inputs)))
-    tracker = _PhasedTracker(preexisting)
+    tracker = _PhasedTracker(preexisting, scratch)
     saved: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -212,11 +254,14 @@ def training_footprint(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], 
             state_bytes = sum(_storage_keys(list(optim.state.values())).values())
     finally:
         tracker.detach()
+    # profiler.* are the optimizer's record_function markers; SCRATCH_OPS have their workspace measured.
+    hidden = sorted(op for op in tracker.fused_ops if not op.startswith("profiler.") and op not in SCRATCH_OPS)
     return TrainingReport(
         optimizer=optimizer, dtype=str(dtype).removeprefix("torch."), param_bytes=param_bytes,
         grad_bytes=grads.get("bytes", 0), optimizer_state_bytes=state_bytes,
         saved_activation_bytes=saved_bytes, step_peaks=step_peaks, step_peak_phases=step_phases, foreach=foreach,
-        fused_ops=sorted(op for op in tracker.fused_ops if not op.startswith("profiler.")))  # optim's markers
+        fused_ops=hidden, scratch_applied=tracker.scratch_applied, kept_scratch_bytes=tracker.kept_bytes
+    ), list(tracker.scratch_calls)
 
 
 def training_row(source: Any, recipe: Recipe, batch: int, optimizer: str, verify: bool,
@@ -236,8 +281,17 @@ def training_row(source: Any, recipe: Recipe, batch: int, optimizer: str, verify
     except Exception as error:  # a model whose training step cannot be traced weightless still gets a row
         return dict(row, note=f"not traced ({type(error).__name__}: {str(error)[:160]})")
     notes = []
+    if report.scratch_applied or report.kept_scratch_bytes:
+        from planner.units import format_bytes
+
+        parts = [f"{op} up to {format_bytes(nbytes)}" for op, nbytes in sorted(report.scratch_applied.items())]
+        if report.kept_scratch_bytes:
+            parts.append(f"kept after first use {format_bytes(report.kept_scratch_bytes)}")
+        notes.append("measured kernel scratch added (cached per machine): " + ", ".join(parts))
+    if report.scratch_failure:
+        notes.append(f"kernel scratch not measured: {report.scratch_failure}")
     if report.fused_ops:
-        notes.append(f"fused kernels hide workspace: {', '.join(report.fused_ops)}")
+        notes.append(f"fused kernels hide workspace (not counted): {', '.join(report.fused_ops)}")
     row.update({
         "params": report.param_bytes, "grads": report.grad_bytes, "optimizer state": report.optimizer_state_bytes,
         "saved activations": report.saved_activation_bytes,

@@ -1,11 +1,13 @@
 """Training mode: the analytic step counted by hand on a tiny MLP, the CLI, and one step measured for real."""
 
+import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
+from planner import scratch
 from planner.cli import main
 from planner.training import default_foreach, optimizer_state_rule, training_footprint
 from planner.zoo import SimpleNet
@@ -92,3 +94,27 @@ def test_cli_training_step_matches_a_measured_step(tmp_path: Path) -> None:
     assert row["measured step 1"] > 4 * row["params"]  # weights, gradients and two moments are really there
     for step in (1, 2):
         assert abs(row[f"diff step {step}"]) <= 0.10, row.to_dict()
+
+
+def test_convolution_scratch_is_measured_once_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PLANNER_CACHE_DIR", str(tmp_path))
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                    torch.nn.Linear(16 * 128 * 128, 4))
+    inputs = (torch.randn(2, 3, 128, 128),)
+    plain = training_footprint(model, inputs, "sgd", measure_scratch=False)
+    assert plain.scratch_applied == {} and plain.kept_scratch_bytes == 0  # nothing cached yet, nothing measured
+    corrected = training_footprint(model, inputs, "sgd")
+    cache = scratch.load_cache()
+    ops = {json.loads(key)["op"] for key in cache}
+    assert {"aten.convolution.default", "aten.convolution_backward.default"} <= ops
+    # oneDNN computes the 2 MB output in its own layout and reorders it: the forward's workspace is real memory.
+    assert corrected.scratch_applied.get("aten.convolution", 0) > 0
+    assert corrected.peak_bytes > plain.peak_bytes
+
+    def no_child(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a cached figure was measured again")
+
+    monkeypatch.setattr("planner.pipeline.run_worker", no_child)
+    again = training_footprint(model, inputs, "sgd")
+    assert again.step_peaks == corrected.step_peaks
