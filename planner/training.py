@@ -38,7 +38,7 @@ from planner.activations import _fake_on, _LivenessTracker, _state, _storage_key
 from planner.errors import PlannerError
 from planner.footprint import cast_inputs
 from planner.recipes import Recipe
-from planner.scratch import SCRATCH_OPS, UNMEASURABLE_OPS, Scratch, load_cache, op_signature, scratch_bytes
+from planner.scratch import SCRATCH_OPS, Scratch, load_cache, op_signature, scratch_bytes
 
 MODES = ("infer", "train")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -168,8 +168,6 @@ class _PhasedTracker(_LivenessTracker):
                            kwargs: dict | None = None) -> Any:
         out = super().__torch_dispatch__(func, types, args, kwargs)
         packet = str(func.overloadpacket)
-        if packet in UNMEASURABLE_OPS:
-            self.fused_ops.add(packet)
         if packet in SCRATCH_OPS and out is not NotImplemented:
             signature = op_signature(func, args, kwargs or {})
             if signature is not None:
