@@ -64,9 +64,11 @@ RULES = f"""\
 One training step = `optimizer.zero_grad(set_to_none=True)`, forward, loss = sum of the output means, backward,
 `optimizer.step()`, float32, random weights; `sgd` is SGD with momentum {SGD_MOMENTUM}, `adamw` torch's AdamW. The
 measured figure is the peak resident memory of a real step in a fresh process (planner.train_verify): resident
-parameters + (peak RSS during the step - RSS after model and optimizer construction), steps 1 (creates the
-optimizer state) and 2 (steady state). Each estimate is compared with the larger of the two; error =
-(estimate - measured) / measured.
+parameters + (peak RSS during the step - baseline RSS), steps 1 (creates the optimizer state) and 2 (steady state).
+The baseline is taken after imports, a tiny warm-up of the framework's kernels (convolution, attention, LSTM, one
+optimizer step), model load, optimizer construction and one forward without autograd: as in planner.verify,
+first-use initialisation is kept out of the step and reported (`first_forward_kept_bytes` in the CSV). Each estimate
+is compared with the larger of the two steps; error = (estimate - measured) / measured.
 
 - **planner**: `planner inspect --mode train`'s analytic peak (planner.training: the step traced on fake tensors,
   larger of its two steps); its per-step errors are in the CSV.
@@ -87,7 +89,7 @@ TRAINING_COLUMNS = ["model", "batch", "recipe", "params", "measured_step1_bytes"
                     "grad_bytes", "optimizer_state_bytes", "saved_activation_bytes", "torchinfo_bytes",
                     "params_x_bytes", "rule_torchinfo_bytes", "planner_err", "planner_step1_err",
                     "planner_step2_err", "torchinfo_err", "params_x_bytes_err", "rule_torchinfo_err",
-                    "below_resolution", "analytic_s", "note"]
+                    "below_resolution", "first_forward_kept_bytes", "analytic_s", "note"]
 
 
 def training_rows(case: dict[str, Any]) -> list[dict[str, Any]]:
@@ -121,6 +123,7 @@ def training_rows(case: dict[str, Any]) -> list[dict[str, Any]]:
             "torchinfo_err": relative(torchinfo_total, measured), "params_x_bytes_err": relative(rule, measured),
             "rule_torchinfo_err": relative(rule + activations, measured),
             "below_resolution": measured is not None and measured < RESOLUTION_BYTES,
+            "first_forward_kept_bytes": result.get("first_forward_kept_bytes"),
             "analytic_s": round(result["analytic_s"], 2), "note": note[:200],
         })
     return rows

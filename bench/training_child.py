@@ -45,6 +45,7 @@ def main() -> None:
             started = time.perf_counter()
             measured = measure_training(source.to_json(), "float32", optimizer, TRACED_STEPS, timeout_s=1200)
             entry.update({"measured_step_peaks": measured.step_peaks, "failure": measured.failure,
+                          "first_forward_kept_bytes": measured.first_forward_kept_bytes,
                           "measured_s": time.perf_counter() - started})
         results.append(entry)
         print(json.dumps({k: v for k, v in entry.items() if k != "fused_ops"}), flush=True)

@@ -6,8 +6,11 @@ same malloc settings as planner.verify (freed blocks go straight back to the OS)
 1. imports torch, warms the framework up with two tiny training steps of the same optimizer and a tiny backward
    through convolution, attention and LSTM (thread pools, oneDNN initialisation, autograd engine: first-use
    costs of the framework, which planner.verify also keeps in the baseline), and builds the example input;
-2. builds the model with real (random or given) weights: resident parameters = RSS growth;
-3. constructs the optimizer (no state yet: torch creates it in the first step), and takes the baseline RSS;
+2. builds the model with real (random or given) weights and constructs the optimizer (no state yet: torch creates
+   it in the first step): resident parameters = RSS growth;
+3. runs one forward without autograd and takes the baseline RSS. What that forward leaves resident is the model's
+   own lazy initialisation (transformers imports code on its first forward, kernels pick implementations): like
+   planner.verify, it is kept out of the steps and reported (first_forward_kept_bytes);
 4. runs TRACED_STEPS training steps (planner.training.train_step, the very function the analytic trace runs),
    each from a reset high-water mark (/proc/self/clear_refs): step k's peak = parameters + VmHWM - baseline.
 
@@ -62,8 +65,12 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     model = source.build("cpu").to(dtype).train()
     optimizer = make_optimizer(job["optimizer"], [p for p in model.parameters() if p.requires_grad])
     release_freed_memory()
+    loaded = _proc_status_kib("VmRSS")
+    params_resident = loaded - before_model
+    with torch.no_grad():
+        model(*inputs)
+    release_freed_memory()
     baseline = _proc_status_kib("VmRSS")
-    params_resident = baseline - before_model
     steps = []
     exact = True
     for _ in range(job["steps"]):
@@ -77,7 +84,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         steps.append({"peak_bytes": params_resident + peak - baseline,
                       "start_bytes": params_resident + start - baseline, "seconds": seconds})
     return {"param_resident_bytes": params_resident, "baseline_rss_bytes": baseline, "steps": steps,
-            "framework_warm_up_bytes": warm_up_bytes,
+            "framework_warm_up_bytes": warm_up_bytes, "first_forward_kept_bytes": baseline - loaded,
             "peak_is_exact": exact}
 
 
@@ -86,6 +93,7 @@ class MeasuredTraining:
     step_peaks: list[int] | None  # parameters resident + peak growth of each step over the baseline
     param_resident_bytes: int | None
     failure: str | None = None
+    first_forward_kept_bytes: int = 0  # lazy initialisation of the model's first forward (not in the steps)
 
 
 def measure_training(source_json: dict[str, Any], dtype: str, optimizer: str, steps: int, *,
@@ -101,7 +109,8 @@ def measure_training(source_json: dict[str, Any], dtype: str, optimizer: str, st
         result = run_worker(job, Path(workdir), "train", options, worker="planner.train_verify")
     if result.get("status") != "verified":
         return MeasuredTraining(None, None, result.get("note", "measurement failed"))
-    return MeasuredTraining([step["peak_bytes"] for step in result["steps"]], result["param_resident_bytes"])
+    return MeasuredTraining([step["peak_bytes"] for step in result["steps"]], result["param_resident_bytes"],
+                            first_forward_kept_bytes=result["first_forward_kept_bytes"])
 
 
 if __name__ == "__main__":

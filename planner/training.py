@@ -47,6 +47,7 @@ LEARNING_RATE = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
 STEP_SCALAR_BYTES = 4  # Adam's per-parameter `step` count is a float32 0-d tensor on CPU
 TRACED_STEPS = 2
 PHASES = ("zero_grad", "forward", "backward", "optimizer step")
+LAZY_INIT_NOTE_BYTES = 1000**2  # a model's first-forward initialisation above this is said in the note
 
 
 def check_mode(mode: str) -> str:
@@ -306,6 +307,11 @@ def training_row(source: Any, recipe: Recipe, batch: int, optimizer: str, verify
                                     timeout_s=timeout_s)
         if measured.step_peaks is None:
             notes.append(f"measurement failed: {measured.failure}")
+        elif measured.first_forward_kept_bytes > LAZY_INIT_NOTE_BYTES:
+            from planner.units import format_bytes
+
+            notes.append(f"the model's first forward left {format_bytes(measured.first_forward_kept_bytes)} resident "
+                         "(lazy initialisation): in the measured baseline, not in the steps")
         for i, peak in enumerate(measured.step_peaks or []):
             row[f"measured step {i + 1}"] = peak
             row[f"diff step {i + 1}"] = relative_difference(report.step_peaks[i], peak)
