@@ -10,7 +10,8 @@ tiny warm-up of each kernel family (the library's own first-use costs are not th
 - kept: resident growth left behind by the first call once its outputs are freed (oneDNN keeps scratchpads and
   primitive caches: about 10 MB after the four convolution calls of `zoo:convnet` at batch 8). The calls are
   measured in the order the trace first meets them, so each figure is the growth on top of the calls before,
-  as in a real step; the trace adds each call's kept bytes once, at its first use, and never frees them;
+  as in a real step; the trace adds each backward call's kept bytes once, at its first use, and never frees them
+  (a forward call's are part of the baseline: the measured twin runs one forward before it, like planner.verify);
 - scratch: peak resident memory during a warm call - resident memory before it - its outputs: the transient
   workspace, added on top of what is live right after the op (outputs included), when both coexist.
 
