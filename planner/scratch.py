@@ -13,7 +13,10 @@ tiny warm-up of each kernel family (the library's own first-use costs are not th
   as in a real step; the trace adds each backward call's kept bytes once, at its first use, and never frees them
   (a forward call's are part of the baseline: the measured twin runs one forward before it, like planner.verify);
 - scratch: peak resident memory during a warm call - resident memory before it - its outputs: the transient
-  workspace, added on top of what is live right after the op (outputs included), when both coexist.
+  workspace, added on top of what is live right after the op (outputs included), when both coexist;
+- output sizes: the real bytes of each output. Where the meta kernel returns less (oneDNN's LSTM forward returns an
+  empty workspace on meta, tens of MB for real, saved for backward), the trace adds the difference for as long as
+  that output lives.
 
 Both are cached on disk per machine, keyed by torch version, op and arguments, in
 ${PLANNER_CACHE_DIR:-~/.cache/planner}.
@@ -48,7 +51,7 @@ _DTYPES = {str(dtype): dtype for dtype in (torch.float32, torch.float16, torch.b
 
 def cache_path() -> Path:
     root = Path(os.environ.get("PLANNER_CACHE_DIR") or Path.home() / ".cache" / "planner")
-    return root / f"scratch-torch-{torch.__version__}.json"
+    return root / f"scratch-v4-torch-{torch.__version__}.json"
 
 
 def _describe(value: Any) -> Any:
@@ -79,14 +82,29 @@ def op_signature(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> str 
 class Scratch:
     transient: int  # workspace during a warm call, beyond the outputs
     kept: int       # resident growth the first call leaves behind (a scratchpad the library keeps)
+    # Real storage bytes of each tensor output: a meta kernel may return a smaller placeholder (oneDNN's LSTM
+    # workspace, saved for backward, is an empty tensor on meta and tens of MB for real).
+    output_sizes: tuple[int, ...] = ()
+    # Of those, the bytes really resident after the first call: a kernel may allocate more than it writes, and
+    # untouched pages cost no memory (that LSTM workspace: 65.7 MB allocated, about a third resident).
+    resident_output_bytes: int = 0
+
+    @property
+    def touched_fraction(self) -> float:
+        allocated = sum(self.output_sizes)
+        return min(1.0, self.resident_output_bytes / allocated) if allocated else 1.0
 
 
 def load_cache() -> dict[str, Scratch]:
     try:
-        return {key: Scratch(int(value["transient"]), int(value["kept"]))
-                for key, value in json.loads(cache_path().read_text()).items()}
+        return {key: _scratch(value) for key, value in json.loads(cache_path().read_text()).items()}
     except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return {}
+
+
+def _scratch(value: dict[str, Any]) -> Scratch:
+    return Scratch(int(value["transient"]), int(value["kept"]), tuple(int(size) for size in value["output_sizes"]),
+                   int(value["resident_output_bytes"]))
 
 
 def _store(new: dict[str, Scratch]) -> None:
@@ -110,7 +128,7 @@ def scratch_bytes(signatures: list[str], timeout_s: float = 600.0) -> tuple[dict
             result = run_worker({"signatures": missing}, Path(workdir), "scratch",
                                 PlanOptions(budget_bytes=0, timeout_s=timeout_s), worker="planner.scratch")
         if result.get("status") == "verified":
-            measured = {key: Scratch(**value) for key, value in result["scratch"].items()}
+            measured = {key: _scratch(value) for key, value in result["scratch"].items()}
             _store(measured)
             known.update(measured)
         else:
@@ -140,6 +158,13 @@ def _op(name: str) -> torch._ops.OpOverload:
     namespace, rest = name.split(".", 1)
     packet, _, overload = rest.partition(".")
     return getattr(getattr(getattr(torch.ops, namespace), packet), overload or "default")
+
+
+def _output_sizes(output: Any) -> tuple[int, ...]:
+    from torch.utils import _pytree as pytree
+
+    return tuple(leaf.untyped_storage().nbytes() for leaf in pytree.tree_leaves(output)
+                 if isinstance(leaf, torch.Tensor))
 
 
 def _output_bytes(output: Any) -> int:
@@ -184,23 +209,28 @@ def _measure(signature: str, generator: torch.Generator) -> Scratch:
     kwargs = {name: _build(value, generator) for name, value in call["kwargs"].items()}
     release_freed_memory()
     before_first = _proc_status_kib("VmRSS")
-    del_output = func(*args, **kwargs)
-    del del_output
+    first_output = func(*args, **kwargs)
+    release_freed_memory()
+    with_outputs = _proc_status_kib("VmRSS")
+    del first_output
     release_freed_memory()
     kept = _proc_status_kib("VmRSS") - before_first
+    resident_outputs = max(0, with_outputs - before_first - kept)
     reset_peak()
     before = _proc_status_kib("VmRSS")
     output = func(*args, **kwargs)
     transient = _proc_status_kib("VmHWM") - before - _output_bytes(output)
-    return Scratch(transient if transient > NOISE_BYTES else 0, kept if kept > NOISE_BYTES else 0)
+    return Scratch(transient if transient > NOISE_BYTES else 0, kept if kept > NOISE_BYTES else 0,
+                   _output_sizes(output), resident_outputs)
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     warm_up_kernels()
     generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        return {"scratch": {signature: dataclasses.asdict(_measure(signature, generator))
-                            for signature in job["signatures"]}}
+    # Grad mode stays on, as in a training step: oneDNN's LSTM keeps its workspace only then. No input requires
+    # grad, so no graph is recorded.
+    return {"scratch": {signature: dataclasses.asdict(_measure(signature, generator))
+                        for signature in job["signatures"]}}
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from planner.activations import _fake_on, _LivenessTracker, _state, _storage_keys
 from planner.errors import PlannerError
@@ -180,10 +181,23 @@ class _PhasedTracker(_LivenessTracker):
                     self.kept_bytes += measured.kept
                     self._note_peak(self.live_bytes)
                 self.scratch_calls[signature] = None
+                self._grow_outputs(out, measured)
                 if measured.transient:  # while `out` is held: the workspace and the outputs coexist
                     self._note_peak(self.live_bytes + measured.transient)
                     self.scratch_applied[packet] = max(measured.transient, self.scratch_applied.get(packet, 0))
         return out
+
+    def _grow_outputs(self, out: Any, measured: Scratch) -> None:
+        """Outputs the meta kernel makes smaller than the real one: the resident difference lives as long as the
+        output does."""
+        leaves = [leaf for leaf in pytree.tree_leaves(out) if isinstance(leaf, torch.Tensor)]
+        for leaf, real in zip(leaves, measured.output_sizes, strict=False):
+            storage = leaf.untyped_storage()
+            missing = int((real - storage.nbytes()) * measured.touched_fraction)
+            if missing > 0 and storage._cdata in self.live:
+                self.live[storage._cdata] += missing  # freed with the storage by the tracker's own finalizer
+                self.live_bytes += missing
+                self._note_peak(self.live_bytes)
 
     def start_window(self) -> None:
         self.window_peak = self.live_bytes
@@ -229,7 +243,9 @@ def _trace_training(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], opt
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         # Saved parameters, inputs and views of them are not new memory; a storage saved twice counts once.
-        saved.update({key: nbytes for key, nbytes in _storage_keys(tensor).items() if key not in preexisting})
+        # The tracker's size, not the fake storage's: it includes what a meta kernel left out (see _grow_outputs).
+        saved.update({key: tracker.live.get(key, nbytes) for key, nbytes in _storage_keys(tensor).items()
+                      if key not in preexisting})
         return tensor
 
     grads: dict[str, int] = {}
