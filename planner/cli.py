@@ -152,8 +152,9 @@ def _announce(result: PlanResult, console: Console) -> None:
 @app.command()
 def inspect(
     model: Annotated[str, typer.Argument(help="the same model sources as `planner plan`")],
-    recipes: Annotated[str, typer.Option(help="comma-separated recipes whose per-layer bytes to show")]
-    = "fp32,bf16,int8-dynamic,int4-g128",
+    recipes: Annotated[str | None, typer.Option(help="comma-separated recipes whose per-layer bytes to show "
+                                                     "(default fp32,bf16,int8-dynamic,int4-g128; fp32 in train mode)")]
+    = None,
     batch_size: Annotated[str | None, typer.Option(help="one batch size or several to sweep, e.g. 1,8,64")] = None,
     input_shape: Annotated[str | None, typer.Option(help="example input shape, e.g. 1,3,256,256")] = None,
     input_dtype: Annotated[str | None, typer.Option(help="example input dtype, e.g. float32, int64")] = None,
@@ -162,10 +163,27 @@ def inspect(
     recipe_file: Annotated[Path | None, typer.Option(help="a TOML file of [[recipe]] tables")] = None,
     csv: Annotated[Path | None, typer.Option(help="also write the per-layer table of each batch size here "
                                                   "(one CSV, a batch column)")] = None,
+    mode: Annotated[str, typer.Option(help="infer (one forward) or train (forward, loss, backward, optimizer "
+                                           "step)")] = "infer",
+    optimizer: Annotated[str, typer.Option(help="train mode: sgd (momentum 0.9), adam or adamw")] = "adamw",
+    verify: Annotated[bool, typer.Option(help="train mode: also measure real training steps in a fresh process")]
+    = False,
     debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
 ) -> None:
     """Per-layer parameters, bytes under each recipe and live activations, without materializing weights."""
     import dataclasses
+
+    from planner.training import check_mode, check_optimizer
+
+    if check_mode(mode) == "train":
+        check_optimizer(optimizer)
+        _inspect_training(model, recipes or "fp32", batch_size, optimizer, verify, input_shape=input_shape,
+                          input_dtype=input_dtype, weights=weights, trust_pickle=trust_pickle,
+                          recipe_file=recipe_file, csv=csv)
+        return
+    if verify:
+        raise PlannerError("--verify measures training steps: use it with --mode train")
+    recipes = recipes or "fp32,bf16,int8-dynamic,int4-g128"
 
     import pandas as pd
     from rich.table import Table
@@ -207,6 +225,57 @@ def inspect(
         frames = [item.layers.assign(batch=item.batch) for item in inspections]
         write_atomic(csv, pd.concat(frames).to_csv(index=False))
         console.print(f"wrote {csv}")
+
+
+def _inspect_training(model: str, recipes: str, batch_size: str | None, optimizer: str, verify: bool, *,
+                      input_shape: str | None, input_dtype: str | None, weights: str | None, trust_pickle: bool,
+                      recipe_file: Path | None, csv: Path | None) -> None:
+    """`inspect --mode train`: a table per batch size of the training step's memory (planner.training)."""
+    import dataclasses
+
+    import pandas as pd
+    from rich.table import Table
+
+    from planner.recipes import default_recipes, load_recipe_file, select_recipes
+    from planner.sources import resolve_source
+    from planner.training import SGD_MOMENTUM, training_row
+
+    chosen = select_recipes(load_recipe_file(recipe_file) if recipe_file else default_recipes(), recipes)
+    source = resolve_source(model, weights=weights, trust_pickle=trust_pickle, input_shape=input_shape,
+                            input_dtype=input_dtype)
+    rows = []
+    for batch in _batch_sizes(batch_size):
+        batched = dataclasses.replace(source, batch_size=batch) if batch else source
+        size = batch or int(batched.example_inputs()[0].shape[0])
+        rows.append([training_row(batched, recipe, size, optimizer, verify) for recipe in chosen])
+    optimizer_text = f"sgd, momentum {SGD_MOMENTUM}" if optimizer == "sgd" else optimizer
+    for batch_rows in rows:
+        frame = pd.DataFrame(batch_rows).drop(columns=["batch", "optimizer", "note"])
+        table = Table(title=f"{model}: one training step, batch {batch_rows[0]['batch']}, {optimizer_text} "
+                            "(loss = sum of output means; peaks include the parameters)")
+        for column in frame.columns:
+            table.add_column(str(column), overflow="fold")
+        for _, row in frame.iterrows():
+            table.add_row(*[_training_cell(str(column), value) for column, value in row.items()])
+        console.print(table)
+        for row in batch_rows:
+            if row["note"]:
+                console.print(f"{row['recipe']}: {row['note']}", markup=False, highlight=False)
+    if csv:
+        from planner.report import write_atomic
+
+        write_atomic(csv, pd.DataFrame([row for batch_rows in rows for row in batch_rows]).to_csv(index=False))
+        console.print(f"wrote {csv}")
+
+
+def _training_cell(column: str, value: object) -> str:
+    from planner.units import format_bytes
+
+    if value is None or value != value:  # missing, or NaN where another row has the column
+        return "-"
+    if column.startswith("diff"):
+        return f"{float(value):+.1%}"  # type: ignore[arg-type]
+    return format_bytes(value) if isinstance(value, int | float) else str(value)  # type: ignore[arg-type]
 
 
 def _batch_sizes(text: str | None) -> list[int | None]:

@@ -1,0 +1,117 @@
+"""The measured twin of planner.training: real training steps in a fresh process.
+
+The parent starts `python -m planner.train_verify JOB.json RESULT.json` once per (batch, dtype, optimizer), with the
+same malloc settings as planner.verify (freed blocks go straight back to the OS). The process:
+
+1. imports torch, warms the framework up with two tiny training steps of the same optimizer and a tiny backward
+   through convolution, attention and LSTM (thread pools, oneDNN initialisation, autograd engine: first-use
+   costs of the framework, which planner.verify also keeps in the baseline), and builds the example input;
+2. builds the model with real (random or given) weights and constructs the optimizer (no state yet: torch creates
+   it in the first step): resident parameters = RSS growth;
+3. runs one forward without autograd and takes the baseline RSS. What that forward leaves resident is the model's
+   own lazy initialisation (transformers imports code on its first forward, kernels pick implementations): like
+   planner.verify, it is kept out of the steps and reported (first_forward_kept_bytes);
+4. runs TRACED_STEPS training steps (planner.training.train_step, the very function the analytic trace runs),
+   each from a reset high-water mark (/proc/self/clear_refs): step k's peak = parameters + VmHWM - baseline.
+
+Step 1 includes the creation of the optimizer state; step 2 starts with it resident (the steady state).
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from planner.verify import _proc_status_kib, release_freed_memory, reset_peak, worker_main
+
+
+def _warm_up(optimizer_name: str, dtype: Any) -> None:
+    import torch
+
+    from planner.scratch import warm_up_kernels
+    from planner.training import make_optimizer, train_step
+
+    warm_up_kernels()
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).to(dtype)
+    x = torch.randn(4, 64, dtype=dtype)
+    optimizer = make_optimizer(optimizer_name, list(layer.parameters()))
+    for _ in range(2):
+        train_step(lambda: layer(x), optimizer)
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from planner.footprint import cast_inputs
+    from planner.recipes import DTYPES
+    from planner.sources import ModelSource
+    from planner.training import make_optimizer, train_step
+
+    dtype = DTYPES[job["dtype"]]
+    torch.manual_seed(0)
+    release_freed_memory()
+    before_warm_up = _proc_status_kib("VmRSS")
+    _warm_up(job["optimizer"], dtype)
+    release_freed_memory()
+    warm_up_bytes = _proc_status_kib("VmRSS") - before_warm_up
+    source = ModelSource.from_json(job["source"])
+    inputs = cast_inputs(source.example_inputs(), dtype)
+    release_freed_memory()
+    before_model = _proc_status_kib("VmRSS")
+    model = source.build("cpu").to(dtype).train()
+    optimizer = make_optimizer(job["optimizer"], [p for p in model.parameters() if p.requires_grad])
+    release_freed_memory()
+    loaded = _proc_status_kib("VmRSS")
+    params_resident = loaded - before_model
+    with torch.no_grad():
+        model(*inputs)
+    release_freed_memory()
+    baseline = _proc_status_kib("VmRSS")
+    steps = []
+    exact = True
+    for _ in range(job["steps"]):
+        release_freed_memory()
+        exact = reset_peak() and exact
+        start = _proc_status_kib("VmRSS")
+        started = time.perf_counter()
+        train_step(lambda: model(*inputs), optimizer)
+        seconds = time.perf_counter() - started
+        peak = _proc_status_kib("VmHWM")
+        steps.append({"peak_bytes": params_resident + peak - baseline,
+                      "start_bytes": params_resident + start - baseline, "seconds": seconds})
+    return {"param_resident_bytes": params_resident, "baseline_rss_bytes": baseline, "steps": steps,
+            "framework_warm_up_bytes": warm_up_bytes, "first_forward_kept_bytes": baseline - loaded,
+            "peak_is_exact": exact}
+
+
+@dataclass
+class MeasuredTraining:
+    step_peaks: list[int] | None  # parameters resident + peak growth of each step over the baseline
+    param_resident_bytes: int | None
+    failure: str | None = None
+    first_forward_kept_bytes: int = 0  # lazy initialisation of the model's first forward (not in the steps)
+
+
+def measure_training(source_json: dict[str, Any], dtype: str, optimizer: str, steps: int, *,
+                     timeout_s: float = 900.0, memory_cap_bytes: int | None = None) -> MeasuredTraining:
+    """Run the worker isolated (planner.pipeline.run_worker) and return its step peaks or why it failed."""
+    from planner.pipeline import PlanOptions, run_worker
+
+    options = PlanOptions(budget_bytes=0, timeout_s=timeout_s)
+    if memory_cap_bytes is not None:
+        options.memory_cap_bytes = memory_cap_bytes
+    job = {"source": source_json, "dtype": dtype, "optimizer": optimizer, "steps": steps}
+    with tempfile.TemporaryDirectory(prefix="planner-train-") as workdir:
+        result = run_worker(job, Path(workdir), "train", options, worker="planner.train_verify")
+    if result.get("status") != "verified":
+        return MeasuredTraining(None, None, result.get("note", "measurement failed"))
+    return MeasuredTraining([step["peak_bytes"] for step in result["steps"]], result["param_resident_bytes"],
+                            first_forward_kept_bytes=result["first_forward_kept_bytes"])
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1:], run_job))
