@@ -71,6 +71,9 @@ class ActivationReport:
     per_module: dict[str, ModuleActivation] = field(default_factory=dict)
     fused_ops: list[str] = field(default_factory=list)
     transient_bytes: int = 0
+    scratch_calls: list[str] = field(default_factory=list)  # kernels with hidden workspace met (planner.scratch)
+    scratch_applied: dict[str, int] = field(default_factory=dict)  # op -> largest measured workspace added
+    scratch_missing: list[str] = field(default_factory=list)  # ops whose workspace at these shapes is unmeasured
 
 
 @dataclass
@@ -126,8 +129,14 @@ def _has_python_decomposition(func: torch._ops.OpOverload) -> bool:
 class _LivenessTracker(TorchDispatchMode):
     """Tracks live bytes of storages created by ops during the forward."""
 
-    def __init__(self, preexisting: set[int]) -> None:
+    def __init__(self, preexisting: set[int], scratch: dict[str, Any] | None = None) -> None:
         super().__init__()
+        # Measured workspace of kernels the trace cannot see into (planner.scratch), by call signature; None
+        # leaves it out. The signatures met are collected either way, so missing ones can be measured.
+        self.scratch = scratch
+        self.scratch_calls: dict[str, None] = {}  # signatures of the calls with hidden workspace, in trace order
+        self.scratch_applied: dict[str, int] = {}  # op -> largest transient scratch added
+        self.scratch_missing: set[str] = set()  # ops met at signatures with no measurement
         self.preexisting = set(preexisting)
         self.live: dict[int, int] = {}        # storage key -> bytes
         self.serial: dict[int, int] = {}      # storage key -> serial of the allocation now holding it
@@ -154,7 +163,46 @@ class _LivenessTracker(TorchDispatchMode):
             if packet in _FUSED_OPS or func.namespace not in ("aten", "prim", "prims"):
                 self.fused_ops.add(packet)
         self._record_outputs(out, _storage_keys((args, kwargs)))
+        self._add_scratch(func, args, kwargs, out)
         return out
+
+    def _add_scratch(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any) -> None:
+        """A kernel with measured hidden workspace: its real output sizes, and its transient workspace on top of
+        what is live right after it (outputs included), as both coexist."""
+        from planner.scratch import SCRATCH_OPS, Scratch, op_signature
+
+        packet = str(func.overloadpacket)
+        if packet not in SCRATCH_OPS:
+            return
+        signature = op_signature(func, args, kwargs)
+        if signature is None:
+            return
+        measured = (self.scratch or {}).get(signature)
+        if measured is None:
+            self.scratch_missing.add(packet)
+            measured = Scratch(0, 0)
+        self._first_call(signature, measured)
+        self.scratch_calls[signature] = None
+        self._grow_outputs(out, measured)
+        if measured.transient:
+            self._note_peak(self.live_bytes + measured.transient)
+            self.scratch_applied[packet] = max(measured.transient, self.scratch_applied.get(packet, 0))
+
+    def _first_call(self, signature: str, measured: Any) -> None:
+        """Hook for what a kernel keeps after its first call (training adds it; an inference measurement runs a
+        forward before its baseline, so there it is part of the baseline)."""
+
+    def _grow_outputs(self, out: Any, measured: Any) -> None:
+        """Outputs the meta kernel makes smaller than the real one: the resident difference lives as long as the
+        output does."""
+        leaves = [leaf for leaf in pytree.tree_leaves(out) if isinstance(leaf, torch.Tensor)]
+        for leaf, real in zip(leaves, measured.output_sizes, strict=False):
+            storage = leaf.untyped_storage()
+            missing = int((real - storage.nbytes()) * measured.touched_fraction)
+            if missing > 0 and storage._cdata in self.live:
+                self.live[storage._cdata] += missing  # freed with the storage by the finalizer
+                self.live_bytes += missing
+                self._note_peak(self.live_bytes)
 
     def _record_outputs(self, out: Any, arg_keys: dict[int, int]) -> None:
         for leaf in pytree.tree_leaves(out):
@@ -323,7 +371,8 @@ def _on_meta(tensors: list[torch.Tensor]) -> bool:
 
 
 def activation_peak(model: nn.Module, inputs: tuple[torch.Tensor, ...], *,
-                    simulate_device: str | None = "cpu", memoize: bool = True) -> ActivationReport:
+                    simulate_device: str | None = "cpu", memoize: bool = True,
+                    scratch: dict[str, Any] | None = None) -> ActivationReport:
     """Peak live activation bytes of one `model(*inputs)` under inference_mode.
 
     Parameters, buffers and inputs are not counted; the outputs are (they are alive at the end).
@@ -340,7 +389,7 @@ def activation_peak(model: nn.Module, inputs: tuple[torch.Tensor, ...], *,
         inputs = tuple(_fake_on(t, fake_mode, simulate_device) for t in inputs)
 
     preexisting = set(_storage_keys((state, inputs)))
-    tracker = _LivenessTracker(preexisting)
+    tracker = _LivenessTracker(preexisting, scratch)
     per_module: dict[str, ModuleActivation] = {}
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
@@ -361,6 +410,9 @@ def activation_peak(model: nn.Module, inputs: tuple[torch.Tensor, ...], *,
         per_module=per_module,
         fused_ops=sorted(tracker.fused_ops),
         transient_bytes=max((m.transient_bytes for m in per_module.values()), default=0),
+        scratch_calls=list(tracker.scratch_calls),
+        scratch_applied=dict(tracker.scratch_applied),
+        scratch_missing=sorted(tracker.scratch_missing),
     )
 
 

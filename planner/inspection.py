@@ -17,6 +17,7 @@ from torch import nn
 from planner.activations import ActivationReport, activation_peak
 from planner.footprint import Footprint, cast_inputs, weight_footprint, weightless_recipe_model
 from planner.recipes import Recipe
+from planner.scratch import SCRATCH_OPS, load_cache
 
 
 @dataclass
@@ -53,8 +54,9 @@ def inspect_model(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], recip
                   batch: int) -> Inspection:
     """The per-layer table for one batch size; its activation columns are those of the first recipe."""
     footprints = {recipe.name: weight_footprint(meta_model, recipe) for recipe in recipes}
+    scratch = load_cache()  # kernel workspace measured by earlier plans on this machine; inspect measures nothing
     reports = {recipe.name: activation_peak(weightless_recipe_model(meta_model, recipe)[0],
-                                            cast_inputs(inputs, recipe.torch_dtype, "meta"))
+                                            cast_inputs(inputs, recipe.torch_dtype, "meta"), scratch=scratch)
                for recipe in recipes}
     activations = reports[recipes[0].name]
     shapes = output_shapes(meta_model, cast_inputs(inputs, torch.float32, "meta"))
@@ -91,5 +93,8 @@ def summary_row(inspection: Inspection, recipe: Recipe) -> dict[str, Any]:
         "activation peak bytes": activations.peak_bytes,
         "runtime bytes": footprint.weight_bytes + activations.peak_bytes,
         "peak in": activations.peak_module or "(top)",
-        "fused kernels (workspace not counted)": ", ".join(sorted(set(activations.fused_ops))),
+        "kernel workspace (measured, cached)": ", ".join(f"{op.removeprefix('aten.')} {nbytes:,}" for op, nbytes
+                                                        in sorted(activations.scratch_applied.items())),
+        "workspace not counted": ", ".join(sorted(set(activations.fused_ops) - SCRATCH_OPS
+                                                  | set(activations.scratch_missing))),
     }

@@ -37,11 +37,14 @@ import torch
 
 from planner.verify import _proc_status_kib, release_freed_memory, reset_peak, worker_main
 
+# Under inference_mode the composite ops reach the tracker undecomposed (no autograd key runs their
+# decomposition), so inference meets conv2d and lstm where training meets convolution and mkldnn_rnn_layer.
+INFERENCE_OPS = frozenset({"aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.lstm", "aten.gru"})
 SCRATCH_OPS = frozenset({
     "aten.convolution", "aten.convolution_backward",
     "aten._scaled_dot_product_flash_attention_for_cpu", "aten._scaled_dot_product_flash_attention_for_cpu_backward",
     "aten.mkldnn_rnn_layer", "aten.mkldnn_rnn_layer_backward",
-})
+}) | INFERENCE_OPS
 # oneDNN's RNN backward reads the forward's opaque workspace: the child runs that forward first (see _prepare).
 # Below this a measured scratch is page noise (the measurement's resolution is one 4 kB page per allocation).
 NOISE_BYTES = 64 * 1024
@@ -207,6 +210,11 @@ def _measure(signature: str, generator: torch.Generator) -> Scratch:
     func = _op(call["op"])
     args = _prepare(call["op"], _build(call["args"], generator))
     kwargs = {name: _build(value, generator) for name, value in call["kwargs"].items()}
+    with torch.inference_mode(call["op"].rpartition(".")[0] in INFERENCE_OPS):
+        return _measure_call(func, args, kwargs)
+
+
+def _measure_call(func: torch._ops.OpOverload, args: list[Any], kwargs: dict[str, Any]) -> Scratch:
     release_freed_memory()
     before_first = _proc_status_kib("VmRSS")
     first_output = func(*args, **kwargs)

@@ -33,13 +33,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from planner.activations import _fake_on, _LivenessTracker, _state, _storage_keys
 from planner.errors import PlannerError
 from planner.footprint import cast_inputs
 from planner.recipes import Recipe
-from planner.scratch import SCRATCH_OPS, Scratch, load_cache, op_signature, scratch_bytes
+from planner.scratch import SCRATCH_OPS, Scratch, load_cache, scratch_bytes
 
 MODES = ("infer", "train")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -157,47 +156,19 @@ class _PhasedTracker(_LivenessTracker):
     the measured scratch of kernels with hidden workspace (planner.scratch) on top of what is live after them."""
 
     def __init__(self, preexisting: set[int], scratch: dict[str, Scratch]) -> None:
-        super().__init__(preexisting)
+        super().__init__(preexisting, scratch)
         self.phase = ""
         self.window_peak = 0
         self.window_phase = ""
-        self.scratch = scratch
-        self.scratch_calls: dict[str, None] = {}  # signatures of the calls with hidden workspace, in trace order
-        self.scratch_applied: dict[str, int] = {}  # op -> largest transient scratch added
         self.kept_bytes = 0  # what the library keeps after first calls (scratchpads, caches), never freed
 
-    def __torch_dispatch__(self, func: torch._ops.OpOverload, types: Any, args: tuple = (),
-                           kwargs: dict | None = None) -> Any:
-        out = super().__torch_dispatch__(func, types, args, kwargs)
-        packet = str(func.overloadpacket)
-        if packet in SCRATCH_OPS and out is not NotImplemented:
-            signature = op_signature(func, args, kwargs or {})
-            if signature is not None:
-                measured = self.scratch.get(signature, Scratch(0, 0))
-                # What a forward kernel keeps after its first use is in the baseline (the measured twin, like
-                # planner.verify, runs one forward first); backward kernels first run inside the step.
-                if signature not in self.scratch_calls and measured.kept and self.phase != "forward":
-                    self.live_bytes += measured.kept
-                    self.kept_bytes += measured.kept
-                    self._note_peak(self.live_bytes)
-                self.scratch_calls[signature] = None
-                self._grow_outputs(out, measured)
-                if measured.transient:  # while `out` is held: the workspace and the outputs coexist
-                    self._note_peak(self.live_bytes + measured.transient)
-                    self.scratch_applied[packet] = max(measured.transient, self.scratch_applied.get(packet, 0))
-        return out
-
-    def _grow_outputs(self, out: Any, measured: Scratch) -> None:
-        """Outputs the meta kernel makes smaller than the real one: the resident difference lives as long as the
-        output does."""
-        leaves = [leaf for leaf in pytree.tree_leaves(out) if isinstance(leaf, torch.Tensor)]
-        for leaf, real in zip(leaves, measured.output_sizes, strict=False):
-            storage = leaf.untyped_storage()
-            missing = int((real - storage.nbytes()) * measured.touched_fraction)
-            if missing > 0 and storage._cdata in self.live:
-                self.live[storage._cdata] += missing  # freed with the storage by the tracker's own finalizer
-                self.live_bytes += missing
-                self._note_peak(self.live_bytes)
+    def _first_call(self, signature: str, measured: Scratch) -> None:
+        # What a forward kernel keeps after its first use is in the baseline (the measured twin, like
+        # planner.verify, runs one forward first); backward kernels first run inside the step.
+        if signature not in self.scratch_calls and measured.kept and self.phase != "forward":
+            self.live_bytes += measured.kept
+            self.kept_bytes += measured.kept
+            self._note_peak(self.live_bytes)
 
     def start_window(self) -> None:
         self.window_peak = self.live_bytes
