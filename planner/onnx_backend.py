@@ -48,7 +48,7 @@ GRAPH_BYTES_PER_TENSOR = 100
 FP16_CAST_BYTES = 450
 QUANTIZED_NODE_BYTES = {"int8-dynamic": 495, "int4-weight-only": 0}
 # Layer types the ONNX quantizers can reach: a Linear's weight becomes the constant B of a MatMul.
-ONNX_QUANTIZABLE_LAYERS = frozenset({"Linear"})
+ONNX_QUANTIZABLE_LAYERS = frozenset({"Linear", "Conv1D"})  # Conv1D exports as MatMul/Gemm too
 # The quantized node kinds each scheme produces, for `count_quantized_nodes`.
 QUANTIZED_OP_TYPES = {"int8-dynamic": ("MatMulInteger", "DynamicQuantizeMatMul"),
                       "int4-weight-only": ("MatMulNBits",)}
