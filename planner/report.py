@@ -185,6 +185,12 @@ def write_outputs(result: Any, directory: Path) -> list[Path]:
     write_atomic(directory / "layers.csv", layers_frame(result.footprints).to_csv(index=False))
     write_atomic(directory / "plan.png", chart_png(result))
     written += [directory / "layers.csv", directory / "plan.png"]
+    for row in result.rows:  # mixed-precision recipes, re-applicable with --recipe-file
+        if row.get("recipe_toml"):
+            from planner.mixed import file_name
+
+            write_atomic(directory / file_name(row["recipe"]), row["recipe_toml"])
+            written.append(directory / file_name(row["recipe"]))
     return written
 
 
@@ -209,9 +215,11 @@ def chart_png(result: Any) -> bytes:
         quality = ceiling if sqnr is not None and math.isinf(sqnr) and sqnr > 0 else sqnr
         if quality is None:
             continue
-        axes.scatter(row[key] / 1e6, quality, color="tab:green" if row.get("fits") else "tab:red")
+        axes.scatter(row[key] / 1e6, quality, color="tab:green" if row.get("fits") else "tab:red",
+                     marker="s" if "mixed_front" in row else "o")
         axes.annotate(row["recipe"], (row[key] / 1e6, quality), textcoords="offset points", xytext=(4, 4),
                       fontsize=8)
+    _draw_mixed(axes, result.rows, key, ceiling)
     axes.axvline(result.budget_bytes / 1e6, color="black", linestyle="--", label="budget")
     axes.set_xscale("log")
     axes.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
@@ -225,6 +233,23 @@ def chart_png(result: Any) -> bytes:
     figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
     return buffer.getvalue()
+
+
+def _draw_mixed(axes: Any, rows: list[dict[str, Any]], key: str, ceiling: float) -> None:
+    """The predicted trade-off curve of the mixed search (analytic size, predicted SQNR) and the verified
+    mixed rows joined along it."""
+    curve = next((row["mixed_front"] for row in rows if row.get("mixed_front")), None)
+    if curve:
+        points = [(size / 1e6, min(sqnr, ceiling)) for size, sqnr in curve if size > 0]
+        step = max(1, len(points) // 400)
+        shown = points[::step] + ([points[-1]] if points and (len(points) - 1) % step else [])
+        axes.step([x for x, _ in shown], [y for _, y in shown], where="post", color="tab:blue", alpha=0.6,
+                  linestyle=":", label="mixed: predicted front (analytic size)")
+    verified = sorted((row[key] / 1e6, row["sqnr_db"]) for row in rows if "mixed_front" in row
+                      and row.get("status") == "verified" and row.get(key) and row.get("sqnr_db") is not None
+                      and math.isfinite(row["sqnr_db"]))
+    if len(verified) > 1:
+        axes.plot([x for x, _ in verified], [y for _, y in verified], color="tab:blue", label="mixed: verified")
 
 
 def sha256(path: Path) -> str:

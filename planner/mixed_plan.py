@@ -1,0 +1,241 @@
+"""The mixed-precision stage of a plan: sensitivity → search → one verified `mixed:<budget>` row per budget.
+
+Runs after the uniform rows, on the same float32 reference and inputs, and verifies each chosen recipe with
+the same routine as every other row (pipeline._torch_row), so the rows compare in one table.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from planner import mixed
+from planner.errors import PlannerError
+from planner.footprint import Footprint, analytic_footprint, weight_footprint
+from planner.mixed import CANDIDATES, FrontPoint, Option
+from planner.recipes import LayerOverride, Recipe, layer_decision
+from planner.sources import ModelSource
+from planner.units import format_bytes, parse_size
+
+MAX_STEPS = 48  # analytic checks of the runtime peak stepping down the front one point at a time
+MAX_CHECKS = 64  # then faster jumps, up to this many checks per budget
+RANDOM_INPUTS_WARNING = ("sensitivity measured on the example inputs (random values, not real data): "
+                         "pass --calibration FILE with real inputs")
+
+
+def searchable_layers(meta_model: nn.Module, base: Recipe) -> dict[str, list[LayerOverride]]:
+    """Each layer some candidate precision can quantize, with those candidates (the shared decision)."""
+    layers: dict[str, list[LayerOverride]] = {}
+    for fqn, module in meta_model.named_modules():
+        for template in CANDIDATES[1:]:
+            probe = _with_override(base, fqn, template)
+            if layer_decision(module, fqn, probe)[1]:
+                layers.setdefault(fqn, []).append(template)
+    return layers
+
+
+def _with_override(base: Recipe, fqn: str, template: LayerOverride, name: str = "probe") -> Recipe:
+    override = LayerOverride(fqn, template.quantize, template.bits, template.group_size, template.mapping)
+    return Recipe(name=name, dtype=base.dtype, layers=base.layers, layer_overrides=(override,))
+
+
+def option_costs(meta_model: nn.Module, base: Recipe, layers: dict[str, list[LayerOverride]], budget_on: str
+                 ) -> dict[str, dict[str, int]]:
+    """Bytes each precision adds to the float model at each layer (negative: saves), in the budgeted
+    measure: resident weights for a runtime budget, the file for a disk budget. Exact deltas of the footprint."""
+    def measure(footprint: Footprint) -> int:
+        return footprint.weight_bytes if budget_on == "runtime" else footprint.disk_bytes
+
+    baseline = measure(weight_footprint(meta_model, base))
+    return {fqn: {t.label: measure(weight_footprint(meta_model, _with_override(base, fqn, t))) - baseline
+                  for t in templates} for fqn, templates in layers.items()}
+
+
+def layer_options(layers: dict[str, list[LayerOverride]], costs: dict[str, dict[str, int]],
+                  sqnrs: dict[str, dict[str, float | None]]) -> list[list[Option]]:
+    """Float (cost 0, noise 0) plus every candidate that quantizes the layer, with its measured noise."""
+    return [[Option(CANDIDATES[0].label, 0, 0.0)]
+            + [Option(t.label, costs[fqn][t.label], mixed.noise_power(sqnrs.get(t.label, {}).get(fqn)))
+               for t in templates]
+            for fqn, templates in layers.items()]
+
+
+def fit_budget(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], base: Recipe, name: str,
+               fqns: list[str], options: list[list[Option]], front: list[FrontPoint], budget: int, budget_on: str,
+               baseline: Footprint) -> tuple[FrontPoint, Recipe, Footprint] | str:
+    """The least-noise assignment whose full analytic footprint fits; otherwise the reason it cannot."""
+    measure = baseline.weight_bytes if budget_on == "runtime" else baseline.disk_bytes
+    activation = (baseline.activation_bytes or 0) if budget_on == "runtime" else 0
+    limit = budget - measure - activation
+    for steps in range(MAX_CHECKS):
+        point = mixed.best_under(front, limit)
+        if point is None:
+            smallest = front[0].cost + measure + activation
+            return (f"no per-layer assignment fits {format_bytes(budget)} analytically: the smallest needs about "
+                    f"{format_bytes(smallest)} {budget_on}")
+        chosen = mixed.assignment(fqns, options, point)
+        recipe = mixed.mixed_recipe(name, base, chosen, f"per-layer precision chosen for {format_bytes(budget)} "
+                                    f"{budget_on}, predicted SQNR {mixed.predicted_sqnr(point.noise):.1f} dB")
+        footprint = analytic_footprint(meta_model, inputs, recipe)
+        size = footprint.runtime_bytes if budget_on == "runtime" else footprint.disk_bytes
+        if size is None:  # activations could not be traced: weights plus the float model's activations
+            size = footprint.weight_bytes + activation
+        if size <= budget:
+            return point, recipe, footprint
+        # Over: mostly transient dequantized weights raising the activation peak. Step down the front to the
+        # next cheaper point; after many steps, jump by assuming this point's activation peak for the rest.
+        jump = budget - measure - (footprint.activation_bytes or activation)
+        limit = point.cost - 1 if steps < MAX_STEPS or jump >= point.cost else jump
+    return f"no assignment found within {MAX_CHECKS} analytic checks of the runtime peak"
+
+
+def _sensitivities(source: ModelSource, meta_model: nn.Module, layers: dict[str, list[LayerOverride]],
+                   fp32_path: Path, workdir: Path, options: Any) -> tuple[dict[str, dict[str, float | None]], str]:
+    """Run the sensitivity worker isolated; returns the table and a note on inputs, caching and time."""
+    from planner.pipeline import run_worker
+
+    inputs_path = workdir / "inputs.pt"
+    note = RANDOM_INPUTS_WARNING
+    if options.calibration:
+        from planner.sensitivity import load_calibration
+
+        calibration = load_calibration(Path(options.calibration), source.example_inputs())
+        inputs_path = workdir / "calibration.pt"
+        torch.save(calibration, inputs_path)
+        rows = calibration[0].shape[0]
+        note = f"sensitivity measured on --calibration {Path(options.calibration).name} ({rows} rows)"
+    precisions = [{"label": t.label, "override": {"fqn": "", "quantize": t.quantize, "bits": t.bits,
+                                                  "group_size": t.group_size, "mapping": t.mapping}}
+                  for t in CANDIDATES[1:]]
+    per_label = {t.label: [fqn for fqn, templates in layers.items() if t in templates] for t in CANDIDATES[1:]}
+    job = {"source": source.to_json(), "fp32": str(fp32_path), "inputs": str(inputs_path),
+           "precisions": [p for p in precisions if per_label[p["label"]]], "layers": per_label}
+    result = run_worker(job, workdir, "sensitivity", options, worker="planner.sensitivity")
+    if result["status"] != "verified":
+        raise SensitivityFailed(result.get("note", "").replace("verification failed: ", ""))
+    table = {label: {fqn: (float(v) if isinstance(v, str) else v) for fqn, v in values.items()}
+             for label, values in result["sqnr_db"].items()}
+    timing = ", ".join(f"{label} {seconds:.0f} s" for label, seconds in result.get("seconds", {}).items())
+    cached = ", ".join(result.get("cached", []))
+    details = "; ".join(part for part in (f"computed {timing}" if timing else "", f"cached: {cached}" if cached else "")
+                        if part)
+    return table, f"{note} ({details})" if details else note
+
+
+class SensitivityFailed(Exception):
+    """The sensitivity worker crashed, ran out of time or memory: the mixed rows say so."""
+
+
+def _unsupported_row(name: str, backend: str, reason: str, budget_on: str, status: str = "unsupported"
+                     ) -> dict[str, Any]:
+    from planner.pipeline import _set_figures
+
+    row: dict[str, Any] = {"recipe": name, "backend": backend, "status": status, "note": reason,
+                           "touches": "per-layer precision (mixed)"}
+    _set_figures(row, {}, None)
+    row.update(fits=False, artifact=None)
+    return row
+
+
+def _summary(chosen: dict[str, str]) -> str:
+    if len(chosen) <= 8:
+        return ", ".join(f"{fqn} {label}" for fqn, label in chosen.items())
+    return ", ".join(f"{count} layer(s) {label}" for label, count in Counter(chosen.values()).items())
+
+
+def _layer_comment(fqn: str, module: nn.Module, sqnrs: dict[str, dict[str, float | None]],
+                   costs: dict[str, int]) -> str:
+    weight = getattr(module, "weight", None)
+    shape = "×".join(map(str, weight.shape)) if isinstance(weight, torch.Tensor) else ""
+    parts = [f"{label} {sqnrs[label][fqn]:.1f} dB ({format_bytes(-costs[label])} saved)"
+             for label in costs if sqnrs.get(label, {}).get(fqn) is not None]
+    return f"{fqn} ({type(module).__name__} {shape}): output SQNR with only this layer changed: {', '.join(parts)}"
+
+
+def mixed_rows(source: ModelSource, fp32_path: Path, reference: dict[str, Any], workdir: Path, fmt: str,
+               options: Any, footprints: dict[str, Footprint], report: Callable[[str], None]) -> list[dict[str, Any]]:
+    """One verified row per --mixed budget (and an unsupported ONNX Runtime row where that backend runs)."""
+    from planner.pipeline import _torch_row
+
+    names = [f"mixed:{text.replace(' ', '')}" for text in options.mixed_budgets]
+    rows: list[dict[str, Any]] = []
+    if "onnxruntime" in options.backends:
+        rows += [_unsupported_row(name, "onnxruntime", "per-layer mixed recipes are applied with torchao only; the "
+                                  "ONNX Runtime backend quantizes the whole graph (per-node exclusion is not wired in)",
+                                  options.budget_on) for name in names]
+    if "torch" not in options.backends:
+        return rows
+    if source.kind == "torchscript":
+        return rows + [_unsupported_row(name, "torch", "torchao cannot quantize a TorchScript module; give a factory "
+                                        "(file.py:build) or a .pt2", options.budget_on) for name in names]
+    report("mixed precision: per-layer sensitivity")
+    meta_model = source.build("meta")
+    inputs = source.example_inputs()
+    base = Recipe("float32", dtype="float32")
+    layers = searchable_layers(meta_model, base)
+    if not layers:
+        return rows + [_unsupported_row(name, "torch", "no layer any candidate precision can quantize",
+                                        options.budget_on) for name in names]
+    costs = option_costs(meta_model, base, layers, options.budget_on)
+    try:
+        sqnrs, sensitivity_note = _sensitivities(source, meta_model, layers, fp32_path, workdir, options)
+    except SensitivityFailed as error:
+        return rows + [_unsupported_row(name, "torch", f"per-layer sensitivity failed: {error}", options.budget_on,
+                                        status="failed") for name in names]
+    fqns = list(layers)
+    per_layer = layer_options(layers, costs, sqnrs)
+    front, thinned = mixed.pareto_front(per_layer)
+    baseline = analytic_footprint(meta_model, inputs, base)
+    measure = baseline.weight_bytes if options.budget_on == "runtime" else baseline.disk_bytes
+    activation = (baseline.activation_bytes or 0) if options.budget_on == "runtime" else 0
+    curve = [[measure + activation + point.cost, mixed.predicted_sqnr(point.noise)] for point in front]
+    modules = dict(meta_model.named_modules())
+    for name, text in zip(names, options.mixed_budgets, strict=True):
+        budget = parse_size(text)
+        report(f"mixed precision: searching and verifying {name}")
+        fitted = fit_budget(meta_model, inputs, base, name, fqns, per_layer, front, budget, options.budget_on,
+                            baseline)
+        if isinstance(fitted, str):
+            rows.append(_unsupported_row(name, "torch", fitted, options.budget_on))
+            continue
+        point, recipe, footprint = fitted
+        chosen = mixed.assignment(fqns, per_layer, point)
+        predicted = mixed.predicted_sqnr(point.noise)
+        footprint.notes = [f"per layer: {_summary(chosen)}", sensitivity_note,
+                           f"predicted SQNR {predicted:.1f} dB (sum of per-layer noise powers)", *footprint.notes]
+        if any(label.startswith("int4") for label in chosen.values()):
+            footprint.notes.append("int4 layers run with float32 activations (prototype kernel: slower than bf16)")
+        if thinned:
+            footprint.notes.append(f"trade-off curve thinned to {mixed.MAX_FRONT_POINTS} points: optimum not exact")
+        footprints[name] = footprint
+        row = _torch_row(source, recipe, footprint, fp32_path, reference, workdir, fmt, options, report)
+        verified = row.get("sqnr_db")
+        if row["status"] == "verified" and verified is not None and math.isfinite(verified):
+            row["note"] += f"; verified SQNR {verified - predicted:+.1f} dB from predicted"
+        comments = {fqn: _layer_comment(fqn, modules[fqn], sqnrs, costs[fqn]) for fqn in fqns}
+        header = [f"Mixed-precision recipe chosen by planner for {source.spec}, {format_bytes(budget)} "
+                  f"{options.budget_on} budget.",
+                  f"Predicted output SQNR {predicted:.1f} dB (sum of per-layer noise powers); {sensitivity_note}.",
+                  f"Re-apply: planner plan {source.spec} --budget {text} --recipe-file {mixed.file_name(name)}",
+                  "Edit freely: quantize = none | int8-weight-only | int8-dynamic | int4-weight-only (group_size)."]
+        row.update(recipe_toml=mixed.recipe_toml(recipe, header, comments), recipe_json=recipe.to_json(),
+                   mixed_front=curve, predicted_sqnr_db=predicted)
+        rows.append(row)
+    return rows
+
+
+def parse_budgets(budget: str, extra: str | None) -> tuple[str, ...]:
+    """--mixed uses the plan's budget; --mixed-budgets adds more (a sweep along the trade-off curve)."""
+    texts = [budget] + [part.strip() for part in (extra or "").split(",") if part.strip()]
+    for text in texts:
+        parse_size(text)  # a PlannerError names the bad one
+    unique = list(dict.fromkeys(text.replace(" ", "") for text in texts))
+    if len(unique) > 12:
+        raise PlannerError("--mixed-budgets: give at most 11 extra budgets (each is verified for real)")
+    return tuple(unique)
