@@ -25,6 +25,7 @@ from planner.units import format_bytes, parse_size
 
 MAX_STEPS = 48  # analytic checks of the runtime peak stepping down the front one point at a time
 MAX_CHECKS = 64  # then faster jumps, up to this many checks per budget
+CURVE_POINTS = 24  # front points drawn in plan.png with their full analytic runtime footprint
 RANDOM_INPUTS_WARNING = ("sensitivity measured on the example inputs (random values, not real data): "
                          "pass --calibration FILE with real inputs")
 
@@ -58,17 +59,19 @@ def option_costs(meta_model: nn.Module, base: Recipe, layers: dict[str, list[Lay
 
 
 def layer_options(layers: dict[str, list[LayerOverride]], costs: dict[str, dict[str, int]],
-                  sqnrs: dict[str, dict[str, float | None]]) -> list[list[Option]]:
-    """Float (cost 0, noise 0) plus every candidate that quantizes the layer, with its measured noise."""
+                  sqnrs: dict[str, dict[str, float | None]], base_noise: float = 0.0) -> list[list[Option]]:
+    """Float (cost 0, noise 0) plus every candidate that quantizes the layer, with its measured noise above the
+    base model's own (a bfloat16 base has some; clamped at zero where a layer measured quieter than the base)."""
     return [[Option(CANDIDATES[0].label, 0, 0.0)]
-            + [Option(t.label, costs[fqn][t.label], mixed.noise_power(sqnrs.get(t.label, {}).get(fqn)))
+            + [Option(t.label, costs[fqn][t.label],
+                      max(mixed.noise_power(sqnrs.get(t.label, {}).get(fqn)) - base_noise, 0.0))
                for t in templates]
             for fqn, templates in layers.items()]
 
 
 def fit_budget(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], base: Recipe, name: str,
                fqns: list[str], options: list[list[Option]], front: list[FrontPoint], budget: int, budget_on: str,
-               baseline: Footprint) -> tuple[FrontPoint, Recipe, Footprint] | str:
+               baseline: Footprint, base_noise: float = 0.0) -> tuple[FrontPoint, Recipe, Footprint] | str:
     """The least-noise assignment whose full analytic footprint fits; otherwise the reason it cannot."""
     measure = baseline.weight_bytes if budget_on == "runtime" else baseline.disk_bytes
     activation = (baseline.activation_bytes or 0) if budget_on == "runtime" else 0
@@ -80,8 +83,9 @@ def fit_budget(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], base: Re
             return (f"no per-layer assignment fits {format_bytes(budget)} analytically: the smallest needs about "
                     f"{format_bytes(smallest)} {budget_on}")
         chosen = mixed.assignment(fqns, options, point)
+        predicted = mixed.predicted_sqnr(point.noise + base_noise)
         recipe = mixed.mixed_recipe(name, base, chosen, f"per-layer precision chosen for {format_bytes(budget)} "
-                                    f"{budget_on}, predicted SQNR {mixed.predicted_sqnr(point.noise):.1f} dB")
+                                    f"{budget_on}, predicted SQNR {predicted:.1f} dB")
         footprint = analytic_footprint(meta_model, inputs, recipe)
         size = footprint.runtime_bytes if budget_on == "runtime" else footprint.disk_bytes
         if size is None:  # activations could not be traced: weights plus the float model's activations
@@ -95,9 +99,29 @@ def fit_budget(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], base: Re
     return f"no assignment found within {MAX_CHECKS} analytic checks of the runtime peak"
 
 
+def front_curve(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], base: Recipe, fqns: list[str],
+                options: list[list[Option]], front: list[FrontPoint], budget_on: str, measure: int,
+                base_noise: float = 0.0) -> list[list[float]]:
+    """(analytic size, predicted SQNR) along the front for plan.png. Disk is additive, so exact from the costs;
+    a runtime peak is not, so up to CURVE_POINTS points get their full analytic footprint."""
+    if budget_on == "disk":
+        return [[measure + point.cost, mixed.predicted_sqnr(point.noise + base_noise)] for point in front]
+    step = max(1, math.ceil(len(front) / CURVE_POINTS))
+    sampled = front[::step] + ([front[-1]] if (len(front) - 1) % step else [])
+    curve = []
+    for point in sampled:
+        recipe = mixed.mixed_recipe("curve", base, mixed.assignment(fqns, options, point))
+        footprint = analytic_footprint(meta_model, inputs, recipe)
+        if footprint.runtime_bytes is not None:
+            curve.append([footprint.runtime_bytes, mixed.predicted_sqnr(point.noise + base_noise)])
+    return sorted(curve)
+
+
 def _sensitivities(source: ModelSource, meta_model: nn.Module, layers: dict[str, list[LayerOverride]],
-                   fp32_path: Path, workdir: Path, options: Any) -> tuple[dict[str, dict[str, float | None]], str]:
-    """Run the sensitivity worker isolated; returns the table and a note on inputs, caching and time."""
+                   fp32_path: Path, workdir: Path, options: Any, dtype: str
+                   ) -> tuple[dict[str, dict[str, float | None]], float, str]:
+    """Run the sensitivity worker isolated; returns the table, the base model's noise power (0 for float32) and a
+    note on inputs, caching and time."""
     from planner.pipeline import run_worker
 
     inputs_path = workdir / "inputs.pt"
@@ -115,7 +139,7 @@ def _sensitivities(source: ModelSource, meta_model: nn.Module, layers: dict[str,
                   for t in CANDIDATES[1:]]
     per_label = {t.label: [fqn for fqn, templates in layers.items() if t in templates] for t in CANDIDATES[1:]}
     job = {"source": source.to_json(), "fp32": str(fp32_path), "inputs": str(inputs_path),
-           "precisions": [p for p in precisions if per_label[p["label"]]], "layers": per_label}
+           "precisions": [p for p in precisions if per_label[p["label"]]], "layers": per_label, "dtype": dtype}
     result = run_worker(job, workdir, "sensitivity", options, worker="planner.sensitivity")
     if result["status"] != "verified":
         raise SensitivityFailed(result.get("note", "").replace("verification failed: ", ""))
@@ -125,7 +149,11 @@ def _sensitivities(source: ModelSource, meta_model: nn.Module, layers: dict[str,
     cached = ", ".join(result.get("cached", []))
     details = "; ".join(part for part in (f"computed {timing}" if timing else "", f"cached: {cached}" if cached else "")
                         if part)
-    return table, f"{note} ({details})" if details else note
+    base = result.get("base_sqnr_db")
+    base_noise = mixed.noise_power(float(base) if isinstance(base, str) else base)
+    if not math.isfinite(base_noise):
+        raise SensitivityFailed(f"the {dtype} model's output cannot be compared with float32's")
+    return table, base_noise, f"{note} ({details})" if details else note
 
 
 class SensitivityFailed(Exception):
@@ -177,39 +205,42 @@ def mixed_rows(source: ModelSource, fp32_path: Path, reference: dict[str, Any], 
     report("mixed precision: per-layer sensitivity")
     meta_model = source.build("meta")
     inputs = source.example_inputs()
-    base = Recipe("float32", dtype="float32")
+    base = Recipe(options.mixed_dtype, dtype=options.mixed_dtype)
     layers = searchable_layers(meta_model, base)
     if not layers:
         return rows + [_unsupported_row(name, "torch", "no layer any candidate precision can quantize",
                                         options.budget_on) for name in names]
     costs = option_costs(meta_model, base, layers, options.budget_on)
     try:
-        sqnrs, sensitivity_note = _sensitivities(source, meta_model, layers, fp32_path, workdir, options)
+        sqnrs, base_noise, sensitivity_note = _sensitivities(source, meta_model, layers, fp32_path, workdir, options,
+                                                             base.dtype)
     except SensitivityFailed as error:
         return rows + [_unsupported_row(name, "torch", f"per-layer sensitivity failed: {error}", options.budget_on,
                                         status="failed") for name in names]
     fqns = list(layers)
-    per_layer = layer_options(layers, costs, sqnrs)
+    per_layer = layer_options(layers, costs, sqnrs, base_noise)
     front, thinned = mixed.pareto_front(per_layer)
     baseline = analytic_footprint(meta_model, inputs, base)
     measure = baseline.weight_bytes if options.budget_on == "runtime" else baseline.disk_bytes
-    activation = (baseline.activation_bytes or 0) if options.budget_on == "runtime" else 0
-    curve = [[measure + activation + point.cost, mixed.predicted_sqnr(point.noise)] for point in front]
+    curve = front_curve(meta_model, inputs, base, fqns, per_layer, front, options.budget_on, measure, base_noise)
     modules = dict(meta_model.named_modules())
     for name, text in zip(names, options.mixed_budgets, strict=True):
         budget = parse_size(text)
         report(f"mixed precision: searching and verifying {name}")
         fitted = fit_budget(meta_model, inputs, base, name, fqns, per_layer, front, budget, options.budget_on,
-                            baseline)
+                            baseline, base_noise)
         if isinstance(fitted, str):
             rows.append(_unsupported_row(name, "torch", fitted, options.budget_on))
             continue
         point, recipe, footprint = fitted
         chosen = mixed.assignment(fqns, per_layer, point)
-        predicted = mixed.predicted_sqnr(point.noise)
+        predicted = mixed.predicted_sqnr(point.noise + base_noise)
         footprint.notes = [f"per layer: {_summary(chosen)}", sensitivity_note,
                            f"predicted SQNR {predicted:.1f} dB (sum of per-layer noise powers)", *footprint.notes]
-        if any(label.startswith("int4") for label in chosen.values()):
+        if base.dtype != "float32":
+            footprint.notes.append(f"every other layer and all activations in {base.dtype} (its own error is in "
+                                   "the prediction)")
+        elif any(label.startswith("int4") for label in chosen.values()):
             footprint.notes.append("int4 layers run with float32 activations (prototype kernel: slower than bf16)")
         if thinned:
             footprint.notes.append(f"trade-off curve thinned to {mixed.MAX_FRONT_POINTS} points: optimum not exact")

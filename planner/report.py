@@ -243,8 +243,8 @@ def _draw_mixed(axes: Any, rows: list[dict[str, Any]], key: str, ceiling: float)
         points = [(size / 1e6, min(sqnr, ceiling)) for size, sqnr in curve if size > 0]
         step = max(1, len(points) // 400)
         shown = points[::step] + ([points[-1]] if points and (len(points) - 1) % step else [])
-        axes.step([x for x, _ in shown], [y for _, y in shown], where="post", color="tab:blue", alpha=0.6,
-                  linestyle=":", label="mixed: predicted front (analytic size)")
+        axes.plot([x for x, _ in shown], [y for _, y in shown], color="tab:blue", alpha=0.6, linestyle=":",
+                  marker=".", label="mixed: search front (analytic size, predicted SQNR)")
     verified = sorted((row[key] / 1e6, row["sqnr_db"]) for row in rows if "mixed_front" in row
                       and row.get("status") == "verified" and row.get(key) and row.get("sqnr_db") is not None
                       and math.isfinite(row["sqnr_db"]))

@@ -15,6 +15,7 @@ import copy
 import gc
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -120,7 +121,8 @@ def layer_sqnrs(model: nn.Module, inputs: tuple[torch.Tensor, ...], reference: l
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """job: source, fp32 (state dict), inputs (.pt tuple), precisions [{label, override}], layers {label: [fqn]}."""
+    """job: source, fp32 (state dict), inputs (.pt tuple), precisions [{label, override}], layers {label: [fqn]},
+    dtype (of the base model: float32 or bfloat16)."""
     from planner.artifact import load_reference
     from planner.recipes import LayerOverride, Recipe, import_tensor_types
     from planner.sources import ModelSource
@@ -134,6 +136,19 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     inputs_hash = tensors_digest([(str(i), t) for i, t in enumerate(inputs)])
     with torch.inference_mode():
         reference = _floating_outputs(model(*inputs))
+    # A bfloat16 base: every layer runs in bf16 and each SQNR is against the float32 reference, so the base's
+    # own error is in every figure; the caller subtracts it (base_sqnr_db).
+    dtype = job.get("dtype", "float32")
+    base_sqnr: float | None = math.inf
+    if dtype != "float32":
+        from planner.footprint import cast_inputs
+        from planner.recipes import DTYPES
+        from planner.verify import compare_outputs
+
+        model = model.to(DTYPES[dtype])
+        inputs = cast_inputs(inputs, DTYPES[dtype])
+        with torch.inference_mode():
+            base_sqnr = compare_outputs(reference, _floating_outputs(model(*inputs)))["sqnr_db"]
     folder = Path(job.get("cache_dir") or cache_dir())
     table: dict[str, dict[str, float | None]] = {}
     cached: list[str] = []
@@ -141,14 +156,14 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     for precision in job["precisions"]:
         label, override = precision["label"], LayerOverride(**precision["override"])
         layers = job["layers"][label]
-        key = cache_key(source.spec, weights_hash, inputs_hash, {**precision, "layers": layers})
+        key = cache_key(source.spec, weights_hash, inputs_hash, {**precision, "layers": layers, "dtype": dtype})
         path = folder / f"{key}.json"
         if path.exists():
             table[label] = json.loads(path.read_text())["sqnr_db"]
             cached.append(label)
             continue
         started = time.perf_counter()
-        layer_recipe = Recipe("sensitivity", quantize=override.quantize, bits=override.bits,
+        layer_recipe = Recipe("sensitivity", dtype=dtype, quantize=override.quantize, bits=override.bits,
                               group_size=override.group_size, mapping=override.mapping)
         assert layer_recipe.scheme is not None
         sqnrs = layer_sqnrs(model, inputs, reference, layers, layer_recipe.scheme.make_config(layer_recipe))
@@ -160,8 +175,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
                                          "sqnr_db": {k: _finite_or_text(v) for k, v in sqnrs.items()}}))
         temporary.replace(path)
     table = {label: {fqn: _number(value) for fqn, value in sqnrs.items()} for label, sqnrs in table.items()}
-    return {"sqnr_db": table, "cached": cached, "seconds": seconds, "weights_hash": weights_hash,
-            "inputs_hash": inputs_hash}
+    return {"sqnr_db": table, "base_sqnr_db": base_sqnr, "cached": cached, "seconds": seconds,
+            "weights_hash": weights_hash, "inputs_hash": inputs_hash}
 
 
 def _finite_or_text(value: float | None) -> float | str | None:

@@ -3,6 +3,7 @@ sensitivity pass is right and cached, and `planner plan --mixed` beats the unifo
 
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -23,8 +24,10 @@ HERE = Path(__file__).parent
 MLP = f"{HERE / 'mixed_mlp.py'}:build"
 
 
-def planner(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "planner.cli", *args], capture_output=True, text=True, timeout=600)
+def planner(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PLANNER_CACHE_DIR=str(cache))  # never the user's ~/.cache
+    return subprocess.run([sys.executable, "-m", "planner.cli", *args], capture_output=True, text=True, timeout=600,
+                          env=env)
 
 
 def mlp() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
@@ -224,7 +227,7 @@ def test_calibration_file_is_validated(tmp_path: Path) -> None:
 def test_plan_mixed_fits_is_verified_and_beats_uniform_int4(tmp_path: Path) -> None:
     out = tmp_path / "out"
     done = planner("plan", MLP, "--budget", "1.3MB", "--budget-on", "disk", "--mixed", "--backend", "torch",
-                   "--recipes", "fp32,int8-dynamic,int4-g128", "--out", str(out))
+                   "--recipes", "fp32,int8-dynamic,int4-g128", "--out", str(out), cache=tmp_path / "cache")
     assert done.returncode == 0, done.stderr
     rows = {row["recipe"]: row for row in json.loads((out / "plan.json").read_text())["rows"]}
     assert rows["int8-dynamic"]["fits"] is False  # uniform int8 misses the budget
@@ -233,12 +236,42 @@ def test_plan_mixed_fits_is_verified_and_beats_uniform_int4(tmp_path: Path) -> N
     assert mixed_row["verified_disk_bytes"] <= 1_300_000
     assert mixed_row["sqnr_db"] > int4["sqnr_db"] + 1.0
     assert "predicted SQNR" in mixed_row["note"] and "random values" in mixed_row["note"]
+    assert len(list((tmp_path / "cache" / "sensitivity").glob("*.json"))) == 3  # one per precision
     (recipe,) = load_recipe_file(out / "mixed-1.3MB.toml")
     assert any(o.quantize == "int4-weight-only" for o in recipe.layer_overrides)
     # The exported file re-applies to the same model: same bytes on disk.
     again = planner("plan", MLP, "--budget", "1.3MB", "--budget-on", "disk", "--backend", "torch",
-                    "--recipe-file", str(out / "mixed-1.3MB.toml"), "--out", str(tmp_path / "again"))
+                    "--recipe-file", str(out / "mixed-1.3MB.toml"), "--out", str(tmp_path / "again"),
+                    cache=tmp_path / "cache")
     assert again.returncode == 0, again.stderr
     (row,) = json.loads((tmp_path / "again" / "plan.json").read_text())["rows"]
     assert row["verified_disk_bytes"] == mixed_row["verified_disk_bytes"]
     assert row["sqnr_db"] == pytest.approx(mixed_row["sqnr_db"], abs=0.01)
+
+
+def test_bfloat16_base_sensitivity_includes_the_base_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from planner import sensitivity
+    from planner.verify import compare_outputs
+
+    monkeypatch.setenv("PLANNER_CACHE_DIR", str(tmp_path / "cache"))
+    model, inputs = mlp()
+    torch.save(model.state_dict(), tmp_path / "fp32.pt")
+    torch.save(inputs, tmp_path / "inputs.pt")
+    precision = {"label": "int8-dynamic", "override": {"fqn": "", "quantize": "int8-dynamic", "bits": 8,
+                                                       "group_size": 128, "mapping": "asymmetric"}}
+    job = {"source": resolve_source(MLP).to_json(), "fp32": str(tmp_path / "fp32.pt"),
+           "inputs": str(tmp_path / "inputs.pt"), "precisions": [precision], "layers": {"int8-dynamic": ["4"]},
+           "dtype": "bfloat16"}
+    result = sensitivity.run_job(job)
+    with torch.inference_mode():
+        reference = [model(*inputs)]
+        bf16 = compare_outputs(reference, [mlp()[0].to(torch.bfloat16)(inputs[0].bfloat16()).float()])["sqnr_db"]
+    assert result["base_sqnr_db"] == pytest.approx(bf16, abs=1e-6)
+    recipe = mixed.mixed_recipe("m", Recipe("bfloat16", dtype="bfloat16"), {"4": "int8-dynamic"})
+    assert recipe.dtype == "bfloat16"
+    applied, _ = apply_recipe(mlp()[0], recipe)
+    with torch.inference_mode():
+        direct = compare_outputs(reference, [applied(inputs[0].bfloat16()).float()])["sqnr_db"]
+    assert result["sqnr_db"]["int8-dynamic"]["4"] == pytest.approx(direct, abs=1e-6)
+    assert direct < bf16  # the layer's quantization adds to the base's own error
+    assert sensitivity.run_job(dict(job, dtype="float32"))["cached"] == []  # the dtype is part of the key
