@@ -57,8 +57,9 @@ def plan(
                                                            "e.g. 300MB,400MB; implies --mixed")] = None,
     calibration: Annotated[Path | None, typer.Option(help="real inputs for the mixed sensitivity pass: .pt "
                                                           "(tensor or tuple) or .safetensors")] = None,
-    mixed_dtype: Annotated[str, typer.Option(help="mixed recipes' float layers and activations: float32, or "
-                                                  "bfloat16 (faster int4 on CPU, smaller float layers)")] = "float32",
+    mixed_dtype: Annotated[str, typer.Option(help="mixed recipes' float layers and activations: float32, bfloat16 "
+                                                  "(faster int4 on CPU, smaller float layers) or auto (search both, "
+                                                  "keep the better prediction per budget)")] = "auto",
     debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
 ) -> None:
     """Enumerate recipes, estimate each, verify each for real, rank them against the budget."""
@@ -77,8 +78,8 @@ def plan(
     mixed_texts = parse_budgets(budget, mixed_budgets) if mixed or mixed_budgets else ()
     if calibration is not None and not mixed_texts:
         raise PlannerError("--calibration is used by the mixed-precision search: add --mixed")
-    if mixed_dtype not in ("float32", "bfloat16"):
-        raise PlannerError(f"--mixed-dtype {mixed_dtype!r}: use float32 or bfloat16")
+    if mixed_dtype not in ("auto", "float32", "bfloat16"):
+        raise PlannerError(f"--mixed-dtype {mixed_dtype!r}: use auto, float32 or bfloat16")
     available = load_recipe_file(recipe_file) if recipe_file else default_recipes()
     chosen = select_recipes(available, recipes)
     from planner import report

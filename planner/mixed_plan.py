@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from planner.recipes import LayerOverride, Recipe, layer_decision
 from planner.sources import ModelSource
 from planner.units import format_bytes, parse_size
 
+MIXED_BASES = ("float32", "bfloat16")  # --mixed-dtype auto searches both and keeps the better prediction
 MAX_STEPS = 48  # analytic checks of the runtime peak stepping down the front one point at a time
 MAX_CHECKS = 64  # then faster jumps, up to this many checks per budget
 CURVE_POINTS = 24  # front points drawn in plan.png with their full analytic runtime footprint
@@ -186,6 +188,71 @@ def _layer_comment(fqn: str, module: nn.Module, sqnrs: dict[str, dict[str, float
     return f"{fqn} ({type(module).__name__} {shape}): output SQNR with only this layer changed: {', '.join(parts)}"
 
 
+@dataclass
+class Search:
+    """Everything the search needs for one base dtype: layers, costs, measured noise, the front."""
+
+    base: Recipe
+    layers: dict[str, list[LayerOverride]]
+    costs: dict[str, dict[str, int]]
+    sqnrs: dict[str, dict[str, float | None]]
+    base_noise: float
+    note: str
+    options: list[list[Option]]
+    front: list[FrontPoint]
+    thinned: bool
+    baseline: Footprint
+    curve: list[list[float]]
+
+
+def _search(source: ModelSource, meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], dtype: str,
+            fp32_path: Path, workdir: Path, options: Any) -> Search | str:
+    """Sensitivity (cached), costs and the front for one base dtype; the reason when there is nothing to search."""
+    base = Recipe(dtype, dtype=dtype)
+    layers = searchable_layers(meta_model, base)
+    if not layers:
+        return "no layer any candidate precision can quantize"
+    costs = option_costs(meta_model, base, layers, options.budget_on)
+    sqnrs, base_noise, note = _sensitivities(source, meta_model, layers, fp32_path, workdir, options, dtype)
+    per_layer = layer_options(layers, costs, sqnrs, base_noise)
+    front, thinned = mixed.pareto_front(per_layer)
+    baseline = analytic_footprint(meta_model, inputs, base)
+    measure = baseline.weight_bytes if options.budget_on == "runtime" else baseline.disk_bytes
+    curve = front_curve(meta_model, inputs, base, list(layers), per_layer, front, options.budget_on, measure,
+                        base_noise)
+    return Search(base, layers, costs, sqnrs, base_noise, note, per_layer, front, thinned, baseline, curve)
+
+
+def _best_fit(searches: list[Search], meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], name: str,
+              budget: int, budget_on: str) -> tuple[Search, FrontPoint, Recipe, Footprint, list[str]] | str:
+    """The base whose best fitting assignment has the highest predicted SQNR; notes on the bases not taken."""
+    fits: list[tuple[float, Search, FrontPoint, Recipe, Footprint]] = []
+    reasons = []
+    for search in searches:
+        fitted = fit_budget(meta_model, inputs, search.base, name, list(search.layers), search.options, search.front,
+                            budget, budget_on, search.baseline, search.base_noise)
+        if isinstance(fitted, str):
+            reasons.append(f"{search.base.dtype} base: {fitted}" if len(searches) > 1 else fitted)
+        else:
+            fits.append((mixed.predicted_sqnr(fitted[0].noise + search.base_noise), search, *fitted))
+    if not fits:
+        return "; ".join(reasons)
+    fits.sort(key=lambda item: -item[0])
+    _, search, point, recipe, footprint = fits[0]
+    others = [f"{other.base.dtype} base predicted {sqnr:.1f} dB" for sqnr, other, *_ in fits[1:]] + reasons
+    notes = [f"{search.base.dtype} base chosen over: " + "; ".join(others)] if others else []
+    return search, point, recipe, footprint, notes
+
+
+def _joint_curve(searches: list[Search]) -> list[list[float]]:
+    """The trade-off curve over every base searched: the points no other beats on size and predicted SQNR."""
+    curve: list[list[float]] = []
+    for size, sqnr in sorted(point for search in searches for point in search.curve):
+        if not curve or sqnr > curve[-1][1]:
+            curve.append([size, sqnr])
+    return curve
+
+
 def mixed_rows(source: ModelSource, fp32_path: Path, reference: dict[str, Any], workdir: Path, fmt: str,
                options: Any, footprints: dict[str, Footprint], report: Callable[[str], None]) -> list[dict[str, Any]]:
     """One verified row per --mixed budget (and an unsupported ONNX Runtime row where that backend runs)."""
@@ -205,54 +272,47 @@ def mixed_rows(source: ModelSource, fp32_path: Path, reference: dict[str, Any], 
     report("mixed precision: per-layer sensitivity")
     meta_model = source.build("meta")
     inputs = source.example_inputs()
-    base = Recipe(options.mixed_dtype, dtype=options.mixed_dtype)
-    layers = searchable_layers(meta_model, base)
-    if not layers:
-        return rows + [_unsupported_row(name, "torch", "no layer any candidate precision can quantize",
-                                        options.budget_on) for name in names]
-    costs = option_costs(meta_model, base, layers, options.budget_on)
-    try:
-        sqnrs, base_noise, sensitivity_note = _sensitivities(source, meta_model, layers, fp32_path, workdir, options,
-                                                             base.dtype)
-    except SensitivityFailed as error:
-        return rows + [_unsupported_row(name, "torch", f"per-layer sensitivity failed: {error}", options.budget_on,
-                                        status="failed") for name in names]
-    fqns = list(layers)
-    per_layer = layer_options(layers, costs, sqnrs, base_noise)
-    front, thinned = mixed.pareto_front(per_layer)
-    baseline = analytic_footprint(meta_model, inputs, base)
-    measure = baseline.weight_bytes if options.budget_on == "runtime" else baseline.disk_bytes
-    curve = front_curve(meta_model, inputs, base, fqns, per_layer, front, options.budget_on, measure, base_noise)
+    searches: list[Search] = []
+    for dtype in MIXED_BASES if options.mixed_dtype == "auto" else (options.mixed_dtype,):
+        try:
+            found = _search(source, meta_model, inputs, dtype, fp32_path, workdir, options)
+        except SensitivityFailed as error:
+            return rows + [_unsupported_row(name, "torch", f"per-layer sensitivity ({dtype}) failed: {error}",
+                                            options.budget_on, status="failed") for name in names]
+        if isinstance(found, str):
+            return rows + [_unsupported_row(name, "torch", found, options.budget_on) for name in names]
+        searches.append(found)
+    curve = _joint_curve(searches)
     modules = dict(meta_model.named_modules())
     for name, text in zip(names, options.mixed_budgets, strict=True):
         budget = parse_size(text)
         report(f"mixed precision: searching and verifying {name}")
-        fitted = fit_budget(meta_model, inputs, base, name, fqns, per_layer, front, budget, options.budget_on,
-                            baseline, base_noise)
-        if isinstance(fitted, str):
-            rows.append(_unsupported_row(name, "torch", fitted, options.budget_on))
+        best = _best_fit(searches, meta_model, inputs, name, budget, options.budget_on)
+        if isinstance(best, str):
+            rows.append(_unsupported_row(name, "torch", best, options.budget_on))
             continue
-        point, recipe, footprint = fitted
-        chosen = mixed.assignment(fqns, per_layer, point)
-        predicted = mixed.predicted_sqnr(point.noise + base_noise)
-        footprint.notes = [f"per layer: {_summary(chosen)}", sensitivity_note,
-                           f"predicted SQNR {predicted:.1f} dB (sum of per-layer noise powers)", *footprint.notes]
-        if base.dtype != "float32":
-            footprint.notes.append(f"every other layer and all activations in {base.dtype} (its own error is in "
-                                   "the prediction)")
+        search, point, recipe, footprint, base_notes = best
+        chosen = mixed.assignment(list(search.layers), search.options, point)
+        predicted = mixed.predicted_sqnr(point.noise + search.base_noise)
+        footprint.notes = [f"per layer: {_summary(chosen)}", search.note,
+                           f"predicted SQNR {predicted:.1f} dB (sum of per-layer noise powers)", *base_notes,
+                           *footprint.notes]
+        if search.base.dtype != "float32":
+            footprint.notes.append(f"every other layer and all activations in {search.base.dtype} (its own error "
+                                   "is in the prediction)")
         elif any(label.startswith("int4") for label in chosen.values()):
             footprint.notes.append("int4 layers run with float32 activations (prototype kernel: slower than bf16)")
-        if thinned:
+        if search.thinned:
             footprint.notes.append(f"trade-off curve thinned to {mixed.MAX_FRONT_POINTS} points: optimum not exact")
         footprints[name] = footprint
         row = _torch_row(source, recipe, footprint, fp32_path, reference, workdir, fmt, options, report)
         verified = row.get("sqnr_db")
         if row["status"] == "verified" and verified is not None and math.isfinite(verified):
             row["note"] += f"; verified SQNR {verified - predicted:+.1f} dB from predicted"
-        comments = {fqn: _layer_comment(fqn, modules[fqn], sqnrs, costs[fqn]) for fqn in fqns}
+        comments = {fqn: _layer_comment(fqn, modules[fqn], search.sqnrs, search.costs[fqn]) for fqn in search.layers}
         header = [f"Mixed-precision recipe chosen by planner for {source.spec}, {format_bytes(budget)} "
-                  f"{options.budget_on} budget.",
-                  f"Predicted output SQNR {predicted:.1f} dB (sum of per-layer noise powers); {sensitivity_note}.",
+                  f"{options.budget_on} budget, {search.base.dtype} base.",
+                  f"Predicted output SQNR {predicted:.1f} dB (sum of per-layer noise powers); {search.note}.",
                   f"Re-apply: planner plan {source.spec} --budget {text} --recipe-file {mixed.file_name(name)}",
                   "Edit freely: quantize = none | int8-weight-only | int8-dynamic | int4-weight-only (group_size)."]
         row.update(recipe_toml=mixed.recipe_toml(recipe, header, comments), recipe_json=recipe.to_json(),

@@ -50,7 +50,7 @@ class PlanOptions:
     keep_all_artifacts: bool = False  # otherwise only those that fit the budget survive verification
     mixed_budgets: tuple[str, ...] = ()  # a verified mixed:<budget> row for each (planner.mixed_plan)
     calibration: str | None = None  # real inputs for the mixed-precision sensitivity pass
-    mixed_dtype: str = "float32"  # dtype of the mixed recipes' float layers and activations
+    mixed_dtype: str = "auto"  # the mixed recipes' float layers and activations: float32, bfloat16 or auto (both)
 
 
 @dataclass

@@ -216,7 +216,7 @@ class Recipe:
         if override is None:
             return self
         return replace(self, quantize=override.quantize, bits=override.bits, group_size=override.group_size,
-                       mapping=override.mapping, layers=(type(module).__name__,), layer_overrides=())
+                       mapping=override.mapping, layer_overrides=())
 
     def touches(self) -> str:
         """Which tensors the recipe changes, in words, for the table and `planner recipes`."""

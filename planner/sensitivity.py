@@ -154,23 +154,25 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     for precision in job["precisions"]:
         label, override = precision["label"], LayerOverride(**precision["override"])
         layers = job["layers"][label]
-        key = cache_key(source.spec, weights_hash, inputs_hash, {**precision, "layers": layers, "dtype": dtype})
-        path = folder / f"{key}.json"
-        if path.exists():
-            table[label] = json.loads(path.read_text())["sqnr_db"]
+        # One file per precision, layer by layer: a later plan that needs a subset (or more layers) reuses them.
+        path = folder / f"{cache_key(source.spec, weights_hash, inputs_hash, {**precision, 'dtype': dtype})}.json"
+        known = {k: _number(v) for k, v in json.loads(path.read_text())["sqnr_db"].items()} if path.exists() else {}
+        missing = [fqn for fqn in layers if fqn not in known]
+        if not missing:
+            table[label] = {fqn: known[fqn] for fqn in layers}
             cached.append(label)
             continue
         started = time.perf_counter()
         layer_recipe = Recipe("sensitivity", dtype=dtype, quantize=override.quantize, bits=override.bits,
                               group_size=override.group_size, mapping=override.mapping)
         assert layer_recipe.scheme is not None
-        sqnrs = layer_sqnrs(model, inputs, reference, layers, layer_recipe.scheme.make_config(layer_recipe))
+        known.update(layer_sqnrs(model, inputs, reference, missing, layer_recipe.scheme.make_config(layer_recipe)))
         seconds[label] = time.perf_counter() - started
-        table[label] = sqnrs
+        table[label] = {fqn: known[fqn] for fqn in layers}
         folder.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps({"model": source.spec, "precision": precision,
-                                         "sqnr_db": {k: _finite_or_text(v) for k, v in sqnrs.items()}}))
+        temporary.write_text(json.dumps({"model": source.spec, "precision": precision, "dtype": dtype,
+                                         "sqnr_db": {k: _finite_or_text(v) for k, v in known.items()}}))
         temporary.replace(path)
     table = {label: {fqn: _number(value) for fqn, value in sqnrs.items()} for label, sqnrs in table.items()}
     return {"sqnr_db": table, "base_sqnr_db": base_sqnr, "cached": cached, "seconds": seconds,

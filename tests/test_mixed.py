@@ -236,7 +236,7 @@ def test_plan_mixed_fits_is_verified_and_beats_uniform_int4(tmp_path: Path) -> N
     assert mixed_row["verified_disk_bytes"] <= 1_300_000
     assert mixed_row["sqnr_db"] > int4["sqnr_db"] + 1.0
     assert "predicted SQNR" in mixed_row["note"] and "random values" in mixed_row["note"]
-    assert len(list((tmp_path / "cache" / "sensitivity").glob("*.json"))) == 3  # one per precision
+    assert len(list((tmp_path / "cache" / "sensitivity").glob("*.json"))) == 6  # per precision and base dtype
     (recipe,) = load_recipe_file(out / "mixed-1.3MB.toml")
     assert any(o.quantize == "int4-weight-only" for o in recipe.layer_overrides)
     # The exported file re-applies to the same model: same bytes on disk.
