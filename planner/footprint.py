@@ -145,8 +145,9 @@ def weightless_recipe_model(meta_model: nn.Module, recipe: Recipe) -> tuple[nn.M
         from planner.recipes import quantize_per_layer
 
         left = quantize_per_layer(model, recipe, weightless=True)
-        return model, (f"activations of layer(s) {', '.join(left)} traced in {recipe.dtype} without their "
-                       "quantization (the scheme cannot run on meta)" if left else "")
+        named = ", ".join(left) if len(left) <= 3 else f"{len(left)} layers ({', '.join(left[:2])}, ...)"
+        return model, (f"activations of {named} traced in {recipe.dtype} without their quantization (the scheme "
+                       "cannot run on meta)" if left else "")
     if scheme is None:
         return model, ""
     if not scheme.weightless_ok:

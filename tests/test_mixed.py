@@ -16,7 +16,7 @@ from planner import mixed
 from planner.errors import PlannerError
 from planner.footprint import weight_footprint
 from planner.mixed import Option
-from planner.mixed_plan import fit_budget, layer_options, option_costs, searchable_layers
+from planner.mixed_plan import fit_budget, layer_options, option_costs, safety_margin, searchable_layers
 from planner.recipes import Recipe, apply_recipe, check_layer_overrides, layer_decision, load_recipe_file
 from planner.sources import resolve_source
 
@@ -98,15 +98,16 @@ def test_runtime_budget_fit_checks_the_full_analytic_footprint() -> None:
     from planner.footprint import analytic_footprint
 
     baseline = analytic_footprint(meta, inputs, base)
-    budget = 2_200_000
-    point, recipe, footprint = fit_budget(meta, inputs, base, "mixed:2.2MB", list(layers), options, front, budget,
+    budget = 4_200_000  # 2.2 MB once the 2 MB measurement margin is taken
+    point, recipe, footprint = fit_budget(meta, inputs, base, "mixed:4.2MB", list(layers), options, front, budget,
                                           "runtime", baseline)
-    assert footprint.runtime_bytes is not None and footprint.runtime_bytes <= budget
+    limit = budget - safety_margin(budget, "runtime")  # room for the measurement to land above the analytic figure
+    assert footprint.runtime_bytes is not None and footprint.runtime_bytes <= limit
     assert footprint.runtime_bytes == analytic_footprint(meta, inputs, recipe).runtime_bytes
     # Nothing quieter on the front fits once its activations (dequantized int8 weights) are counted.
     for better in (p for p in front if p.noise < point.noise):
         other = mixed.mixed_recipe("y", base, mixed.assignment(list(layers), options, better))
-        assert analytic_footprint(meta, inputs, other).runtime_bytes > budget
+        assert analytic_footprint(meta, inputs, other).runtime_bytes > limit
     too_small = fit_budget(meta, inputs, base, "mixed:1kB", list(layers), options, front, 1000, "runtime", baseline)
     assert isinstance(too_small, str) and "no per-layer assignment fits" in too_small
 
