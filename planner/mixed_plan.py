@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from planner import mixed
+from planner import mixed, rank
 from planner.errors import PlannerError
 from planner.footprint import Footprint, analytic_footprint, weight_footprint
 from planner.mixed import CANDIDATES, FrontPoint, Option
@@ -322,6 +322,9 @@ def mixed_rows(source: ModelSource, fp32_path: Path, reference: dict[str, Any], 
         verified = row.get("sqnr_db")
         if row["status"] == "verified" and verified is not None and math.isfinite(verified):
             row["note"] += f"; verified SQNR {verified - predicted:+.1f} dB from predicted"
+        if row["status"] == "verified" and text != options.mixed_budgets[0]:  # the fits column is the plan's budget
+            verdict = "fits" if rank.fits(row, budget, options.budget_on) else "misses"
+            row["note"] += f"; {verdict} its own {format_bytes(budget)} budget (verified)"
         comments = {fqn: _layer_comment(fqn, modules[fqn], search.sqnrs, search.costs[fqn]) for fqn in search.layers}
         header = [f"Mixed-precision recipe chosen by planner for {source.spec}, {format_bytes(budget)} "
                   f"{options.budget_on} budget, {search.base.dtype} base.",
