@@ -95,6 +95,10 @@ def plan(
 
     source = resolve_source(model, weights=weights, trust_pickle=trust_pickle, input_shape=input_shape,
                             input_dtype=input_dtype, batch_size=batch_size)
+    if calibration is not None:  # checked before any work, against the model's example input
+        from planner.sensitivity import load_calibration
+
+        load_calibration(calibration, source.example_inputs())
     options = PlanOptions(budget_bytes=budget_bytes, budget_on=budget_on, timeout_s=timeout,
                           keep_all_artifacts=export_all, backends=backends, mixed_budgets=mixed_texts,
                           calibration=str(calibration) if calibration else None, mixed_dtype=mixed_dtype)

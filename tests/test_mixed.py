@@ -276,3 +276,12 @@ def test_bfloat16_base_sensitivity_includes_the_base_error(tmp_path: Path, monke
     assert result["sqnr_db"]["int8-dynamic"]["4"] == pytest.approx(direct, abs=1e-6)
     assert direct < bf16  # the layer's quantization adds to the base's own error
     assert sensitivity.run_job(dict(job, dtype="float32"))["cached"] == []  # the dtype is part of the key
+
+
+def test_a_calibration_file_that_does_not_fit_the_model_is_one_line_before_any_work(tmp_path: Path) -> None:
+    torch.save(torch.randn(16, 99), tmp_path / "calibration.pt")
+    done = planner("plan", "zoo:simplenet", "--budget", "20kB", "--mixed", "--calibration",
+                   str(tmp_path / "calibration.pt"), "--backend", "torch", cache=tmp_path / "cache")
+    assert done.returncode == 2
+    assert "error: --calibration" in done.stderr and "the model takes (batch, 100)" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "cache").exists()
