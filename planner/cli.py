@@ -53,6 +53,15 @@ def plan(
     timeout: Annotated[float, typer.Option(help="seconds allowed to verify one recipe")] = 900.0,
     memory_cap: Annotated[str | None, typer.Option(help="resident memory one verification may use, e.g. 8GB "
                                                         "(default: 90% of the memory available at start)")] = None,
+    mixed: Annotated[bool, typer.Option(help="add a mixed:<budget> row: a precision per layer chosen from "
+                                             "measured sensitivities, verified like the others")] = False,
+    mixed_budgets: Annotated[str | None, typer.Option(help="more budgets for mixed rows (the trade-off curve), "
+                                                           "e.g. 300MB,400MB; implies --mixed")] = None,
+    calibration: Annotated[Path | None, typer.Option(help="real inputs for the mixed sensitivity pass: .pt "
+                                                          "(tensor or tuple) or .safetensors")] = None,
+    mixed_dtype: Annotated[str, typer.Option(help="mixed recipes' float layers and activations: float32, bfloat16 "
+                                                  "(faster int4 on CPU, smaller float layers) or auto (search both, "
+                                                  "keep the better prediction per budget)")] = "auto",
     debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
 ) -> None:
     """Enumerate recipes, estimate each, verify each for real, rank them against the budget."""
@@ -66,6 +75,13 @@ def plan(
     if timeout <= 0:
         raise PlannerError("--timeout must be a positive number of seconds")
     backends = parse_backends(backend)
+    from planner.mixed_plan import parse_budgets
+
+    mixed_texts = parse_budgets(budget, mixed_budgets) if mixed or mixed_budgets else ()
+    if calibration is not None and not mixed_texts:
+        raise PlannerError("--calibration is used by the mixed-precision search: add --mixed")
+    if mixed_dtype not in ("auto", "float32", "bfloat16"):
+        raise PlannerError(f"--mixed-dtype {mixed_dtype!r}: use auto, float32 or bfloat16")
     available = load_recipe_file(recipe_file) if recipe_file else default_recipes()
     chosen = select_recipes(available, recipes)
     from planner import report
@@ -81,8 +97,13 @@ def plan(
 
     source = resolve_source(model, weights=weights, trust_pickle=trust_pickle, input_shape=input_shape,
                             input_dtype=input_dtype, batch_size=batch_size)
+    if calibration is not None:  # checked before any work, against the model's example input
+        from planner.sensitivity import load_calibration
+
+        load_calibration(calibration, source.example_inputs())
     options = PlanOptions(budget_bytes=budget_bytes, budget_on=budget_on, timeout_s=timeout,
-                          keep_all_artifacts=export_all, backends=backends)
+                          keep_all_artifacts=export_all, backends=backends, mixed_budgets=mixed_texts,
+                          calibration=str(calibration) if calibration else None, mixed_dtype=mixed_dtype)
     if memory_cap_bytes is not None:  # else the default: what the machine can give now
         options.memory_cap_bytes = memory_cap_bytes
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -102,6 +123,7 @@ def plan(
             exported = ([(r["recipe"], r["backend"]) for r in result.rows if r.get("status") == "verified"]
                         if export_all else [(result.pick, result.pick_backend)] if result.pick else [])
             recipe_table = {r.name: r.to_json() for r in chosen}
+            recipe_table.update({r["recipe"]: r["recipe_json"] for r in result.rows if "recipe_json" in r})
             for path in report.export_artifacts(result, exported, export, recipe_table, source.to_json()):
                 console.print(f"exported {path}")
     finally:

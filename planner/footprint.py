@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from planner.recipes import Recipe, prunable, quantization_decision
+from planner.recipes import Recipe, layer_decision, prunable
 
 # torch.save's zip container: a fixed part plus a record per stored tensor (measured on torch 2.13:
 # 1.5 kB + about 300 B per storage for plain and torchao tensors alike).
@@ -74,7 +74,7 @@ def weight_footprint(model: nn.Module, recipe: Recipe) -> Footprint:
     skipped: dict[str, int] = {}
     tie_notes: set[str] = set()
     for name, module in model.named_modules():
-        is_quantized, reason = quantization_decision(module, recipe)
+        layer_recipe, is_quantized, reason = layer_decision(module, name, recipe)
         pruned += int(prunable(module, recipe))
         if reason:
             skipped[reason] = skipped.get(reason, 0) + 1
@@ -100,7 +100,7 @@ def weight_footprint(model: nn.Module, recipe: Recipe) -> Footprint:
                 params += tensor.numel()
             if quantize_this:
                 out_features, in_features = tensor.shape
-                layout = recipe.scheme.layout(out_features, in_features, recipe)  # type: ignore[union-attr]
+                layout = layer_recipe.scheme.layout(out_features, in_features, layer_recipe)  # type: ignore[union-attr]
                 size, count = layout.total_bytes, layout.storages
             else:
                 size, count = tensor_bytes_after(tensor, recipe), 1
@@ -143,15 +143,22 @@ def _coverage_notes(layers: list[LayerFootprint], recipe: Recipe) -> list[str]:
 
 def weightless_recipe_model(meta_model: nn.Module, recipe: Recipe) -> tuple[nn.Module, str]:
     """A meta copy of the model with the recipe's dtype and, where torchao allows, its quantization."""
+    from planner.recipes import layer_filter, linearize_conv1d
+
     model = copy.deepcopy(meta_model).to(recipe.torch_dtype)
     scheme = recipe.scheme
+    linearize_conv1d(model, recipe)  # what apply_recipe does before quantizing
+    if recipe.layer_overrides:
+        from planner.recipes import quantize_per_layer
+
+        left = quantize_per_layer(model, recipe, weightless=True)
+        named = ", ".join(left) if len(left) <= 3 else f"{len(left)} layers ({', '.join(left[:2])}, ...)"
+        return model, (f"activations of {named} traced in {recipe.dtype} without their quantization (the scheme "
+                       "cannot run on meta)" if left else "")
     if scheme is None:
         return model, ""
     if not scheme.weightless_ok:
         return model, f"activations traced on the {recipe.dtype} model ({scheme.name} cannot run on meta)"
-    from planner.recipes import layer_filter, linearize_conv1d
-
-    linearize_conv1d(model, recipe)
     quantize_on_meta(model, scheme.make_config(recipe), layer_filter(recipe))
     return model, ""
 

@@ -74,6 +74,9 @@ def inspect_model(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], recip
             layer = next((item for item in footprints[recipe.name].layers if item.name == key), None)
             size = layer.recipe_bytes if layer else 0
             row[f"{recipe.name} bytes"] = f"{size:,}{'*' if layer and layer.quantized else ''}"
+            if recipe.layer_overrides:  # a mixed recipe: the precision it chose for this layer
+                override = recipe.override_for(name)
+                row[f"{recipe.name} precision"] = override.label if override else ""
         row["output bytes"] = per_module.output_bytes if per_module else 0
         row["live bytes while running"] = per_module.peak_bytes if per_module else 0
         row["peak here"] = "◀ peak" if name == activations.peak_module and name else ""

@@ -26,7 +26,7 @@ from planner.baseline import framework_baseline
 from planner.errors import PlannerError
 from planner.footprint import Footprint, analytic_footprint
 from planner.isolation import default_memory_cap, describe_exit, run_module_isolated
-from planner.recipes import Recipe, UnsupportedRecipe, apply_recipe
+from planner.recipes import Recipe, UnsupportedRecipe, apply_recipe, check_layer_overrides
 from planner.sources import ModelSource
 from planner.units import format_bytes, relative_difference
 from planner.verify import MEASUREMENT_ENV, release_freed_memory, return_freed_memory_promptly
@@ -49,6 +49,9 @@ class PlanOptions:
     backends: tuple[str, ...] = ("torch",)
     keep_all_artifacts: bool = False  # otherwise only those that fit the budget survive verification
     framework_bytes: dict[str, int | None] = field(default_factory=dict)  # per backend, set by run_plan
+    mixed_budgets: tuple[str, ...] = ()  # a verified mixed:<budget> row for each (planner.mixed_plan)
+    calibration: str | None = None  # real inputs for the mixed-precision sensitivity pass
+    mixed_dtype: str = "auto"  # the mixed recipes' float layers and activations: float32, bfloat16 or auto (both)
 
 
 @dataclass
@@ -134,7 +137,7 @@ def _job(source: ModelSource, recipe: Recipe, artifact: Path, workdir: Path, sav
         "inputs": str(workdir / "inputs.pt"),
         "reference": str(workdir / "reference.pt"),
         "save_reference": save_reference,
-        "needs_torchao": recipe.scheme is not None,
+        "needs_torchao": recipe.quantizes,
         "recipe": recipe.to_json(),
     }
 
@@ -222,6 +225,8 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
     meta_model = source.build("meta")
     inputs = source.example_inputs()
     check_inputs_fit(source, meta_model, inputs)
+    for recipe in recipes:
+        check_layer_overrides(meta_model, recipe)
     footprints = {recipe.name: analytic_footprint(meta_model, inputs, recipe) for recipe in recipes}
     onnx_disk = _onnx_analytic_disk(meta_model, recipes) if "onnxruntime" in options.backends else {}
     del meta_model
@@ -293,6 +298,10 @@ def _verify_recipes(source: ModelSource, recipes: list[Recipe], footprints: dict
             report(f"applying {recipe.name}")
             rows.append(_torch_row(source, recipe, footprints[recipe.name], fp32_path, reference, workdir, fmt,
                                    options, report))
+    if options.mixed_budgets:
+        from planner.mixed_plan import mixed_rows
+
+        rows += mixed_rows(source, fp32_path, reference, workdir, fmt, options, footprints, report)
     if "onnxruntime" in options.backends:
         onnx_base: Path | None = None
         for recipe in recipes:

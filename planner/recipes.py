@@ -12,8 +12,9 @@ from __future__ import annotations
 import difflib
 import math
 import tomllib
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +72,10 @@ def _intx_per_group(out_f: int, in_f: int, recipe: Recipe) -> TensorLayout:
 
 
 def _int4_packed(out_f: int, in_f: int, recipe: Recipe) -> TensorLayout:
-    # Int4OpaqueTensor: two values per uint8, bf16 scale and zero per group.
+    # Int4OpaqueTensor: two values per uint8, a scale and a zero per group in the model dtype (measured:
+    # bfloat16 in a bf16 model, float32 in a float32 one).
     groups = out_f * (in_f // recipe.group_size)
-    return TensorLayout(out_f * in_f // 2, groups * 2 * 2, storages=2)
+    return TensorLayout(out_f * in_f // 2, groups * 2 * recipe.dtype_bytes, storages=2)
 
 
 def _fp8_per_row(out_f: int, in_f: int, recipe: Recipe) -> TensorLayout:
@@ -144,7 +146,32 @@ PRUNABLE_DEFAULT = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D")
 # recipe turns into the equivalent Linear first (see linearize_conv1d).
 QUANTIZABLE_DEFAULT = ("Linear", "Conv1D")
 RECIPE_KEYS = {"name", "description", "dtype", "quantize", "bits", "group_size", "mapping", "layers", "prune",
-               "prune_layers"}
+               "prune_layers", "layer"}
+LAYER_KEYS = {"fqn", "quantize", "bits", "group_size", "mapping"}
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """One [[recipe.layer]] table: this module (by fully qualified name) gets this scheme, or none."""
+
+    fqn: str
+    quantize: str | None  # a key of SCHEMES; None keeps the layer in the recipe's dtype
+    bits: int = 8
+    group_size: int = 128
+    mapping: str = "asymmetric"
+
+    @property
+    def label(self) -> str:
+        if self.quantize is None:
+            return "float"
+        if self.quantize in ("int4-weight-only", "intx-weight-only"):
+            prefix = "int4" if self.quantize == "int4-weight-only" else f"intx{self.bits}"
+            return f"{prefix}-g{self.group_size}"
+        return self.quantize
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fqn": self.fqn, "quantize": self.quantize or "none", "bits": self.bits,
+                "group_size": self.group_size, "mapping": self.mapping}
 MAPPINGS = ("asymmetric", "symmetric")
 
 
@@ -163,6 +190,8 @@ class Recipe:
     prune: float = 0.0  # fraction of each weight zeroed by L1 magnitude
     prune_layers: tuple[str, ...] = PRUNABLE_DEFAULT
     source: str = field(default="", compare=False)  # file it came from
+    # Per-layer precision (a mixed recipe): these modules take their own scheme whatever `layers` says.
+    layer_overrides: tuple[LayerOverride, ...] = ()
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -176,9 +205,29 @@ class Recipe:
     def scheme(self) -> Scheme | None:
         return SCHEMES[self.quantize] if self.quantize else None
 
+    @property
+    def quantizes(self) -> bool:
+        """Whether any layer gets a torchao tensor (loading the artifact then needs torchao)."""
+        return self.scheme is not None or any(o.quantize for o in self.layer_overrides)
+
+    def override_for(self, fqn: str) -> LayerOverride | None:
+        return next((o for o in self.layer_overrides if o.fqn == fqn), None)
+
+    def for_layer(self, fqn: str, module: nn.Module) -> Recipe:
+        """The uniform recipe that describes this one module: the recipe itself, or its override."""
+        override = self.override_for(fqn)
+        if override is None:
+            return self
+        return replace(self, quantize=override.quantize, bits=override.bits, group_size=override.group_size,
+                       mapping=override.mapping, layer_overrides=())
+
     def touches(self) -> str:
         """Which tensors the recipe changes, in words, for the table and `planner recipes`."""
         parts = []
+        if self.layer_overrides:
+            chosen = Counter(o.label for o in self.layer_overrides if o.quantize)
+            parts.append("per layer: " + (", ".join(f"{label} on {count} layer(s)" for label, count in chosen.items())
+                                          or "no layer quantized"))
         if self.prune:
             parts.append(f"prunes {self.prune:.0%} of {'/'.join(self.prune_layers)} weights (dense)")
         if self.scheme:
@@ -188,13 +237,14 @@ class Recipe:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Recipe:
-        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in data.items()})
+        """The inverse of to_json (a job or a manifest carries the recipe this way)."""
+        return recipe_from_table({key: value for key, value in data.items() if value is not None}, "recipe JSON")
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "dtype": self.dtype,
                 "quantize": self.quantize, "bits": self.bits, "group_size": self.group_size,
                 "mapping": self.mapping, "layers": list(self.layers), "prune": self.prune,
-                "prune_layers": list(self.prune_layers)}
+                "prune_layers": list(self.prune_layers), "layer": [o.to_json() for o in self.layer_overrides]}
 
 
 def recipe_from_table(table: dict[str, Any], where: str) -> Recipe:
@@ -229,9 +279,34 @@ def recipe_from_table(table: dict[str, Any], where: str) -> Recipe:
     description = table.get("description", "")
     if not isinstance(description, str):
         raise PlannerError(f"{label}: description must be a string")
+    overrides = _layer_overrides(table.get("layer", []), label)
     return Recipe(name=name, description=description, dtype=dtype, quantize=quantize, bits=bits,
                   group_size=group_size, mapping=mapping, layers=layers, prune=float(prune), prune_layers=prune_layers,
-                  source=where)
+                  source=where, layer_overrides=overrides)
+
+
+def _layer_overrides(tables: Any, label: str) -> tuple[LayerOverride, ...]:
+    """Validate the [[recipe.layer]] tables of a mixed recipe: fqn and a scheme (or "none") each."""
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise PlannerError(f"{label}: layer must be [[recipe.layer]] tables with fqn = \"...\" and quantize = \"...\"")
+    overrides: list[LayerOverride] = []
+    for table in tables:
+        fqn = table.get("fqn")
+        if not isinstance(fqn, str) or not fqn:
+            raise PlannerError(f"{label}: every [[recipe.layer]] needs fqn = \"module.name\"")
+        where = f"{label}, layer {fqn!r}"
+        unknown = sorted(set(table) - LAYER_KEYS)
+        if unknown:
+            raise PlannerError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(LAYER_KEYS))}")
+        quantize = table.get("quantize", "none")
+        if quantize != "none" and quantize not in SCHEMES:
+            raise PlannerError(f"{where}: quantize {quantize!r} is not none or one of {', '.join(SCHEMES)}")
+        checked = recipe_from_table({"name": fqn, **{k: v for k, v in table.items() if k != "fqn"},
+                                     "quantize": None if quantize == "none" else quantize}, where)
+        if any(o.fqn == fqn for o in overrides):
+            raise PlannerError(f"{where}: the layer is listed twice")
+        overrides.append(LayerOverride(fqn, checked.quantize, checked.bits, checked.group_size, checked.mapping))
+    return tuple(overrides)
 
 
 def _layer_list(value: Any, label: str, key: str) -> tuple[str, ...]:
@@ -336,7 +411,7 @@ def linearize_conv1d(model: nn.Module, recipe: Recipe) -> list[str]:
     worker and `load_artifact` rebuild the same structure before loading. Returns the replaced layer names."""
     replaced = []
     for name, module in list(model.named_modules()):
-        if not _is_conv1d(module) or not quantization_decision(module, recipe)[0]:
+        if not _is_conv1d(module) or not layer_decision(module, name, recipe)[1]:
             continue
         out_f, in_f = linear_shape(module) or (0, 0)
         weight, bias = module.weight, module.bias
@@ -350,8 +425,56 @@ def linearize_conv1d(model: nn.Module, recipe: Recipe) -> list[str]:
     return replaced
 
 
+def layer_decision(module: nn.Module, fqn: str, recipe: Recipe) -> tuple[Recipe, bool, str]:
+    """(the recipe for this layer, quantized?, reason): one decision for the footprint, the trace and apply."""
+    layer_recipe = recipe.for_layer(fqn, module)
+    return (layer_recipe, *quantization_decision(module, layer_recipe))
+
+
 def layer_filter(recipe: Recipe) -> Callable[[nn.Module, str], bool]:
-    return lambda module, fqn: quantization_decision(module, recipe)[0]
+    return lambda module, fqn: layer_decision(module, fqn, recipe)[1]
+
+
+def check_layer_overrides(model: nn.Module, recipe: Recipe) -> None:
+    """Every [[recipe.layer]] must name a module of this model that its scheme can take."""
+    modules = dict(model.named_modules())
+    for override in recipe.layer_overrides:
+        module = modules.get(override.fqn)
+        if module is None:
+            close = difflib.get_close_matches(override.fqn, modules, n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(close)}?" if close else "run `planner inspect MODEL` for the layer names"
+            raise PlannerError(f"recipe {recipe.name!r}: the model has no layer {override.fqn!r}: {hint}")
+        _, quantized, reason = layer_decision(module, override.fqn, recipe)
+        if override.quantize and not quantized:
+            why = reason or f"{type(module).__name__} is not one of {'/'.join(recipe.layers)}"
+            raise PlannerError(f"recipe {recipe.name!r}: layer {override.fqn!r} cannot take {override.quantize}: {why}")
+
+
+def quantize_per_layer(model: nn.Module, recipe: Recipe, weightless: bool = False) -> list[str]:
+    """Apply a mixed recipe with torchao's FqnToConfig, one config per module the decision quantizes.
+
+    weightless: on a meta model, skip schemes that cannot run there. Returns the fqns left float for that."""
+    from collections import OrderedDict
+
+    from torchao.quantization import FqnToConfig, quantize_
+
+    configs: OrderedDict[str, Any] = OrderedDict()
+    skipped = []
+    for fqn, module in model.named_modules():
+        layer_recipe, quantized, _ = layer_decision(module, fqn, recipe)
+        if not quantized:
+            continue
+        scheme = layer_recipe.scheme
+        assert scheme is not None
+        if scheme.needs_cuda and not torch.cuda.is_available():
+            raise UnsupportedRecipe(f"layer {fqn} needs CUDA: {scheme.needs_cuda}")
+        if weightless and not scheme.weightless_ok:
+            skipped.append(fqn)
+            continue
+        configs[fqn] = scheme.make_config(layer_recipe)
+    if configs:
+        quantize_(model, FqnToConfig(configs), filter_fn=None)
+    return skipped
 
 
 def prunable(module: nn.Module, recipe: Recipe) -> bool:
@@ -374,14 +497,16 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> tuple[nn.Module, list[str]
                          "file and memory do not shrink")
     model = model.to(recipe.torch_dtype)
     scheme = recipe.scheme
-    if scheme is not None:
+    if recipe.quantizes and linearize_conv1d(model, recipe):
+        notes.append("transformers Conv1D layers became nn.Linear (weight transposed) so torchao quantizes them; "
+                     "load the artifact with planner.artifact.load_artifact")
+    if recipe.layer_overrides:
+        quantize_per_layer(model, recipe)
+    elif scheme is not None:
         if scheme.needs_cuda and not torch.cuda.is_available():
             raise UnsupportedRecipe(f"needs CUDA: {scheme.needs_cuda}")
         from torchao.quantization import quantize_
 
-        if linearize_conv1d(model, recipe):
-            notes.append("transformers Conv1D layers became nn.Linear (weight transposed) so torchao quantizes them; "
-                         "load the artifact with planner.artifact.load_artifact")
         quantize_(model, scheme.make_config(recipe), filter_fn=layer_filter(recipe))
     return model, notes
 

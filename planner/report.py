@@ -228,6 +228,12 @@ def write_outputs(result: Any, directory: Path) -> list[Path]:
     write_atomic(directory / "layers.csv", layers_frame(result.footprints).to_csv(index=False))
     write_atomic(directory / "plan.png", chart_png(result))
     written += [directory / "layers.csv", directory / "plan.png"]
+    for row in result.rows:  # mixed-precision recipes, re-applicable with --recipe-file
+        if row.get("recipe_toml"):
+            from planner.mixed import file_name
+
+            write_atomic(directory / file_name(row["recipe"]), row["recipe_toml"])
+            written.append(directory / file_name(row["recipe"]))
     return written
 
 
@@ -254,8 +260,10 @@ def chart_png(result: Any) -> bytes:
         quality = ceiling if sqnr is not None and math.isinf(sqnr) and sqnr > 0 else sqnr
         if quality is None:
             continue
-        axes.scatter(size / 1e6, quality, color="tab:green" if row.get("fits") else "tab:red")
+        axes.scatter(size / 1e6, quality, color="tab:green" if row.get("fits") else "tab:red",
+                     marker="s" if "mixed_front" in row else "o")
         axes.annotate(row["recipe"], (size / 1e6, quality), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    _draw_mixed(axes, result.rows, result.budget_on, ceiling)
     axes.axvline(result.budget_bytes / 1e6, color="black", linestyle="--", label="budget")
     axes.set_xscale("log")
     axes.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
@@ -269,6 +277,28 @@ def chart_png(result: Any) -> bytes:
     figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
     return buffer.getvalue()
+
+
+def _draw_mixed(axes: Any, rows: list[dict[str, Any]], budget_on: str, ceiling: float) -> None:
+    """The predicted trade-off curve of the mixed search (analytic size, predicted SQNR) and the verified
+    mixed rows joined along it."""
+    from planner.rank import measured_size
+
+    mixed = next((row for row in rows if row.get("mixed_front")), None)
+    curve = mixed["mixed_front"] if mixed else None
+    if curve:
+        # The front is the model's own bytes; a device budget also holds the framework (as the rows do).
+        offset = (mixed.get("framework_bytes") or 0) if budget_on == "device" else 0
+        points = [((size + offset) / 1e6, min(sqnr, ceiling)) for size, sqnr in curve if size > 0]
+        step = max(1, len(points) // 400)
+        shown = points[::step] + ([points[-1]] if points and (len(points) - 1) % step else [])
+        axes.plot([x for x, _ in shown], [y for _, y in shown], color="tab:blue", alpha=0.6, linestyle=":",
+                  marker=".", label="mixed: search front (analytic size, predicted SQNR)")
+    verified = sorted((size / 1e6, row["sqnr_db"]) for row in rows if "mixed_front" in row
+                      and (size := measured_size(row, budget_on)) and row.get("sqnr_db") is not None
+                      and math.isfinite(row["sqnr_db"]))
+    if len(verified) > 1:
+        axes.plot([x for x, _ in verified], [y for _, y in verified], color="tab:blue", label="mixed: verified")
 
 
 def sha256(path: Path) -> str:
