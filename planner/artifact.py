@@ -92,7 +92,9 @@ def load_artifact(folder: str | Path) -> nn.Module:
     source = ModelSource.from_json(manifest["source"])
     model = weightless_structure(source, manifest["format"])
     assert model is not None
-    load_weights_into(model, torch.load(folder / manifest["file"], weights_only=True))
+    from planner.pruning import unpack_artifact_state
+
+    load_weights_into(model, unpack_artifact_state(model, torch.load(folder / manifest["file"], weights_only=True)))
     return set_eval(model)
 
 

@@ -51,6 +51,9 @@ def plan(
     timeout: Annotated[float, typer.Option(help="seconds allowed to verify one recipe")] = 900.0,
     memory_cap: Annotated[str | None, typer.Option(help="resident memory one verification may use, e.g. 8GB "
                                                         "(default: 90% of the memory available at start)")] = None,
+    eval_fn: Annotated[str | None, typer.Option("--eval", help="your quality function, module:fn or file.py:fn: "
+                                                          "fn(model) -> float, higher is better; run on every "
+                                                          "verified torch row")] = None,
     debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
 ) -> None:
     """Enumerate recipes, estimate each, verify each for real, rank them against the budget."""
@@ -81,6 +84,10 @@ def plan(
                             input_dtype=input_dtype, batch_size=batch_size)
     options = PlanOptions(budget_bytes=budget_bytes, budget_on=budget_on, timeout_s=timeout,
                           keep_all_artifacts=export_all, backends=backends)
+    if eval_fn:
+        from planner.evalhook import resolve_eval_spec
+
+        options.eval_spec = resolve_eval_spec(eval_fn)
     if memory_cap_bytes is not None:  # else the default: what the machine can give now
         options.memory_cap_bytes = memory_cap_bytes
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

@@ -27,6 +27,7 @@ ROW_FIELDS = [
     "analytic_runtime_bytes", "verified_runtime_bytes", "runtime_diff",
     "verified_weight_resident_bytes", "verified_activation_bytes",
     "sqnr_db", "max_abs_error", "top1_agreement", "latency_ms", "touches", "note",
+    "eval_score",  # --eval: the user's quality function on the reloaded model (torch rows)
 ]
 PLAN_FILES = ("plan.csv", "plan.md", "plan.json", "plan.png", "layers.csv")
 LIBRARIES = ("torch", "torchao", "numpy", "pandas", "safetensors", "onnx", "onnxruntime")
@@ -71,7 +72,7 @@ def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
     def top1(value: Any) -> str:
         return "-" if value is None or pd.isna(value) else f"{value:.0%}"
 
-    return pd.DataFrame({
+    shown = pd.DataFrame({
         "#": frame["rank"],
         "recipe": frame["recipe"],
         "backend": frame["backend"].map(lambda b: "ort" if b == "onnxruntime" else b),
@@ -88,6 +89,10 @@ def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
         "latency ms": frame["latency_ms"].map(latency),
         "note": frame["note"].fillna(""),
     })
+    if frame["eval_score"].notna().any():  # only with --eval
+        scores = frame["eval_score"].map(lambda value: "-" if pd.isna(value) else f"{value:.4g}")
+        shown.insert(len(shown.columns) - 1, "eval", scores)
+    return shown
 
 
 def print_table(result: Any, console: Any) -> None:
