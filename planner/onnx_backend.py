@@ -353,9 +353,11 @@ def _prune(model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe) -
 
         prune_channels(model, inputs, recipe)
 
+    if not recipe.prune:
+        return []
     only_pruning = Recipe(name=recipe.name, prune=recipe.prune, prune_layers=recipe.prune_layers)
     _, notes = apply_recipe(model, only_pruning)
-    return notes
+    return [note.split(",")[0] + ", stored densely in ONNX: the file does not shrink" for note in notes]
 
 
 def _convert(float_path: Path, target: Path, recipe: Recipe) -> list[str]:

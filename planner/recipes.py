@@ -355,6 +355,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> tuple[nn.Module, list[str]
     if recipe.prune:
         zeros, total = _magnitude_prune(model, recipe)
         if total:
+            # Without quantization the torch artifact stores them sparse (planner.pruning.artifact_state).
             storage = ("stored sparse where smaller (the file shrinks), loaded dense (memory does not)"
                        if recipe.scheme is None else "stored densely: file and memory do not shrink")
             notes.append(f"{zeros / total:.0%} of pruned weights are zero, {storage}")
