@@ -160,6 +160,7 @@ def _warm_up(dtype: Any) -> None:
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
+    from planner import sparse
     from planner.artifact import load_weights_into, set_eval, weightless_structure
     from planner.pruning import unpack_artifact_state
     from planner.recipes import DTYPES
@@ -172,6 +173,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     dtype = DTYPES[job["dtype"]]
     torch.manual_seed(0)
     _warm_up(dtype)
+    sparse.warm_up()  # a sparse artifact is densified at load: its ops' first use belongs to the baseline
     source = ModelSource.from_json(job["source"])
     model = weightless_structure(source, job["artifact_format"])
     inputs = torch.load(job["inputs"], weights_only=True)
