@@ -133,8 +133,12 @@ def unpack_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[
             grouped.setdefault(name, {})[suffix] = tensor
         else:
             dense[key] = tensor
+    decoded: dict[int, torch.Tensor] = {}  # a tied weight's keys share their parts: decode once, stay tied
     for name, parts in grouped.items():
-        dense[name] = decode(parts, shapes[name])
+        key = id(parts["values"])
+        if key not in decoded:
+            decoded[key] = decode(parts, shapes[name])
+        dense[name] = decoded[key]
     return dense
 
 

@@ -66,6 +66,11 @@ def test_tied_weight_is_stored_once() -> None:
     model, _ = apply_recipe(nn.ModuleDict({"emb": embedding, "head": head}), Recipe("p", prune=0.5))
     packed = sparse.pack_state_dict(model.state_dict(), {"head.weight"})
     assert packed["emb.weight::values"] is packed["head.weight::values"]
+    buffer = io.BytesIO()
+    torch.save(packed, buffer)
+    buffer.seek(0)
+    restored = sparse.unpack_state_dict(model.to("meta"), torch.load(buffer, weights_only=True))
+    assert restored["emb.weight"] is restored["head.weight"]  # still one tensor after loading: no second copy
 
 
 def test_magnitude_pruning_leaves_exactly_the_predicted_nonzeros() -> None:
