@@ -96,7 +96,9 @@ def load_artifact(folder: str | Path) -> nn.Module:
         from planner.recipes import Recipe, linearize_conv1d
 
         linearize_conv1d(model, Recipe.from_json(manifest["recipe"]))
-    load_weights_into(model, torch.load(folder / manifest["file"], weights_only=True))
+    from planner.pruning import unpack_artifact_state
+
+    load_weights_into(model, unpack_artifact_state(model, torch.load(folder / manifest["file"], weights_only=True)))
     return set_eval(model)
 
 

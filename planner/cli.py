@@ -62,6 +62,9 @@ def plan(
     mixed_dtype: Annotated[str, typer.Option(help="mixed recipes' float layers and activations: float32, bfloat16 "
                                                   "(faster int4 on CPU, smaller float layers) or auto (search both, "
                                                   "keep the better prediction per budget)")] = "auto",
+    eval_fn: Annotated[str | None, typer.Option("--eval", help="your quality function, module:fn or file.py:fn: "
+                                                          "fn(model) -> float, higher is better; run on every "
+                                                          "verified torch row")] = None,
     debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
 ) -> None:
     """Enumerate recipes, estimate each, verify each for real, rank them against the budget."""
@@ -104,6 +107,10 @@ def plan(
     options = PlanOptions(budget_bytes=budget_bytes, budget_on=budget_on, timeout_s=timeout,
                           keep_all_artifacts=export_all, backends=backends, mixed_budgets=mixed_texts,
                           calibration=str(calibration) if calibration else None, mixed_dtype=mixed_dtype)
+    if eval_fn:
+        from planner.evalhook import resolve_eval_spec
+
+        options.eval_spec = resolve_eval_spec(eval_fn)
     if memory_cap_bytes is not None:  # else the default: what the machine can give now
         options.memory_cap_bytes = memory_cap_bytes
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

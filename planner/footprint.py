@@ -47,6 +47,7 @@ class Footprint:
     quantized_layers: int = 0
     pruned_layers: int = 0
     notes: list[str] = field(default_factory=list)
+    unsupported: str | None = None  # why the recipe cannot apply to this model (set by planner.pruning)
 
     @property
     def runtime_bytes(self) -> int | None:

@@ -326,13 +326,13 @@ def build_onnx_artifact(fp32_model_path_or_module: Path | str | nn.Module, input
     notes: list[str] = []
     if isinstance(fp32_model_path_or_module, nn.Module):
         model = fp32_model_path_or_module
-        if recipe.prune:
-            notes += _prune(model, recipe)
+        if recipe.changes_weights:
+            notes += _prune(model, inputs, recipe)
         plain = recipe.quantize is None and recipe.dtype == "float32"
         float_path = target if plain else workdir / f"{recipe.name}.fp32.onnx"
         export_fp32(model, inputs, float_path)
     else:
-        if recipe.prune:
+        if recipe.changes_weights:
             raise UnsupportedRecipe("pruning needs the torch module (the planner prunes torch weights before export)")
         float_path = Path(fp32_model_path_or_module)
     if float_path == target:
@@ -345,12 +345,19 @@ def build_onnx_artifact(fp32_model_path_or_module: Path | str | nn.Module, input
     return target, notes
 
 
-def _prune(model: nn.Module, recipe: Recipe) -> list[str]:
+def _prune(model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe) -> list[str]:
     from planner.recipes import apply_recipe
 
+    if recipe.channels:  # a structurally pruned model is a smaller dense model: it exports as any other
+        from planner.pruning import prune_channels
+
+        prune_channels(model, inputs, recipe)
+
+    if not recipe.prune:
+        return []
     only_pruning = Recipe(name=recipe.name, prune=recipe.prune, prune_layers=recipe.prune_layers)
     _, notes = apply_recipe(model, only_pruning)
-    return notes
+    return [note.split(",")[0] + ", stored densely in ONNX: the file does not shrink" for note in notes]
 
 
 def _convert(float_path: Path, target: Path, recipe: Recipe) -> list[str]:
@@ -549,7 +556,7 @@ def build_job(job: dict[str, Any]) -> dict[str, Any]:
     recipe = recipe_from_table(job["recipe"], "job")
     inputs = tuple(torch.load(job["inputs"], weights_only=True))
     base = job.get("fp32_onnx")
-    what: Path | nn.Module = Path(base) if base and not recipe.prune else load_reference(
+    what: Path | nn.Module = Path(base) if base and not recipe.changes_weights else load_reference(
         ModelSource.from_json(job["source"]), Path(job["fp32"]))
     artifact, notes = build_onnx_artifact(what, inputs, recipe, Path(job["workdir"]))
     return {"artifact": str(artifact), "notes": notes}

@@ -24,8 +24,9 @@ from planner import rank
 from planner.artifact import load_reference
 from planner.baseline import framework_baseline
 from planner.errors import PlannerError
-from planner.footprint import Footprint, analytic_footprint
+from planner.footprint import Footprint
 from planner.isolation import default_memory_cap, describe_exit, run_module_isolated
+from planner.pruning import artifact_state, prune_channels, pruning_footprint, resolve_recipe
 from planner.recipes import Recipe, UnsupportedRecipe, apply_recipe, check_layer_overrides
 from planner.sources import ModelSource
 from planner.units import format_bytes, relative_difference
@@ -52,6 +53,7 @@ class PlanOptions:
     mixed_budgets: tuple[str, ...] = ()  # a verified mixed:<budget> row for each (planner.mixed_plan)
     calibration: str | None = None  # real inputs for the mixed-precision sensitivity pass
     mixed_dtype: str = "auto"  # the mixed recipes' float layers and activations: float32, bfloat16 or auto (both)
+    eval_spec: str | None = None  # --eval module:fn, the user's quality function (planner.evalhook)
 
 
 @dataclass
@@ -89,6 +91,8 @@ def _reference_recipe(recipes: list[Recipe]) -> Recipe:
 
 def why_unsupported(recipe: Recipe, source: ModelSource, footprint: Footprint) -> str | None:
     """A reason the recipe cannot run on this model here, decided before any work."""
+    if footprint.unsupported:
+        return footprint.unsupported
     if recipe.prune and footprint.pruned_layers == 0:
         return f"no {'/'.join(recipe.prune_layers)} layer to prune: the row would repeat the unpruned model"
     scheme = recipe.scheme
@@ -103,12 +107,13 @@ def why_unsupported(recipe: Recipe, source: ModelSource, footprint: Footprint) -
     return None
 
 
-def _save(model: torch.nn.Module, path: Path, fmt: str) -> None:
+def _save(model: torch.nn.Module, path: Path, fmt: str, recipe: Recipe | None = None,
+          structure: dict[str, Any] | None = None) -> None:
     temporary = path.with_suffix(path.suffix + ".tmp")
     if fmt == "torchscript":
         torch.jit.save(model, str(temporary))
     else:
-        torch.save(model.state_dict(), temporary)
+        torch.save(artifact_state(model, recipe, structure) if recipe else model.state_dict(), temporary)
     temporary.replace(path)
 
 
@@ -128,7 +133,8 @@ def run_worker(job: dict[str, Any], workdir: Path, name: str, options: PlanOptio
     return dict(result, status="verified")
 
 
-def _job(source: ModelSource, recipe: Recipe, artifact: Path, workdir: Path, save_reference: bool) -> dict[str, Any]:
+def _job(source: ModelSource, recipe: Recipe, artifact: Path, workdir: Path, save_reference: bool,
+         eval_spec: str | None = None) -> dict[str, Any]:
     return {
         "source": source.to_json(),
         "dtype": recipe.dtype,
@@ -139,6 +145,7 @@ def _job(source: ModelSource, recipe: Recipe, artifact: Path, workdir: Path, sav
         "save_reference": save_reference,
         "needs_torchao": recipe.quantizes,
         "recipe": recipe.to_json(),
+        "eval": eval_spec,
     }
 
 
@@ -146,6 +153,7 @@ def explain(row: dict[str, Any], analytic_notes: list[str], source_kind: str, re
             has_convolutions: bool = False) -> str:
     """The note column: what the recipe did, and why analytic and verified figures differ where they do."""
     notes = [row.pop("note", "")] if row.get("note") else []
+    notes.append(row.pop("eval_error", ""))
     if row.get("status") == "unsupported":  # say why it did not run, not what it would have done
         notes += [note for note in analytic_notes if "left in" in note]
         return "; ".join(note for note in notes if note)
@@ -227,8 +235,14 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
     check_inputs_fit(source, meta_model, inputs)
     for recipe in recipes:
         check_layer_overrides(meta_model, recipe)
-    footprints = {recipe.name: analytic_footprint(meta_model, inputs, recipe) for recipe in recipes}
-    onnx_disk = _onnx_analytic_disk(meta_model, recipes) if "onnxruntime" in options.backends else {}
+    resolved = [resolve_recipe(meta_model, inputs, recipe) for recipe in recipes]
+    recipes = [recipe for recipe, _ in resolved]
+    footprints = {recipe.name: pruning_footprint(meta_model, inputs, recipe) for recipe in recipes}
+    for recipe, note in resolved:
+        if note:
+            footprints[recipe.name].notes.insert(0, note)
+    onnx_disk = (_onnx_analytic_disk(meta_model, inputs, recipes, footprints)
+                 if "onnxruntime" in options.backends else {})
     del meta_model
 
     progress("measuring the framework baseline (once per machine, then cached)", 0, total)
@@ -252,13 +266,19 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
                       pick_backend=chosen.get("backend") if chosen else None)
 
 
-def _onnx_analytic_disk(meta_model: torch.nn.Module, recipes: list[Recipe]) -> dict[str, int | None]:
+def _onnx_analytic_disk(meta_model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], recipes: list[Recipe],
+                        footprints: dict[str, Footprint]) -> dict[str, int | None]:
     from planner.onnx_backend import analytic_onnx_bytes, onnx_recipe_support
+    from planner.pruning import pruned_meta_model
 
     sizes: dict[str, int | None] = {}
     for recipe in recipes:
         try:
-            sizes[recipe.name] = None if onnx_recipe_support(recipe) else analytic_onnx_bytes(meta_model, recipe)
+            if onnx_recipe_support(recipe) or footprints[recipe.name].unsupported:
+                sizes[recipe.name] = None
+                continue
+            model = pruned_meta_model(meta_model, inputs, recipe)[0] if recipe.channels else meta_model
+            sizes[recipe.name] = analytic_onnx_bytes(model, recipe)
         except Exception:  # an architecture the ONNX size model does not know: verified figures still come
             sizes[recipe.name] = None
     return sizes
@@ -287,7 +307,8 @@ def _verify_recipes(source: ModelSource, recipes: list[Recipe], footprints: dict
     rows: list[dict[str, Any]] = []
     reference_recipe = _reference_recipe(recipes)
     report(f"verifying {REFERENCE} (reference)")
-    reference = run_worker(_job(source, reference_recipe, fp32_path, workdir, True), workdir, REFERENCE, options)
+    reference = run_worker(_job(source, reference_recipe, fp32_path, workdir, True, options.eval_spec), workdir,
+                           REFERENCE, options)
     if reference["status"] != "verified":
         raise PlannerError(f"{source.spec} does not run in float32 in a fresh process, so nothing can be compared: "
                            f"{reference.get('note')}")
@@ -308,7 +329,7 @@ def _verify_recipes(source: ModelSource, recipes: list[Recipe], footprints: dict
             step += 1
             report(f"onnxruntime: {recipe.name}")
             row, onnx_base = _onnx_row(source, recipe, onnx_disk.get(recipe.name), fp32_path, onnx_base,
-                                       reference, workdir, options)
+                                       reference, workdir, options, footprints[recipe.name].unsupported)
             rows.append(row)
     return rows
 
@@ -323,7 +344,7 @@ def _torch_row(source: ModelSource, recipe: Recipe, footprint: Footprint, fp32_p
     elif (reason := why_unsupported(recipe, source, footprint)) is not None:
         # Analytic figures stay as a what-if only where the recipe would change something here.
         what_if = ((recipe.scheme is None or footprint.quantized_layers > 0)
-                   and (not recipe.prune or footprint.pruned_layers > 0))
+                   and (not recipe.prune or footprint.pruned_layers > 0) and not footprint.unsupported)
         result = {"status": "unsupported", "note": reason, "analytic_is_what_if": what_if}
     else:
         result = _apply_and_verify(source, recipe, fp32_path, artifact, workdir, fmt, options, report)
@@ -357,13 +378,13 @@ def _keep_or_drop(row: dict[str, Any], files: list[Path], options: PlanOptions, 
 
 
 def _onnx_row(source: ModelSource, recipe: Recipe, analytic_disk: int | None, fp32_path: Path,
-              onnx_base: Path | None, reference: dict[str, Any], workdir: Path, options: PlanOptions
-              ) -> tuple[dict[str, Any], Path | None]:
+              onnx_base: Path | None, reference: dict[str, Any], workdir: Path, options: PlanOptions,
+              unsupported: str | None = None) -> tuple[dict[str, Any], Path | None]:
     """One recipe on ONNX Runtime: export the float model (once), quantize in ONNX, verify in a fresh process."""
     from planner.onnx_backend import external_data_name, onnx_file_bytes, onnx_recipe_support
 
     row: dict[str, Any] = {"recipe": recipe.name, "backend": "onnxruntime", "touches": onnx_touches(recipe)}
-    reason = onnx_recipe_support(recipe)
+    reason = onnx_recipe_support(recipe) or unsupported
     if source.kind == "torchscript":
         reason = "the ONNX exporter does not take TorchScript modules; give a factory (file.py:build) or a .pt2"
     notes: list[str] = []
@@ -371,7 +392,7 @@ def _onnx_row(source: ModelSource, recipe: Recipe, analytic_disk: int | None, fp
     if reason is not None:
         result: dict[str, Any] = {"status": "unsupported", "note": reason}
     else:
-        if onnx_base is None and recipe.prune == 0:
+        if onnx_base is None and not recipe.changes_weights:
             onnx_base = _onnx_build(source, Recipe(REFERENCE, dtype="float32"), fp32_path, None, workdir, options,
                                     notes)
         if recipe.name == REFERENCE and onnx_base is not None:
@@ -396,6 +417,8 @@ def _onnx_row(source: ModelSource, recipe: Recipe, analytic_disk: int | None, fp
 
 def onnx_touches(recipe: Recipe) -> str:
     parts = [f"prunes {recipe.prune:.0%} of Linear/Conv weights before export"] if recipe.prune else []
+    if recipe.channels:
+        parts.append(f"removes {recipe.channels:.0%} of channels/neurons (torch-pruning) before export")
     if recipe.quantize == "int8-dynamic":
         parts.append("onnxruntime quantize_dynamic on MatMul (Linear) weights")
     elif recipe.quantize == "int4-weight-only":
@@ -421,8 +444,11 @@ def _onnx_build(source: ModelSource, recipe: Recipe, fp32_path: Path, onnx_base:
 def _apply_and_verify(source: ModelSource, recipe: Recipe, fp32_path: Path, artifact: Path, workdir: Path,
                       fmt: str, options: PlanOptions, progress: Callable[[str], None]) -> dict[str, Any]:
     try:
-        model, notes = apply_recipe(load_reference(source, fp32_path), recipe)
-        _save(model, artifact, fmt)
+        model, structure = load_reference(source, fp32_path), None
+        if recipe.channels:
+            structure = prune_channels(model, tuple(torch.load(workdir / "inputs.pt", weights_only=True)), recipe)
+        model, notes = apply_recipe(model, recipe)
+        _save(model, artifact, fmt, recipe, structure)
         del model
         release_freed_memory()  # module graphs hold reference cycles; free this recipe's copy before the next
     except UnsupportedRecipe as error:
@@ -430,7 +456,8 @@ def _apply_and_verify(source: ModelSource, recipe: Recipe, fp32_path: Path, arti
     except Exception as error:  # a recipe that breaks on this model is a row, not a crash
         return {"status": "failed", "note": f"applying the recipe failed: {type(error).__name__}: {str(error)[:200]}"}
     progress(f"verifying {recipe.name} in a fresh process")
-    result = run_worker(_job(source, recipe, artifact, workdir, False), workdir, recipe.name, options)
+    result = run_worker(_job(source, recipe, artifact, workdir, False, options.eval_spec), workdir, recipe.name,
+                        options)
     result["note"] = "; ".join(filter(None, [*notes, result.get("note", "")]))
     return result
 

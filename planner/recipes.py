@@ -146,7 +146,7 @@ PRUNABLE_DEFAULT = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D")
 # recipe turns into the equivalent Linear first (see linearize_conv1d).
 QUANTIZABLE_DEFAULT = ("Linear", "Conv1D")
 RECIPE_KEYS = {"name", "description", "dtype", "quantize", "bits", "group_size", "mapping", "layers", "prune",
-               "prune_layers", "layer"}
+               "prune_layers", "layer", "channels", "params"}
 LAYER_KEYS = {"fqn", "quantize", "bits", "group_size", "mapping"}
 
 
@@ -189,6 +189,10 @@ class Recipe:
     layers: tuple[str, ...] = QUANTIZABLE_DEFAULT  # layer types the quantization touches
     prune: float = 0.0  # fraction of each weight zeroed by L1 magnitude
     prune_layers: tuple[str, ...] = PRUNABLE_DEFAULT
+    # Structured pruning (planner.pruning, torch-pruning): share of channels/neurons removed per dependency
+    # group; or `params`, a share of parameters to remove, for which the planner solves the channel share.
+    channels: float = 0.0
+    params: float = 0.0
     source: str = field(default="", compare=False)  # file it came from
     # Per-layer precision (a mixed recipe): these modules take their own scheme whatever `layers` says.
     layer_overrides: tuple[LayerOverride, ...] = ()
@@ -228,8 +232,13 @@ class Recipe:
             chosen = Counter(o.label for o in self.layer_overrides if o.quantize)
             parts.append("per layer: " + (", ".join(f"{label} on {count} layer(s)" for label, count in chosen.items())
                                           or "no layer quantized"))
+        if self.params or self.channels:
+            target = f" to remove {self.params:.0%} of parameters" if self.params else ""
+            share = f"{self.channels:.0%} of" if self.channels else "a share of"
+            parts.append(f"removes {share} channels/neurons{target} (structured, L1; torch-pruning)")
         if self.prune:
-            parts.append(f"prunes {self.prune:.0%} of {'/'.join(self.prune_layers)} weights (dense)")
+            storage = "stored sparse where smaller" if self.scheme is None else "stored dense"
+            parts.append(f"prunes {self.prune:.0%} of {'/'.join(self.prune_layers)} weights ({storage})")
         if self.scheme:
             parts.append(f"{self.quantize} on {'/'.join(self.layers)}")
         parts.append(f"everything else {self.dtype}" if self.scheme else f"all floating tensors {self.dtype}")
@@ -244,7 +253,17 @@ class Recipe:
         return {"name": self.name, "description": self.description, "dtype": self.dtype,
                 "quantize": self.quantize, "bits": self.bits, "group_size": self.group_size,
                 "mapping": self.mapping, "layers": list(self.layers), "prune": self.prune,
-                "prune_layers": list(self.prune_layers), "layer": [o.to_json() for o in self.layer_overrides]}
+                "prune_layers": list(self.prune_layers), "layer": [o.to_json() for o in self.layer_overrides],
+                "channels": self.channels, "params": self.params}
+
+    @property
+    def structured(self) -> bool:
+        return bool(self.channels or self.params)
+
+    @property
+    def changes_weights(self) -> bool:
+        """Pruned (either kind): the weights differ from the float32 reference's."""
+        return bool(self.prune) or self.structured
 
 
 def recipe_from_table(table: dict[str, Any], where: str) -> Recipe:
@@ -271,9 +290,8 @@ def recipe_from_table(table: dict[str, Any], where: str) -> Recipe:
     mapping = table.get("mapping", "asymmetric")
     if mapping not in MAPPINGS:
         raise PlannerError(f"{label}: mapping must be one of {', '.join(MAPPINGS)}")
-    prune = table.get("prune", 0.0)
-    if not isinstance(prune, int | float) or isinstance(prune, bool) or not 0 <= prune < 1:
-        raise PlannerError(f"{label}: prune must be a fraction from 0 to below 1, e.g. 0.5")
+    prune = _fraction(table, "prune", label)
+    channels, params = (_fraction(table, key, label) for key in ("channels", "params"))
     layers = _layer_list(table.get("layers", list(QUANTIZABLE_DEFAULT)), label, "layers")
     prune_layers = _layer_list(table.get("prune_layers", list(PRUNABLE_DEFAULT)), label, "prune_layers")
     description = table.get("description", "")
@@ -281,8 +299,8 @@ def recipe_from_table(table: dict[str, Any], where: str) -> Recipe:
         raise PlannerError(f"{label}: description must be a string")
     overrides = _layer_overrides(table.get("layer", []), label)
     return Recipe(name=name, description=description, dtype=dtype, quantize=quantize, bits=bits,
-                  group_size=group_size, mapping=mapping, layers=layers, prune=float(prune), prune_layers=prune_layers,
-                  source=where, layer_overrides=overrides)
+                  group_size=group_size, mapping=mapping, layers=layers, prune=prune, prune_layers=prune_layers,
+                  channels=channels, params=params, source=where, layer_overrides=overrides)
 
 
 def _layer_overrides(tables: Any, label: str) -> tuple[LayerOverride, ...]:
@@ -307,6 +325,13 @@ def _layer_overrides(tables: Any, label: str) -> tuple[LayerOverride, ...]:
             raise PlannerError(f"{where}: the layer is listed twice")
         overrides.append(LayerOverride(fqn, checked.quantize, checked.bits, checked.group_size, checked.mapping))
     return tuple(overrides)
+
+
+def _fraction(table: dict[str, Any], key: str, label: str) -> float:
+    value = table.get(key, 0.0)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < 1:
+        raise PlannerError(f"{label}: {key} must be a fraction from 0 to below 1, e.g. 0.5")
+    return float(value)
 
 
 def _layer_list(value: Any, label: str, key: str) -> tuple[str, ...]:
@@ -493,8 +518,10 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> tuple[nn.Module, list[str]
     if recipe.prune:
         zeros, total = _magnitude_prune(model, recipe)
         if total:
-            notes.append(f"{zeros / total:.0%} of pruned weights are zero but stored densely: "
-                         "file and memory do not shrink")
+            # Without quantization the torch artifact stores them sparse (planner.pruning.artifact_state).
+            storage = ("stored sparse where smaller (the file shrinks), loaded dense (memory does not)"
+                       if recipe.scheme is None else "stored densely: file and memory do not shrink")
+            notes.append(f"{zeros / total:.0%} of pruned weights are zero, {storage}")
     model = model.to(recipe.torch_dtype)
     scheme = recipe.scheme
     if recipe.quantizes and linearize_conv1d(model, recipe):

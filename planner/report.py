@@ -29,6 +29,7 @@ ROW_FIELDS = [
     "sqnr_db", "max_abs_error", "top1_agreement", "latency_ms", "touches", "note",
     # runtime terms, each its own column (see terms_frame)
     "analytic_transient_bytes", "analytic_input_bytes", "analytic_output_bytes", "framework_bytes",
+    "eval_score",  # --eval: the user's quality function on the reloaded model (torch rows)
 ]
 PLAN_FILES = ("plan.csv", "plan.md", "plan.json", "plan.png", "layers.csv")
 LIBRARIES = ("torch", "torchao", "numpy", "pandas", "safetensors", "onnx", "onnxruntime")
@@ -73,7 +74,7 @@ def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
     def top1(value: Any) -> str:
         return "-" if value is None or pd.isna(value) else f"{value:.0%}"
 
-    return pd.DataFrame({
+    shown = pd.DataFrame({
         "#": frame["rank"],
         "recipe": frame["recipe"],
         "backend": frame["backend"].map(lambda b: "ort" if b == "onnxruntime" else b),
@@ -90,6 +91,10 @@ def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
         "latency ms": frame["latency_ms"].map(latency),
         "note": frame["note"].fillna(""),
     })
+    if frame["eval_score"].notna().any():  # only with --eval
+        scores = frame["eval_score"].map(lambda value: "-" if pd.isna(value) else f"{value:.4g}")
+        shown.insert(len(shown.columns) - 1, "eval", scores)
+    return shown
 
 
 TERM_COLUMNS = {

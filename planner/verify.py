@@ -171,7 +171,9 @@ def _warm_up(dtype: Any) -> None:
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
+    from planner import sparse
     from planner.artifact import load_weights_into, set_eval, weightless_structure
+    from planner.pruning import unpack_artifact_state
     from planner.recipes import DTYPES
     from planner.sources import ModelSource
 
@@ -182,6 +184,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     dtype = DTYPES[job["dtype"]]
     torch.manual_seed(0)
     _warm_up(dtype)
+    sparse.warm_up()  # a sparse artifact is densified at load: its ops' first use belongs to the baseline
     source = ModelSource.from_json(job["source"])
     model = weightless_structure(source, job["artifact_format"])
     if model is not None and job.get("recipe"):
@@ -198,7 +201,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     if job["artifact_format"] == "torchscript":
         model = torch.jit.load(job["artifact"], map_location="cpu")
     else:
-        state = torch.load(job["artifact"], weights_only=True)
+        state = unpack_artifact_state(model, torch.load(job["artifact"], weights_only=True))
         load_weights_into(model, state)
         del state
     set_eval(model)
@@ -227,6 +230,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         reference = torch.load(job["reference"], weights_only=True)
         result.update(compare_outputs(reference, outputs))
     result["output_shapes"] = [list(t.shape) for t in outputs]
+    if job.get("eval"):
+        from planner.evalhook import run_eval
+
+        result.update(run_eval(job["eval"], model))
     return result
 
 

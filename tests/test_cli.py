@@ -59,7 +59,7 @@ def test_plan_writes_a_stable_json(simplenet_plan: tuple) -> None:
     # Rows that cannot run here say why instead of disappearing.
     assert rows["fp8-dynamic"]["status"] == "unsupported" and "CUDA" in rows["fp8-dynamic"]["note"]
     assert rows["int4-g128"]["status"] == "unsupported" and "not divisible by 16" in rows["int4-g128"]["note"]
-    assert "densely" in rows["prune50"]["note"]
+    assert "loaded dense" in rows["prune50"]["note"]
     assert (out / "plan.png").read_bytes()[:4] == b"\x89PNG"
     assert "| recipe" in (out / "plan.md").read_text() and "Runtime terms" in (out / "plan.md").read_text()
     # Runtime terms, each its own column: a 1×100 input and 1×10 output; int8 weight-only dequantizes fc1's

@@ -22,8 +22,9 @@ from planner.recipes import (
 
 def test_default_set_covers_the_issue() -> None:
     recipes = {r.name: r for r in default_recipes()}
-    for name in ("fp32", "fp16", "bf16", "int8-dynamic", "int8-weight-only", "int4-g128", "prune30", "prune50",
-                 "prune70", "prune50-int8-dynamic"):
+    for name in ("fp32", "fp16", "bf16", "int8-dynamic", "int8-weight-only", "int4-g128", "prune50",
+                 "prune50-int8-dynamic", "struct25", "struct50", "struct75", "struct50-int8-dynamic",
+                 "struct50-int4-g128"):
         assert name in recipes
     assert recipes["int4-g128"].quantize == "int4-weight-only" and recipes["int4-g128"].dtype == "bfloat16"
     assert "Linear" in recipes["int8-dynamic"].touches()
@@ -130,7 +131,8 @@ def test_pruning_zeroes_but_keeps_shapes() -> None:
     recipe = next(r for r in default_recipes() if r.name == "prune50")
     model, notes = apply_recipe(nn.Sequential(nn.Linear(64, 64)), recipe)
     weight = model[0].weight
-    assert notes == ["50% of pruned weights are zero but stored densely: file and memory do not shrink"]
+    assert notes == ["50% of pruned weights are zero, stored sparse where smaller (the file shrinks), "
+                     "loaded dense (memory does not)"]
     assert weight.shape == (64, 64)
     assert int((weight == 0).sum()) == 64 * 64 // 2
 
