@@ -23,7 +23,7 @@ from planner.recipes import (
 def test_default_set_covers_the_issue() -> None:
     recipes = {r.name: r for r in default_recipes()}
     for name in ("fp32", "fp16", "bf16", "int8-dynamic", "int8-weight-only", "int4-g128", "prune50",
-                 "prune50-int8-dynamic", "struct25", "struct50", "struct75", "struct50-int8-dynamic",
+                 "prune50-int8-dynamic", "struct50", "struct50-int8-dynamic",
                  "struct50-int4-g128"):
         assert name in recipes
     assert recipes["int4-g128"].quantize == "int4-weight-only" and recipes["int4-g128"].dtype == "bfloat16"
