@@ -300,7 +300,10 @@ def mixed_rows(source: ModelSource, fp32_path: Path, reference: dict[str, Any], 
     for name, text in zip(names, options.mixed_budgets, strict=True):
         budget = parse_size(text)
         report(f"mixed precision: searching and verifying {name}")
-        best = _best_fit(searches, meta_model, inputs, name, budget, options.budget_on)
+        # A device budget holds the framework too: the model's own runtime gets what the framework leaves.
+        search_on = "runtime" if options.budget_on == "device" else options.budget_on
+        framework = (options.framework_bytes.get("torch") or 0) if options.budget_on == "device" else 0
+        best = _best_fit(searches, meta_model, inputs, name, budget - framework, search_on)
         if isinstance(best, str):
             rows.append(_unsupported_row(name, "torch", best, options.budget_on))
             continue
