@@ -272,9 +272,7 @@ def recipe_from_table(table: dict[str, Any], where: str) -> Recipe:
     if not isinstance(name, str) or not name:
         raise PlannerError(f"{where}: every [[recipe]] needs a name = \"...\"")
     label = f"{where}: recipe {name!r}"
-    unknown = sorted(set(table) - RECIPE_KEYS)
-    if unknown:
-        raise PlannerError(f"{label}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(RECIPE_KEYS))}")
+    _reject_unknown_keys(table, RECIPE_KEYS, label)
     dtype = table.get("dtype", "float32")
     if dtype not in DTYPES:
         raise PlannerError(f"{label}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -313,9 +311,7 @@ def _layer_overrides(tables: Any, label: str) -> tuple[LayerOverride, ...]:
         if not isinstance(fqn, str) or not fqn:
             raise PlannerError(f"{label}: every [[recipe.layer]] needs fqn = \"module.name\"")
         where = f"{label}, layer {fqn!r}"
-        unknown = sorted(set(table) - LAYER_KEYS)
-        if unknown:
-            raise PlannerError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(LAYER_KEYS))}")
+        _reject_unknown_keys(table, LAYER_KEYS, where)
         quantize = table.get("quantize", "none")
         if quantize != "none" and quantize not in SCHEMES:
             raise PlannerError(f"{where}: quantize {quantize!r} is not none or one of {', '.join(SCHEMES)}")
@@ -325,6 +321,12 @@ def _layer_overrides(tables: Any, label: str) -> tuple[LayerOverride, ...]:
             raise PlannerError(f"{where}: the layer is listed twice")
         overrides.append(LayerOverride(fqn, checked.quantize, checked.bits, checked.group_size, checked.mapping))
     return tuple(overrides)
+
+
+def _reject_unknown_keys(table: dict[str, Any], known: set[str], label: str) -> None:
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise PlannerError(f"{label}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
 
 
 def _fraction(table: dict[str, Any], key: str, label: str) -> float:
