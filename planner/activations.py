@@ -33,6 +33,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass, transform_subclass
 
+from planner.scratch import SCRATCH_OPS, Scratch, op_signature
+
 # Ops whose kernel allocates scratch memory the tracker never sees (only their outputs are visible).
 _FUSED_OPS = frozenset({
     "aten.lstm", "aten.gru", "aten.rnn_tanh", "aten.rnn_relu", "aten.mkldnn_rnn", "aten._thnn_fused_lstm_cell",
@@ -169,8 +171,6 @@ class _LivenessTracker(TorchDispatchMode):
     def _add_scratch(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any) -> None:
         """A kernel with measured hidden workspace: its real output sizes, and its transient workspace on top of
         what is live right after it (outputs included), as both coexist."""
-        from planner.scratch import SCRATCH_OPS, Scratch, op_signature
-
         packet = str(func.overloadpacket)
         if packet not in SCRATCH_OPS:
             return

@@ -213,8 +213,9 @@ def analytic_footprint(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], 
         traced_model, note = weightless_recipe_model(meta_model, recipe)
         device = next((t.device.type for t in traced_model.parameters()), "meta")
         traced_inputs = cast_inputs(inputs, recipe.torch_dtype, device)
-        report = activation_peak(traced_model, traced_inputs, scratch=load_cache())
-        if measure_scratch and set(report.scratch_calls) - set(load_cache()):
+        cached = load_cache()
+        report = activation_peak(traced_model, traced_inputs, scratch=cached)
+        if measure_scratch and set(report.scratch_calls) - set(cached):
             # Kernels with hidden workspace at shapes this machine has not measured yet: measure them once (a
             # child process, cached per machine), then trace again with the figures.
             scratch, failure = scratch_bytes(report.scratch_calls)
