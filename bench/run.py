@@ -51,6 +51,7 @@ RESOLUTION_BYTES = 2 * 1000**2
 
 LLAMA_RECIPES = "fp32,int8-dynamic,int4-g128"
 SCALE_LAYERS = (4, 8, 16)
+PLAN_SCALE_LAYERS = (3, 6)
 ANALYTIC_TARGET_S = 3.0
 ANALYTIC_TARGET_RSS = 1000**3
 GPT2_TARGET_S = 120.0
@@ -235,7 +236,7 @@ def relative(estimate: float | None, verified: float | None) -> float | None:
 
 
 def model_label(spec: str) -> str:
-    return spec.removeprefix("zoo:").removeprefix("examples/public_models.py:")
+    return spec.removeprefix("zoo:").removeprefix("examples/public_models.py:").removeprefix("bench/scaling_models.py:")
 
 
 def accuracy_rows(case: dict[str, Any]) -> list[dict[str, Any]]:
@@ -471,12 +472,15 @@ SPEED_NOTES = """\
 excluded); `process wall s` is the whole child process, including about 3-4 s of importing torch, torchao and
 transformers; `peak RSS` is that process's maximum resident set size (os.wait4). For (b), peak RSS is the planner
 process alone (its own RUSAGE_SELF), which is what the 2.5× target is about; the figure with the verification
-workers is in `detail`. (b') applies the same peak-ratio target to ComplexNet (2.1 GB fp32) over three
-recipes; it has no time target. (c) uses the 7B layer shape with fewer layers; (a)'s analytic line is the
-32-layer point. Other jobs may share the 2 cores, so times are indicative (the load average is in the header).
-The kernel workspace the analytic footprint adds (attention, convolution) is measured once per machine and shape
-and cached; one untimed pass runs first, so (a) and (c) are what every later plan on this machine costs. Since
-this version, torch verification workers fork from a server that has imported torch and torchao once.
+workers is in `detail`. (b') applies the same peak-ratio target to ComplexNet (2.1 GB fp32) over three recipes; it
+has no time target. (c) uses the 7B layer shape with fewer layers; (a)'s analytic line is the 32-layer point. (d)
+is the verified plan of (b) on GPT-2's shape with 3 and 6 layers (random weights), so the two (d) rows and (b) (12
+layers) show how the verified plan grows with model size. Other jobs may share the 2 cores, so times are indicative
+(the load average is in the header). The kernel workspace the analytic footprint adds (attention, convolution) is
+measured once per machine and shape and cached; one untimed pass runs first, so (a) and (c) are what every later
+plan on this machine costs. Torch verification workers fork from a server that has imported torch and torchao once.
+Since this version the planner applies a recipe one layer at a time and gives back the float32 reference's pages
+each layer no longer needs, so its peak is its imports, the recipe's copy and one layer's quantization temporaries.
 """
 
 
@@ -505,6 +509,10 @@ def main() -> int:
         speed = speed_rows_analytic(work)
         if not args.quick:
             speed.append(speed_row_plan(work, "examples/public_models.py:gpt2_small", None, "(b)", GPT2_TARGET_S))
+            # How the verified plan grows: GPT-2's shape with fewer layers, the same recipes ((b) is 12 layers).
+            for layers in PLAN_SCALE_LAYERS:
+                speed.append(speed_row_plan(work, f"bench/scaling_models.py:gpt2_{layers}_layers", None, "(d)",
+                                            None))
             # The same peak ratio on the largest zoo model (no time target: three recipes only).
             speed.append(speed_row_plan(work, "zoo:complexnet", "fp32,int8-weight-only,int4-g128", "(b')", None))
         speed.extend(speed_rows_scaling(work))

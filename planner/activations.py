@@ -23,6 +23,7 @@ workspace is modeled: reductions that cast their input to a wider `dtype` (see _
 from __future__ import annotations
 
 import contextlib
+import logging
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -360,6 +361,25 @@ def _fake_on(tensor: torch.Tensor, mode: Any, device: str) -> torch.Tensor:
         return transform_subclass(tensor, lambda _name, inner: _fake_on(inner, mode, device))
     with mode:
         return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=device)
+
+
+def fake_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...], device: str = "cpu") -> Any:
+    """`model(*inputs)` on storage-less FakeTensors claiming `device`: meta weights, yet the branches (and
+    data-dependent checks, which fake tensors let pass where meta tensors raise) of a real run there."""
+    from torch._subclasses.fake_tensor import FakeTensorMode  # import late: it is heavy
+
+    fake_mode = FakeTensorMode()
+    state = {name: _fake_on(t, fake_mode, device) for name, t in _state(model).items()}
+    fake_inputs = tuple(_fake_on(t, fake_mode, device) for t in inputs)
+    # A failing op is logged with a traceback before it raises; the caller reports the error in one line.
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        with torch.inference_mode(), fake_mode:
+            return torch.func.functional_call(model, state, fake_inputs)
+    finally:
+        fake_log.setLevel(level)
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -21,11 +21,13 @@ from typing import Any
 import torch
 
 from planner import rank
+from planner.activations import fake_forward
 from planner.artifact import load_reference
 from planner.baseline import framework_baseline
 from planner.errors import PlannerError
 from planner.footprint import Footprint
 from planner.isolation import default_memory_cap, describe_exit, run_module_isolated
+from planner.pages import MappedReference
 from planner.pruning import artifact_state, prune_channels, pruning_footprint, resolve_recipe
 from planner.recipes import Recipe, UnsupportedRecipe, apply_recipe, check_layer_overrides
 from planner.sources import ModelSource
@@ -183,8 +185,9 @@ def explain(row: dict[str, Any], analytic_notes: list[str], source_kind: str, re
     return "; ".join(note for note in notes if note)
 
 
-def _forward_error(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> str | None:
-    """Run one forward; on failure return 'layer NAME (Type): message' naming the innermost running layer."""
+def _forward_error(model: torch.nn.Module, forward: Callable[[], Any]) -> str | None:
+    """Run `forward` (a forward of `model`); on failure return 'layer NAME (Type): message' naming the
+    innermost running layer."""
     running: list[str] = []
     names = {id(module): name for name, module in model.named_modules()}
     handles = []
@@ -201,7 +204,7 @@ def _forward_error(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> 
             handles.append(module.register_forward_hook(leave))
     try:
         with torch.no_grad():
-            model(*inputs)
+            forward()
         return None
     except Exception as error:
         message = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
@@ -213,11 +216,17 @@ def _forward_error(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> 
 
 def check_inputs_fit(source: ModelSource, meta_model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
     """Reject an input the model cannot take before any work, naming the layer and the shapes."""
-    device = next((t.device for t in meta_model.parameters()), torch.device("cpu"))
-    problem = _forward_error(meta_model, tuple(t.to(device) for t in inputs))
-    if problem is not None and device.type == "meta":
-        # Some ops have no meta kernel: confirm on real weights before blaming the input.
-        problem = _forward_error(source.build("cpu"), inputs)
+    on_meta = any(t.device.type == "meta" for t in meta_model.parameters())
+    if on_meta:
+        # Fake tensors claiming the CPU: no weights, and data-dependent checks (GPT-2's mask code calls
+        # .item()) pass where plain meta tensors raise, so a real build is rarely needed.
+        problem = _forward_error(meta_model, lambda: fake_forward(meta_model, inputs))
+    else:
+        problem = _forward_error(meta_model, lambda: meta_model(*inputs))
+    if problem is not None and on_meta:
+        # Some ops have no fake kernel: confirm on real weights before blaming the input.
+        model = source.build("cpu")
+        problem = _forward_error(model, lambda: model(*inputs))
     if problem is not None:
         shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in inputs)
         raise PlannerError(f"the input {shapes} does not fit {source.spec}: {problem}; "
@@ -314,11 +323,12 @@ def _verify_recipes(source: ModelSource, recipes: list[Recipe], footprints: dict
                            f"{reference.get('note')}")
 
     if "torch" in options.backends:
+        prune_thresholds: dict[tuple[str, float], float] = {}  # prune50, prune50-int8-dynamic... search once
         for recipe in recipes:
             step += 1
             report(f"applying {recipe.name}")
             rows.append(_torch_row(source, recipe, footprints[recipe.name], fp32_path, reference, workdir, fmt,
-                                   options, report))
+                                   options, report, prune_thresholds))
     if options.mixed_budgets:
         from planner.mixed_plan import mixed_rows
 
@@ -336,7 +346,8 @@ def _verify_recipes(source: ModelSource, recipes: list[Recipe], footprints: dict
 
 def _torch_row(source: ModelSource, recipe: Recipe, footprint: Footprint, fp32_path: Path,
                reference: dict[str, Any], workdir: Path, fmt: str, options: PlanOptions,
-               report: Callable[[str], None]) -> dict[str, Any]:
+               report: Callable[[str], None], prune_thresholds: dict[tuple[str, float], float] | None = None
+               ) -> dict[str, Any]:
     row: dict[str, Any] = {"recipe": recipe.name, "backend": "torch", "touches": recipe.touches()}
     artifact = workdir / f"{recipe.name}{fp32_path.suffix}"
     if recipe.name == REFERENCE:
@@ -347,7 +358,8 @@ def _torch_row(source: ModelSource, recipe: Recipe, footprint: Footprint, fp32_p
                    and (not recipe.prune or footprint.pruned_layers > 0) and not footprint.unsupported)
         result = {"status": "unsupported", "note": reason, "analytic_is_what_if": what_if}
     else:
-        result = _apply_and_verify(source, recipe, fp32_path, artifact, workdir, fmt, options, report)
+        result = _apply_and_verify(source, recipe, fp32_path, artifact, workdir, fmt, options, report,
+                                   prune_thresholds)
     row.update(result)
     analytic = {"analytic_disk_bytes": footprint.disk_bytes, "analytic_weight_bytes": footprint.weight_bytes,
                 "analytic_activation_bytes": footprint.activation_bytes,
@@ -442,12 +454,17 @@ def _onnx_build(source: ModelSource, recipe: Recipe, fp32_path: Path, onnx_base:
 
 
 def _apply_and_verify(source: ModelSource, recipe: Recipe, fp32_path: Path, artifact: Path, workdir: Path,
-                      fmt: str, options: PlanOptions, progress: Callable[[str], None]) -> dict[str, Any]:
+                      fmt: str, options: PlanOptions, progress: Callable[[str], None],
+                      prune_thresholds: dict[tuple[str, float], float] | None = None) -> dict[str, Any]:
     try:
         model, structure = load_reference(source, fp32_path), None
+        # The planner's own peak: release each layer's float32 pages once the recipe has its copy.
+        mapped = MappedReference(fp32_path)
         if recipe.channels:
             structure = prune_channels(model, tuple(torch.load(workdir / "inputs.pt", weights_only=True)), recipe)
-        model, notes = apply_recipe(model, recipe)
+            mapped.release_unused(model)
+        model, notes = apply_recipe(model, recipe, after_layer=mapped.release_unused,
+                                    prune_thresholds=prune_thresholds)
         _save(model, artifact, fmt, recipe, structure)
         del model
         release_freed_memory()  # module graphs hold reference cycles; free this recipe's copy before the next

@@ -479,10 +479,12 @@ def check_layer_overrides(model: nn.Module, recipe: Recipe) -> None:
             raise PlannerError(f"recipe {recipe.name!r}: layer {override.fqn!r} cannot take {override.quantize}: {why}")
 
 
-def quantize_per_layer(model: nn.Module, recipe: Recipe, weightless: bool = False) -> list[str]:
+def quantize_per_layer(model: nn.Module, recipe: Recipe, weightless: bool = False,
+                       after_layer: Callable[[nn.Module], None] | None = None) -> list[str]:
     """Apply a mixed recipe with torchao's FqnToConfig, one config per module the decision quantizes.
 
-    weightless: on a meta model, skip schemes that cannot run there. Returns the fqns left float for that."""
+    weightless: on a meta model, skip schemes that cannot run there. Returns the fqns left float for that.
+    after_layer(model), when given, runs after each layer (FqnToConfig of that layer alone)."""
     from collections import OrderedDict
 
     from torchao.quantization import FqnToConfig, quantize_
@@ -501,8 +503,13 @@ def quantize_per_layer(model: nn.Module, recipe: Recipe, weightless: bool = Fals
             skipped.append(fqn)
             continue
         configs[fqn] = scheme.make_config(layer_recipe)
-    if configs:
-        quantize_(model, FqnToConfig(configs), filter_fn=None)
+    if after_layer is None:
+        if configs:
+            quantize_(model, FqnToConfig(configs), filter_fn=None)
+        return skipped
+    for fqn, config in configs.items():
+        quantize_(model, FqnToConfig(OrderedDict([(fqn, config)])), filter_fn=None)
+        after_layer(model)
     return skipped
 
 
@@ -514,32 +521,52 @@ def prunable(module: nn.Module, recipe: Recipe) -> bool:
 
 # ---- applying a recipe to a real model ----
 
-def apply_recipe(model: nn.Module, recipe: Recipe) -> tuple[nn.Module, list[str]]:
+def apply_recipe(model: nn.Module, recipe: Recipe, *, after_layer: Callable[[nn.Module], None] | None = None,
+                 prune_thresholds: dict[tuple[str, float], float] | None = None) -> tuple[nn.Module, list[str]]:
     """Prune, cast, quantize, in that order (quantizing first would leave nothing to prune).
 
+    Casting and quantizing go one layer at a time, calling after_layer(model) after each, so the caller can
+    give back what the layer no longer needs (planner.pages) before the next one is made. prune_thresholds
+    caches each layer's magnitude threshold across recipes pruning the same reference by the same share.
     Returns the model and notes measured while applying (the share of pruned weights now zero)."""
     notes = []
     if recipe.prune:
-        zeros, total = _magnitude_prune(model, recipe)
+        zeros, total = _magnitude_prune(model, recipe, prune_thresholds)
         if total:
             # Without quantization the torch artifact stores them sparse (planner.pruning.artifact_state).
             storage = ("stored sparse where smaller (the file shrinks), loaded dense (memory does not)"
                        if recipe.scheme is None else "stored densely: file and memory do not shrink")
             notes.append(f"{zeros / total:.0%} of pruned weights are zero, {storage}")
-    model = model.to(recipe.torch_dtype)
+    _cast_by_layer(model, recipe.torch_dtype, after_layer)
     scheme = recipe.scheme
     if recipe.quantizes and linearize_conv1d(model, recipe):
         notes.append("transformers Conv1D layers became nn.Linear (weight transposed) so torchao quantizes them; "
                      "load the artifact with planner.artifact.load_artifact")
     if recipe.layer_overrides:
-        quantize_per_layer(model, recipe)
+        quantize_per_layer(model, recipe, after_layer=after_layer)
     elif scheme is not None:
         if scheme.needs_cuda and not torch.cuda.is_available():
             raise UnsupportedRecipe(f"needs CUDA: {scheme.needs_cuda}")
         from torchao.quantization import quantize_
 
-        quantize_(model, scheme.make_config(recipe), filter_fn=layer_filter(recipe))
+        config = scheme.make_config(recipe)
+        chosen = layer_filter(recipe)
+        for fqn in [fqn for fqn, module in model.named_modules() if chosen(module, fqn)]:
+            quantize_(model, config, filter_fn=lambda module, name, fqn=fqn: name == fqn)
+            if after_layer is not None:
+                after_layer(model)
     return model, notes
+
+
+def _cast_by_layer(model: nn.Module, dtype: torch.dtype, after_layer: Callable[[nn.Module], None] | None) -> None:
+    """model.to(dtype), one module's own floating parameters and buffers at a time."""
+    for module in model.modules():
+        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if not any(t.is_floating_point() and t.dtype != dtype for t in own):
+            continue
+        module._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
+        if after_layer is not None:
+            after_layer(model)
 
 
 def import_tensor_types() -> None:
@@ -553,7 +580,8 @@ class UnsupportedRecipe(Exception):
     """The recipe cannot run here (missing kernel or unsupported model kind); the row says why."""
 
 
-def _magnitude_prune(model: nn.Module, recipe: Recipe) -> tuple[int, int]:
+def _magnitude_prune(model: nn.Module, recipe: Recipe,
+                     thresholds: dict[tuple[str, float], float] | None = None) -> tuple[int, int]:
     """Per-layer L1 magnitude pruning: zero the smallest `recipe.prune` share of each weight, in place.
 
     In place keeps tied weights tied (GPT-2's lm_head and wte); weights memory-mapped from the reference
@@ -563,17 +591,21 @@ def _magnitude_prune(model: nn.Module, recipe: Recipe) -> tuple[int, int]:
     """
     zeros = total = 0
     done: set[int] = set()
-    for module in model.modules():
+    thresholds = {} if thresholds is None else thresholds
+    for name, module in model.named_modules():
         if not prunable(module, recipe) or id(module.weight) in done or module.weight.device.type == "meta":
             continue
         done.add(id(module.weight))
         weight = module.weight.data
         flat = weight.view(-1) if weight.is_contiguous() else weight.contiguous().view(-1)
-        threshold = magnitude_threshold(flat, recipe.prune)
+        key = (name, recipe.prune)
+        if key not in thresholds:
+            thresholds[key] = magnitude_threshold(flat, recipe.prune)
+        threshold = thresholds[key]
         for chunk in flat.split(PRUNE_CHUNK):
             pruned = chunk.abs() <= threshold  # one pass: the same mask zeroes and counts
             chunk.masked_fill_(pruned, 0)
-            zeros += int(pruned.sum())
+            zeros += int(torch.count_nonzero(pruned))  # far faster than a bool sum
         if flat.data_ptr() != weight.data_ptr():
             weight.copy_(flat.view_as(weight))
         total += weight.numel()
@@ -614,7 +646,7 @@ def _kth_in_bracket(values: torch.Tensor, wanted: int, low: float, high: float) 
     inside = []
     for chunk in values.split(PRUNE_CHUNK):
         magnitude = chunk.abs()
-        below += int((magnitude < low).sum())
+        below += int(torch.count_nonzero(magnitude < low))
         inside.append(magnitude[(magnitude >= low) & (magnitude <= high)])
     candidates = torch.cat(inside)
     if not 1 <= wanted - below <= candidates.numel():

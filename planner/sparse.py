@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy
 import torch
 from torch import nn
 
@@ -21,7 +22,6 @@ from planner.footprint import CONTAINER_BYTES_PER_STORAGE
 
 SEPARATOR = "::"
 FORMATS = ("dense", "bitmask", "indices")
-CHUNK = 1 << 24  # a multiple of 8: bitmask chunks pack independently
 
 
 @dataclass(frozen=True)
@@ -63,14 +63,9 @@ def nonzeros_after_magnitude_pruning(numel: int, fraction: float) -> int:
     return numel - math.ceil(fraction * numel)
 
 
-def _pack_bitmask(flat: torch.Tensor) -> torch.Tensor:
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-    parts = []
-    for chunk in flat.split(CHUNK):
-        bits = chunk != 0
-        padded = torch.nn.functional.pad(bits, (0, (-bits.numel()) % 8)).view(-1, 8).to(torch.uint8)
-        parts.append((padded * weights).sum(1, dtype=torch.uint8))
-    return torch.cat(parts)
+def _pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
+    """Bit i of byte j is position 8j + i (little bit order), as _unpack_bitmask reads it."""
+    return torch.from_numpy(numpy.packbits(mask.numpy(), bitorder="little"))
 
 
 def _unpack_bitmask(mask: torch.Tensor, numel: int) -> torch.Tensor:
@@ -81,15 +76,15 @@ def _unpack_bitmask(mask: torch.Tensor, numel: int) -> torch.Tensor:
 def encode(tensor: torch.Tensor, value_bytes: int | None = None) -> dict[str, torch.Tensor]:
     """{suffix: tensor} for the smallest form of `tensor` (suffix "" means dense, stored as is)."""
     flat = tensor.detach().reshape(-1)
-    nonzeros = int((flat != 0).sum())
-    choice = choose_format(flat.numel(), nonzeros, value_bytes or tensor.element_size())
+    nonzero = flat != 0  # one pass: counted, then reused for the values and the mask or the indices
+    choice = choose_format(flat.numel(), int(torch.count_nonzero(nonzero)), value_bytes or tensor.element_size())
     if choice.format == "dense":
         return {"": tensor}
-    values = flat[flat != 0].clone()
+    values = flat[nonzero]  # boolean indexing copies already
     if choice.format == "bitmask":
-        return {"bitmask": _pack_bitmask(flat), "values": values}
+        return {"bitmask": _pack_bitmask(nonzero), "values": values}
     dtype = torch.int16 if index_bytes(flat.numel()) == 2 else torch.int32
-    return {"indices": torch.nonzero(flat).view(-1).to(dtype), "values": values}
+    return {"indices": torch.nonzero(nonzero).view(-1).to(dtype), "values": values}
 
 
 def decode(parts: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
@@ -97,7 +92,7 @@ def decode(parts: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
     values = parts["values"]
     dense = torch.zeros(numel, dtype=values.dtype)
     if "bitmask" in parts:
-        dense[_unpack_bitmask(parts["bitmask"], numel)] = values
+        dense.masked_scatter_(_unpack_bitmask(parts["bitmask"], numel), values)
     else:
         dense[parts["indices"].long()] = values
     return dense.view(shape)
