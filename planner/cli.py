@@ -65,6 +65,9 @@ def plan(
     eval_fn: Annotated[str | None, typer.Option("--eval", help="your quality function, module:fn or file.py:fn: "
                                                           "fn(model) -> float, higher is better; run on every "
                                                           "verified torch row")] = None,
+    analytic_only: Annotated[bool, typer.Option(help="rank the analytic estimates alone: no weights are "
+                                                     "materialized and nothing is verified (models too big to "
+                                                     "verify here; the torch backend)")] = False,
     debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
 ) -> None:
     """Enumerate recipes, estimate each, verify each for real, rank them against the budget."""
@@ -78,6 +81,9 @@ def plan(
     if timeout <= 0:
         raise PlannerError("--timeout must be a positive number of seconds")
     backends = parse_backends(backend)
+    if analytic_only:
+        _check_analytic_only(backend, mixed or bool(mixed_budgets), export, eval_fn)
+        backends = ("torch",)
     from planner.mixed_plan import parse_budgets
 
     mixed_texts = parse_budgets(budget, mixed_budgets) if mixed or mixed_budgets else ()
@@ -106,7 +112,8 @@ def plan(
         load_calibration(calibration, source.example_inputs())
     options = PlanOptions(budget_bytes=budget_bytes, budget_on=budget_on, timeout_s=timeout,
                           keep_all_artifacts=export_all, backends=backends, mixed_budgets=mixed_texts,
-                          calibration=str(calibration) if calibration else None, mixed_dtype=mixed_dtype)
+                          calibration=str(calibration) if calibration else None, mixed_dtype=mixed_dtype,
+                          analytic_only=analytic_only)
     if eval_fn:
         from planner.evalhook import resolve_eval_spec
 
@@ -139,6 +146,16 @@ def plan(
         raise NothingFits()
 
 
+def _check_analytic_only(backend: str | None, mixed: bool, export: Path | None, eval_fn: str | None) -> None:
+    """--analytic-only measures nothing, so options that need a measurement or an artifact are refused."""
+    needs = [flag for flag, given in (("--backend onnxruntime", backend is not None and "onnxruntime" in backend),
+                                      ("--mixed", mixed), ("--export", export is not None),
+                                      ("--eval", eval_fn is not None)) if given]
+    if needs:
+        raise PlannerError(f"--analytic-only verifies nothing, so {', '.join(needs)} cannot be used with it: "
+                           "drop --analytic-only to verify, or drop those options")
+
+
 BACKENDS = ("torch", "onnxruntime")
 
 
@@ -166,6 +183,12 @@ def _announce(result: PlanResult, console: Console) -> None:
         row = result.row(result.pick, result.pick_backend or "torch")
         assert row is not None
         size = format_bytes(rank.measured_size(row, result.budget_on))
+        if row["status"] == "estimated":
+            console.print(f"[bold yellow]pick (estimated, not verified): {row['recipe']} on {row['backend']}[/] "
+                          f"({result.budget_on} {size} analytic, budget {budget}): the least compressed recipe "
+                          "that fits; quality was not measured, so verify it (drop --analytic-only) before "
+                          "relying on it")
+            return
         console.print(f"[bold green]pick: {row['recipe']} on {row['backend']}[/] ({result.budget_on} {size} "
                       f"verified, budget {budget})")
         return
@@ -174,8 +197,9 @@ def _announce(result: PlanResult, console: Console) -> None:
         console.print("[bold red]no recipe verified on this machine[/]")
     else:
         size = format_bytes(rank.measured_size(near, result.budget_on))
+        how = "estimated" if near["status"] == "estimated" else "verified"
         console.print(f"[bold red]nothing fits {budget}[/]: the closest is {near['recipe']} on {near['backend']} "
-                      f"at {size} verified {result.budget_on}")
+                      f"at {size} {how} {result.budget_on}")
 
 
 @app.command()

@@ -56,6 +56,7 @@ class PlanOptions:
     calibration: str | None = None  # real inputs for the mixed-precision sensitivity pass
     mixed_dtype: str = "auto"  # the mixed recipes' float layers and activations: float32, bfloat16 or auto (both)
     eval_spec: str | None = None  # --eval module:fn, the user's quality function (planner.evalhook)
+    analytic_only: bool = False  # rank the analytic figures alone: nothing is materialized or verified
 
 
 @dataclass
@@ -214,8 +215,10 @@ def _forward_error(model: torch.nn.Module, forward: Callable[[], Any]) -> str | 
             handle.remove()
 
 
-def check_inputs_fit(source: ModelSource, meta_model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-    """Reject an input the model cannot take before any work, naming the layer and the shapes."""
+def check_inputs_fit(source: ModelSource, meta_model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
+                     confirm_on_real_weights: bool = True) -> None:
+    """Reject an input the model cannot take before any work, naming the layer and the shapes.
+    confirm_on_real_weights=False (an analytic-only plan) never builds the model with real weights."""
     on_meta = any(t.device.type == "meta" for t in meta_model.parameters())
     if on_meta:
         # Fake tensors claiming the CPU: no weights, and data-dependent checks (GPT-2's mask code calls
@@ -223,7 +226,7 @@ def check_inputs_fit(source: ModelSource, meta_model: torch.nn.Module, inputs: t
         problem = _forward_error(meta_model, lambda: fake_forward(meta_model, inputs))
     else:
         problem = _forward_error(meta_model, lambda: meta_model(*inputs))
-    if problem is not None and on_meta:
+    if problem is not None and on_meta and confirm_on_real_weights:
         # Some ops have no fake kernel: confirm on real weights before blaming the input.
         model = source.build("cpu")
         problem = _forward_error(model, lambda: model(*inputs))
@@ -236,12 +239,12 @@ def check_inputs_fit(source: ModelSource, meta_model: torch.nn.Module, inputs: t
 def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
              progress: Callable[[str, int, int], None] = lambda message, done, total: None) -> PlanResult:
     """`progress(message, steps_done, steps_total)` is called as the plan goes (for a progress bar)."""
-    total = len(recipes) * len(options.backends) + 2
+    total = 2 if options.analytic_only else len(recipes) * len(options.backends) + 2
     return_freed_memory_promptly()
     progress("describing the model (weightless)", 0, total)
     meta_model = source.build("meta")
     inputs = source.example_inputs()
-    check_inputs_fit(source, meta_model, inputs)
+    check_inputs_fit(source, meta_model, inputs, confirm_on_real_weights=not options.analytic_only)
     for recipe in recipes:
         check_layer_overrides(meta_model, recipe)
     resolved = [resolve_recipe(meta_model, inputs, recipe) for recipe in recipes]
@@ -261,8 +264,11 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
                            "use --budget-on runtime")
     workdir = Path(tempfile.mkdtemp(prefix="planner-"))
     try:
-        rows = _verify_recipes(source, recipes, footprints, onnx_disk, workdir, options,
-                               lambda message, done: progress(message, done, total))
+        if options.analytic_only:
+            rows = [_estimated_row(source, recipe, footprints[recipe.name], options) for recipe in recipes]
+        else:
+            rows = _verify_recipes(source, recipes, footprints, onnx_disk, workdir, options,
+                                   lambda message, done: progress(message, done, total))
     except BaseException:  # an error or Ctrl-C: remove the artifacts, keep nothing half-written
         shutil.rmtree(workdir, ignore_errors=True)
         raise
@@ -352,26 +358,48 @@ def _torch_row(source: ModelSource, recipe: Recipe, footprint: Footprint, fp32_p
     artifact = workdir / f"{recipe.name}{fp32_path.suffix}"
     if recipe.name == REFERENCE:
         result, artifact = reference, fp32_path
-    elif (reason := why_unsupported(recipe, source, footprint)) is not None:
-        # Analytic figures stay as a what-if only where the recipe would change something here.
-        what_if = ((recipe.scheme is None or footprint.quantized_layers > 0)
-                   and (not recipe.prune or footprint.pruned_layers > 0) and not footprint.unsupported)
-        result = {"status": "unsupported", "note": reason, "analytic_is_what_if": what_if}
+    elif (unsupported := _unsupported_result(recipe, source, footprint)) is not None:
+        result = unsupported
     else:
         result = _apply_and_verify(source, recipe, fp32_path, artifact, workdir, fmt, options, report,
                                    prune_thresholds)
     row.update(result)
+    _set_figures(row, _analytic_figures(row, footprint), artifact.stat().st_size if artifact.exists() else None)
+    has_convolutions = any(layer.type.startswith("Conv") for layer in footprint.layers)
+    row["note"] = explain(row, footprint.notes, source.kind, reference, has_convolutions)
+    return _keep_or_drop(row, [artifact], options, keep_anyway=artifact == fp32_path)
+
+
+def _unsupported_result(recipe: Recipe, source: ModelSource, footprint: Footprint) -> dict[str, Any] | None:
+    if (reason := why_unsupported(recipe, source, footprint)) is None:
+        return None
+    # Analytic figures stay as a what-if only where the recipe would change something here.
+    what_if = ((recipe.scheme is None or footprint.quantized_layers > 0)
+               and (not recipe.prune or footprint.pruned_layers > 0) and not footprint.unsupported)
+    return {"status": "unsupported", "note": reason, "analytic_is_what_if": what_if}
+
+
+def _analytic_figures(row: dict[str, Any], footprint: Footprint) -> dict[str, Any]:
     analytic = {"analytic_disk_bytes": footprint.disk_bytes, "analytic_weight_bytes": footprint.weight_bytes,
                 "analytic_activation_bytes": footprint.activation_bytes,
                 "analytic_runtime_bytes": footprint.runtime_bytes,
                 "analytic_transient_bytes": footprint.transient_bytes, "analytic_input_bytes": footprint.input_bytes,
                 "analytic_output_bytes": footprint.output_bytes}
     if row["status"] == "unsupported" and not row.get("analytic_is_what_if", True):
-        analytic = dict.fromkeys(analytic)
-    _set_figures(row, analytic, artifact.stat().st_size if artifact.exists() else None)
+        return dict.fromkeys(analytic)
+    return analytic
+
+
+def _estimated_row(source: ModelSource, recipe: Recipe, footprint: Footprint, options: PlanOptions
+                   ) -> dict[str, Any]:
+    """A row of `plan --analytic-only`: the analytic figures, ranked as they are; nothing measured."""
+    row: dict[str, Any] = {"recipe": recipe.name, "backend": "torch", "touches": recipe.touches(),
+                           "pruned_share": max(recipe.prune, recipe.channels, recipe.params)}
+    row.update(_unsupported_result(recipe, source, footprint) or {"status": "estimated"})
+    _set_figures(row, _analytic_figures(row, footprint), None)
     has_convolutions = any(layer.type.startswith("Conv") for layer in footprint.layers)
-    row["note"] = explain(row, footprint.notes, source.kind, reference, has_convolutions)
-    return _keep_or_drop(row, [artifact], options, keep_anyway=artifact == fp32_path)
+    row["note"] = explain(row, footprint.notes, source.kind, {}, has_convolutions)
+    return _keep_or_drop(row, [], options)
 
 
 def _keep_or_drop(row: dict[str, Any], files: list[Path], options: PlanOptions, keep_anyway: bool = False
@@ -380,7 +408,7 @@ def _keep_or_drop(row: dict[str, Any], files: list[Path], options: PlanOptions, 
     row["framework_bytes"] = options.framework_bytes.get(row["backend"])
     row["fits"] = rank.fits(row, options.budget_bytes, options.budget_on)
     row["artifact"] = None
-    if row["status"] == "verified" and files[0].exists():
+    if row["status"] == "verified" and files and files[0].exists():
         if keep_anyway or options.keep_all_artifacts or row["fits"]:
             row["artifact"] = str(files[0])
         else:

@@ -11,12 +11,15 @@ BUDGET_TARGETS = ("runtime", "disk", "device")
 
 
 def measured_size(row: dict[str, Any], budget_on: str) -> int | None:
-    """The verified figure the budget applies to (None when the row was not verified)."""
-    if row.get("status") != "verified":
+    """The figure the budget applies to: verified for a verified row, analytic for an `estimated` row
+    (planner plan --analytic-only), None otherwise."""
+    status = row.get("status")
+    if status not in ("verified", "estimated"):
         return None
+    prefix = "verified" if status == "verified" else "analytic"
     if budget_on == "disk":
-        return row.get("verified_disk_bytes")
-    runtime = row.get("verified_runtime_bytes")
+        return row.get(f"{prefix}_disk_bytes")
+    runtime = row.get(f"{prefix}_runtime_bytes")
     if budget_on == "runtime" or runtime is None:
         return runtime
     framework = row.get("framework_bytes")
@@ -28,6 +31,12 @@ def fits(row: dict[str, Any], budget_bytes: int, budget_on: str) -> bool:
     return size is not None and size <= budget_bytes
 
 
+def prior_quality(row: dict[str, Any]) -> tuple[float, float]:
+    """For rows whose quality was not measured (estimated): less pruned, then more weight bytes kept (less
+    compression) first; a rule of thumb, which is why only verified rows carry SQNR."""
+    return (float(row.get("pruned_share") or 0.0), -float(row.get("analytic_weight_bytes") or 0))
+
+
 def quality(row: dict[str, Any]) -> float:
     """Higher is better: SQNR in dB (inf for an exact match); unknown quality sorts last."""
     sqnr = row.get("sqnr_db")
@@ -37,19 +46,22 @@ def quality(row: dict[str, Any]) -> float:
 
 
 def rank_rows(rows: list[dict[str, Any]], budget_bytes: int, budget_on: str) -> list[dict[str, Any]]:
-    """Fitting rows first by least quality loss then size; then the rest, closest to the budget first;
-    rows that were not verified last. Each returned row carries `fits` and `rank`."""
+    """Fitting rows first by least quality loss then size (estimated rows, whose quality is unknown, by
+    prior_quality); then the rest, closest to the budget first; rows without a figure last. Each returned
+    row carries `fits` and `rank`."""
     if budget_on not in BUDGET_TARGETS:
         raise ValueError(f"budget_on must be one of {BUDGET_TARGETS}")
 
-    def key(row: dict[str, Any]) -> tuple[int, float, float, str, str]:
+    def key(row: dict[str, Any]) -> tuple[int, float, float, float, str, str]:
         size = measured_size(row, budget_on)
         name, backend = row["recipe"], row.get("backend", "torch")
         if size is None:
-            return (2, 0.0, 0.0, name, backend)
+            return (3, 0.0, 0.0, 0.0, name, backend)
         if size <= budget_bytes:
-            return (0, -quality(row), float(size), name, backend)
-        return (1, float(size), -quality(row), name, backend)
+            if row.get("status") == "estimated":
+                return (1, *prior_quality(row), float(size), name, backend)
+            return (0, -quality(row), float(size), 0.0, name, backend)
+        return (2, float(size), -quality(row), 0.0, name, backend)
 
     ranked = sorted(rows, key=key)
     return [dict(row, fits=fits(row, budget_bytes, budget_on), rank=index + 1) for index, row in enumerate(ranked)]
@@ -67,6 +79,6 @@ def pick(ranked: list[dict[str, Any]]) -> str | None:
 
 
 def closest(ranked: list[dict[str, Any]], budget_on: str) -> dict[str, Any] | None:
-    """The smallest verified row (shown when nothing fits)."""
+    """The smallest verified (or estimated) row, shown when nothing fits."""
     verified = [row for row in ranked if measured_size(row, budget_on) is not None]
     return min(verified, key=lambda row: measured_size(row, budget_on) or 0, default=None)

@@ -66,7 +66,7 @@ def _sqnr(value: Any) -> str:
 def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """Readable strings for the terminal and plan.md."""
     def fmt_fits(row: pd.Series) -> str:
-        return "yes" if row["fits"] else ("no" if row["status"] == "verified" else "-")
+        return "yes" if row["fits"] else ("no" if row["status"] in ("verified", "estimated") else "-")
 
     def latency(value: Any) -> str:
         return "-" if value is None or pd.isna(value) else f"{value:.1f}"
@@ -91,6 +91,9 @@ def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
         "latency ms": frame["latency_ms"].map(latency),
         "note": frame["note"].fillna(""),
     })
+    if not (frame["status"] == "verified").any():  # plan --analytic-only: no measured column to show
+        shown = shown.drop(columns=["disk (verified)", "Δdisk", "runtime (verified)", "Δruntime", "SQNR dB", "top-1",
+                                    "latency ms"])
     if frame["eval_score"].notna().any():  # only with --eval
         scores = frame["eval_score"].map(lambda value: "-" if pd.isna(value) else f"{value:.4g}")
         shown.insert(len(shown.columns) - 1, "eval", scores)
@@ -144,7 +147,8 @@ def print_table(result: Any, console: Any) -> None:
     columns = [c for c in shown.columns if c != "note"]
     table = _rich_table(shown[columns], title, ("recipe", "backend", "status", "fits"))
     for _, row in shown.iterrows():
-        style = "green" if row["fits"] == "yes" else ("dim" if row["status"] != "verified" else None)
+        style = "green" if row["fits"] == "yes" else ("dim" if row["status"] not in ("verified", "estimated")
+                                                      else None)
         table.add_row(*[str(row[c]) for c in columns], style=style)
     console.print(table)
     terms = terms_frame(frame)
@@ -231,8 +235,10 @@ def write_outputs(result: Any, directory: Path) -> list[Path]:
         write_atomic(directory / name, data)
         written.append(directory / name)
     write_atomic(directory / "layers.csv", layers_frame(result.footprints).to_csv(index=False))
-    write_atomic(directory / "plan.png", chart_png(result))
-    written += [directory / "layers.csv", directory / "plan.png"]
+    written.append(directory / "layers.csv")
+    if any(row.get("status") == "verified" for row in result.rows):  # the chart plots measured quality
+        write_atomic(directory / "plan.png", chart_png(result))
+        written.append(directory / "plan.png")
     for row in result.rows:  # mixed-precision recipes, re-applicable with --recipe-file
         if row.get("recipe_toml"):
             from planner.mixed import file_name

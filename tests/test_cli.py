@@ -166,9 +166,32 @@ def test_nothing_fits_exits_1_and_names_the_closest(tmp_path: Path) -> None:
         (["plan", "zoo:simplenet", "--budget", "5MB", "--recipes", "int8-dynamc"], "did you mean"),
         (["plan", "zoo:simplenett", "--budget", "5MB"], "simplenet"),
         (["plan", "zoo:simplenet"], "--budget"),
+        (["plan", "zoo:simplenet", "--budget", "5MB", "--analytic-only", "--export", "x"], "--export"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args: list[str], expected: str) -> None:
     done = planner(*args)
     assert done.returncode == 2, done.stdout + done.stderr
     assert expected in one_clean_line(done.stderr)
+
+
+def test_analytic_only_plan_ranks_estimates_and_agrees_with_the_verified_plan(
+        simplenet_plan: tuple, tmp_path: Path) -> None:
+    """--analytic-only materializes and verifies nothing, yet its figures are the verified plan's analytic ones."""
+    out = tmp_path / "analytic"
+    done = planner("plan", "zoo:simplenet", "--budget", "5MB", "--analytic-only", "--recipes",
+                   "fp32,bf16,int8-dynamic,int8-weight-only,fp8-dynamic,int4-g128,prune50", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "estimated, not verified" in done.stdout
+    rows = {row["recipe"]: row for row in json.loads((out / "plan.json").read_text())["rows"]}
+    verified = {row["recipe"]: row for row in json.loads((simplenet_plan[1] / "plan.json").read_text())["rows"]}
+    assert rows["fp8-dynamic"]["status"] == "unsupported"  # CUDA-only: still a row with the reason
+    for name, row in rows.items():
+        assert row["verified_runtime_bytes"] is None and row["sqnr_db"] is None and not row.get("artifact")
+        assert row["analytic_runtime_bytes"] == verified[name]["analytic_runtime_bytes"], name
+        # The same rows are unsupported, for the same reason, as in the verified plan.
+        expected = "unsupported" if verified[name]["status"] == "unsupported" else "estimated"
+        assert row["status"] == expected and row["fits"] == (expected == "estimated"), name
+    # Nothing measured quality: the least compressed fitting recipe ranks first.
+    assert json.loads((out / "plan.json").read_text())["pick"] == "fp32"
+    assert not (out / "plan.png").exists()

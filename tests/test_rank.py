@@ -79,3 +79,22 @@ def test_budget_on_device_adds_the_framework_baseline() -> None:
     assert rank.measured_size(rows[0], "device") == 370
     assert rank.measured_size(dict(rows[0], framework_bytes=None), "device") is None  # unknown never fits
     assert all(r["fits"] for r in rank.rank_rows(rows, 200, "runtime"))
+
+
+def test_estimated_rows_rank_by_size_figures_and_least_compression() -> None:
+    rows = [
+        {"recipe": "int4", "status": "estimated", "analytic_runtime_bytes": 100, "analytic_weight_bytes": 50},
+        {"recipe": "prune50", "status": "estimated", "analytic_runtime_bytes": 300, "analytic_weight_bytes": 200,
+         "pruned_share": 0.5},
+        {"recipe": "bf16", "status": "estimated", "analytic_runtime_bytes": 300, "analytic_weight_bytes": 200},
+        {"recipe": "fp32", "status": "estimated", "analytic_runtime_bytes": 900, "analytic_weight_bytes": 400},
+        {"recipe": "fp8-dynamic", "status": "unsupported", "analytic_runtime_bytes": 80},
+    ]
+    ranked = rank.rank_rows(rows, 500, "runtime")
+    assert [r["recipe"] for r in ranked] == ["bf16", "int4", "prune50", "fp32", "fp8-dynamic"]
+    assert [r["fits"] for r in ranked] == [True, True, True, False, False]
+    assert rank.pick(ranked) == "bf16"
+    # A verified row that fits outranks an estimate; the budget reads the verified figure there.
+    verified = {"recipe": "int8", "status": "verified", "verified_runtime_bytes": 200, "analytic_runtime_bytes": 999,
+                "sqnr_db": 30.0}
+    assert rank.pick(rank.rank_rows([*rows, verified], 500, "runtime")) == "int8"
