@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/run.py            # full run: writes results/bench/{accuracy,speed}.{md,csv}
     .venv/bin/python bench/run.py --quick    # smoke check (simplenet + convnet at batch 1): results/bench/quick/
+    .venv/bin/python bench/run.py --accuracy-only   # accuracy.{md,csv} alone, speed.* kept
 
 Every case runs in its own child process (bench/case_child.py, bench/analytic_child.py, bench/plan_child.py), so
 one model's memory never leaks into the next, and wall time and peak RSS are those of that process alone
@@ -518,6 +519,8 @@ def main() -> int:
                                                              "writes results/bench/quick/")
     parser.add_argument("--speed-only", action="store_true", help="the speed and scale table alone (rewrites "
                                                                   "results/bench/speed.*, keeps accuracy.*)")
+    parser.add_argument("--accuracy-only", action="store_true", help="the accuracy table alone (rewrites "
+                                                                     "results/bench/accuracy.*, keeps speed.*)")
     args = parser.parse_args()
     started = datetime.now(UTC)
     clock = time.perf_counter()
@@ -531,8 +534,8 @@ def main() -> int:
         rows, failures = ([], []) if args.speed_only else run_accuracy(QUICK_CASES if args.quick else FULL_CASES,
                                                                       work)
         accuracy_seconds = time.perf_counter() - clock
-        speed = speed_rows_analytic(work)
-        if not args.quick:
+        speed = [] if args.accuracy_only else speed_rows_analytic(work)
+        if not args.quick and not args.accuracy_only:
             speed.append(speed_row_plan(work, "examples/public_models.py:gpt2_small", None, "(b)", GPT2_TARGET_S))
             # How the verified plan grows: GPT-2's shape with fewer layers, the same recipes ((b) is 12 layers).
             for layers in PLAN_SCALE_LAYERS:
@@ -540,15 +543,17 @@ def main() -> int:
                                             None))
             # The same peak ratio on the largest zoo model (no time target: three recipes only).
             speed.append(speed_row_plan(work, "zoo:complexnet", "fp32,int8-weight-only,int4-g128", "(b')", None))
-        speed.extend(speed_rows_scaling(work))
+        if not args.accuracy_only:
+            speed.extend(speed_rows_scaling(work))
     total_seconds = time.perf_counter() - clock
     header.append(f"Bench wall time: {total_seconds:.0f} s (accuracy cases {accuracy_seconds:.0f} s)"
                   + (" — --quick run" if args.quick else ""))
 
-    stable = speed_table(speed)
-    write_csv(out_dir / "speed.csv", SPEED_COLUMNS, speed)
-    write_header_csv(out_dir / "speed.csv", header)
-    write_markdown(out_dir / "speed.md", "planner benchmark: speed and scale", header, [SPEED_NOTES, stable])
+    stable = speed_table(speed) if speed else ""
+    if speed:
+        write_csv(out_dir / "speed.csv", SPEED_COLUMNS, speed)
+        write_header_csv(out_dir / "speed.csv", header)
+        write_markdown(out_dir / "speed.md", "planner benchmark: speed and scale", header, [SPEED_NOTES, stable])
     if args.speed_only:
         print("\n" + stable + f"\n\nwrote {out_dir / 'speed.md'}, {out_dir / 'speed.csv'}", flush=True)
         return 0
@@ -563,7 +568,8 @@ def main() -> int:
                     *(["### Rows not verified, failed cases", extra] if extra else [])])
 
     print("\n" + table + "\n\n" + summary + ("\n\n" + extra if extra else "") + "\n\n" + stable, flush=True)
-    print(f"\nwrote {', '.join(str(out_dir / n) for n in ('accuracy.md', 'accuracy.csv', 'speed.md', 'speed.csv'))}")
+    written = ("accuracy.md", "accuracy.csv") + (("speed.md", "speed.csv") if speed else ())
+    print(f"\nwrote {', '.join(str(out_dir / name) for name in written)}")
     print(f"bench wall time {total_seconds:.0f} s")
     return 1 if failures else 0
 

@@ -16,7 +16,8 @@ returns NotImplemented) and torchao custom ops run their Python decomposition un
 dequantized weights and quantized activations show up as allocations.
 
 What the tracker cannot see: the internal workspace of fused kernels (LSTM, the transformer encoder
-fast path, attention), listed in `ActivationReport.fused_ops`, and allocator overhead. One hidden
+fast path, attention), listed in `ActivationReport.fused_ops` and, for the kernels in planner.scratch's
+SCRATCH_OPS, measured at their shapes and added; and allocator overhead. One hidden
 workspace is modeled: reductions that cast their input to a wider `dtype` (see _CASTING_REDUCTIONS).
 """
 
@@ -140,6 +141,7 @@ class _LivenessTracker(TorchDispatchMode):
         self.scratch_calls: dict[str, None] = {}  # signatures of the calls with hidden workspace, in trace order
         self.scratch_applied: dict[str, int] = {}  # op -> largest transient scratch added
         self.scratch_missing: set[str] = set()  # ops met at signatures with no measurement
+        self._grown: set[tuple[int, str]] = set()  # (allocation serial, signature) already grown by a kernel
         self.preexisting = set(preexisting)
         self.live: dict[int, int] = {}        # storage key -> bytes
         self.serial: dict[int, int] = {}      # storage key -> serial of the allocation now holding it
@@ -184,6 +186,7 @@ class _LivenessTracker(TorchDispatchMode):
             measured = Scratch(0, 0)
         self._first_call(signature, measured)
         self.scratch_calls[signature] = None
+        self._grow_inputs(signature, args, kwargs, measured)
         self._grow_outputs(out, measured)
         if measured.transient:
             self._note_peak(self.live_bytes + measured.transient)
@@ -197,13 +200,26 @@ class _LivenessTracker(TorchDispatchMode):
         """Outputs the meta kernel makes smaller than the real one: the resident difference lives as long as the
         output does."""
         leaves = [leaf for leaf in pytree.tree_leaves(out) if isinstance(leaf, torch.Tensor)]
-        for leaf, real in zip(leaves, measured.output_sizes, strict=False):
-            storage = leaf.untyped_storage()
-            missing = int((real - storage.nbytes()) * measured.touched_fraction)
-            if missing > 0 and storage._cdata in self.live:
-                self.live[storage._cdata] += missing  # freed with the storage by the finalizer
-                self.live_bytes += missing
-                self._note_peak(self.live_bytes)
+        for leaf, resident in zip(leaves, measured.output_resident, strict=False):
+            self._grow(leaf.untyped_storage()._cdata, resident - leaf.untyped_storage().nbytes())
+
+    def _grow_inputs(self, signature: str, args: tuple, kwargs: dict, measured: Any) -> None:
+        """Inputs whose pages the kernel touches for the first time (a workspace allocated by one kernel and
+        written by another): the growth lives as long as that input does. Once per input and call signature."""
+        leaves = [leaf for leaf in pytree.tree_leaves((args, dict(sorted(kwargs.items()))))
+                  if isinstance(leaf, torch.Tensor)]  # the order planner.scratch measured them in
+        for leaf, growth in zip(leaves, measured.input_growth, strict=False):
+            key = leaf.untyped_storage()._cdata
+            allocation = (self.serial.get(key, -1), signature)  # serials: a freed storage's key is reused
+            if growth and key in self.live and allocation not in self._grown:
+                self._grown.add(allocation)
+                self._grow(key, growth)
+
+    def _grow(self, key: int, nbytes: int) -> None:
+        if nbytes > 0 and key in self.live:
+            self.live[key] += nbytes  # freed with the storage by the finalizer
+            self.live_bytes += nbytes
+            self._note_peak(self.live_bytes)
 
     def _record_outputs(self, out: Any, arg_keys: dict[int, int]) -> None:
         for leaf in pytree.tree_leaves(out):
@@ -356,10 +372,11 @@ def _memoized_layers(model: nn.Module, tracker: _LivenessTracker) -> Iterator[No
 
 
 def _fake_on(tensor: torch.Tensor, mode: Any, device: str) -> torch.Tensor:
-    """A storage-less copy of `tensor` that claims to live on `device` (subclasses keep their layout)."""
+    """A storage-less copy of `tensor` that claims to live on `device` (subclasses keep their layout); with mode
+    None, a plain tensor on `device` (meta)."""
     if is_traceable_wrapper_subclass(tensor):
         return transform_subclass(tensor, lambda _name, inner: _fake_on(inner, mode, device))
-    with mode:
+    with mode if mode is not None else contextlib.nullcontext():
         return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=device)
 
 

@@ -7,16 +7,21 @@ oneDNN's internals; instead each such op is run once at the actual shapes, dtype
 process (`python -m planner.scratch JOB RESULT`, under planner.isolation's timeout and memory cap), after a
 tiny warm-up of each kernel family (the library's own first-use costs are not the op's). Two figures per call:
 
-- kept: resident growth left behind by the first call once its outputs are freed (oneDNN keeps scratchpads and
-  primitive caches: about 10 MB after the four convolution calls of `zoo:convnet` at batch 8). The calls are
-  measured in the order the trace first meets them, so each figure is the growth on top of the calls before,
-  as in a real step; the trace adds each backward call's kept bytes once, at its first use, and never frees them
-  (a forward call's are part of the baseline: the measured twin runs one forward before it, like planner.verify);
-- scratch: peak resident memory during a warm call - resident memory before it - its outputs: the transient
+- kept: resident growth left behind by the first call once its outputs are freed, less the pages it touched in
+  its own inputs (oneDNN keeps scratchpads and primitive caches: about 10 MB after the four convolution calls of
+  `zoo:convnet` at batch 8). The calls are measured in the order the trace first meets them, so each figure is
+  the growth on top of the calls before, as in a real step; the trace adds each backward call's kept bytes once,
+  at its first use, and never frees them (a forward call's are part of the baseline: the measured twin runs one
+  forward before it, like planner.verify);
+- input growth: pages of an input that the first call touched for the first time (counted with mincore(2)). oneDNN's
+  LSTM forward allocates a 66 MB workspace and writes a third of it; its backward writes another 18 MB into it.
+  Those pages live as long as the workspace, not forever: counting them as kept double counted them in every later
+  step (the +18% of `zoo:lstm` training at batch 64). The trace grows that input's storage instead;
+- scratch: peak resident memory during a warm call - resident memory right after it (outputs alive): the transient
   workspace, added on top of what is live right after the op (outputs included), when both coexist;
-- output sizes: the real bytes of each output. Where the meta kernel returns less (oneDNN's LSTM forward returns an
-  empty workspace on meta, tens of MB for real, saved for backward), the trace adds the difference for as long as
-  that output lives.
+- output sizes: the real bytes of each output, and the bytes of it resident after the call. Where the meta kernel
+  returns less (oneDNN's LSTM forward returns an empty workspace on meta), the trace adds the resident difference
+  for as long as that output lives.
 
 Both are cached on disk per machine, keyed by torch version, op and arguments, in
 ${PLANNER_CACHE_DIR:-~/.cache/planner}.
@@ -24,8 +29,10 @@ ${PLANNER_CACHE_DIR:-~/.cache/planner}.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
+import mmap
 import os
 import sys
 import tempfile
@@ -39,7 +46,12 @@ from planner.verify import _proc_status_kib, release_freed_memory, reset_peak, w
 
 # Under inference_mode the composite ops reach the tracker undecomposed (no autograd key runs their
 # decomposition), so inference meets conv2d and lstm where training meets convolution and mkldnn_rnn_layer.
-INFERENCE_OPS = frozenset({"aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.lstm", "aten.gru"})
+# The same holds for attention (scaled_dot_product_attention), nn.TransformerEncoderLayer's fused fast path, which
+# torch takes only without autograd, and max pooling (its CPU kernel computes int64 indices and drops them: 8 bytes
+# per output element, 16.8 MB after zoo:convnet's first convolution at batch 8; the bf16 row missed 11% by them).
+INFERENCE_OPS = frozenset({"aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.lstm", "aten.gru",
+                           "aten.scaled_dot_product_attention", "aten._transformer_encoder_layer_fwd",
+                           "aten.max_pool2d"})
 SCRATCH_OPS = frozenset({
     "aten.convolution", "aten.convolution_backward",
     "aten._scaled_dot_product_flash_attention_for_cpu", "aten._scaled_dot_product_flash_attention_for_cpu_backward",
@@ -54,7 +66,7 @@ _DTYPES = {str(dtype): dtype for dtype in (torch.float32, torch.float16, torch.b
 
 def cache_path() -> Path:
     root = Path(os.environ.get("PLANNER_CACHE_DIR") or Path.home() / ".cache" / "planner")
-    return root / f"scratch-v4-torch-{torch.__version__}.json"
+    return root / f"scratch-v5-torch-{torch.__version__}.json"
 
 
 def _describe(value: Any) -> Any:
@@ -88,14 +100,12 @@ class Scratch:
     # Real storage bytes of each tensor output: a meta kernel may return a smaller placeholder (oneDNN's LSTM
     # workspace, saved for backward, is an empty tensor on meta and tens of MB for real).
     output_sizes: tuple[int, ...] = ()
-    # Of those, the bytes really resident after the first call: a kernel may allocate more than it writes, and
-    # untouched pages cost no memory (that LSTM workspace: 65.7 MB allocated, about a third resident).
-    resident_output_bytes: int = 0
-
-    @property
-    def touched_fraction(self) -> float:
-        allocated = sum(self.output_sizes)
-        return min(1.0, self.resident_output_bytes / allocated) if allocated else 1.0
+    # Of those, the bytes really resident after the first call, per output: a kernel may allocate more than it
+    # writes, and untouched pages cost no memory (that LSTM workspace: 65.7 MB allocated, 21 MB resident).
+    output_resident: tuple[int, ...] = ()
+    # Per tensor argument (pytree order of args then kwargs): resident bytes the first call added to it by
+    # touching its pages for the first time (the LSTM backward writing into the forward's workspace).
+    input_growth: tuple[int, ...] = ()
 
 
 def load_cache() -> dict[str, Scratch]:
@@ -106,8 +116,9 @@ def load_cache() -> dict[str, Scratch]:
 
 
 def _scratch(value: dict[str, Any]) -> Scratch:
-    return Scratch(int(value["transient"]), int(value["kept"]), tuple(int(size) for size in value["output_sizes"]),
-                   int(value["resident_output_bytes"]))
+    return Scratch(int(value["transient"]), int(value["kept"]), *(tuple(int(size) for size in value[name])
+                                                                  for name in ("output_sizes", "output_resident",
+                                                                               "input_growth")))
 
 
 def _store(new: dict[str, Scratch]) -> None:
@@ -146,10 +157,13 @@ def _build(value: Any, generator: torch.Generator) -> Any:
     if isinstance(value, dict) and "tensor" in value:
         dtype = _DTYPES[value["dtype"]]
         shape, stride = value["tensor"], value["stride"]
-        base = torch.empty_strided(shape, stride, dtype=dtype)
+        # Fill the storage, not the view: an expanded argument (a broadcast mask, stride 0) overlaps itself.
+        extent = 1 + sum((size - 1) * step for size, step in zip(shape, stride, strict=True)) if all(shape) else 0
         if dtype.is_floating_point:
-            return base.copy_(torch.randn(shape, generator=generator, dtype=torch.float32).to(dtype))
-        return base.zero_()
+            storage = torch.randn(extent, generator=generator, dtype=torch.float32).to(dtype)
+        else:
+            storage = torch.zeros(extent, dtype=dtype)
+        return storage.as_strided(shape, stride)
     if isinstance(value, dict) and "dtype_arg" in value:
         return _DTYPES[value["dtype_arg"]]
     if isinstance(value, list):
@@ -163,19 +177,44 @@ def _op(name: str) -> torch._ops.OpOverload:
     return getattr(getattr(getattr(torch.ops, namespace), packet), overload or "default")
 
 
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    from torch.utils import _pytree as pytree
+
+    return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
+
+
 def _output_sizes(output: Any) -> tuple[int, ...]:
-    from torch.utils import _pytree as pytree
-
-    return tuple(leaf.untyped_storage().nbytes() for leaf in pytree.tree_leaves(output)
-                 if isinstance(leaf, torch.Tensor))
+    return tuple(leaf.untyped_storage().nbytes() for leaf in _tensors(output))
 
 
-def _output_bytes(output: Any) -> int:
-    from torch.utils import _pytree as pytree
+def resident_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of the pages of a CPU tensor's storage that are resident (mincore(2)); the storage's own bytes where
+    the OS cannot say. Pages shared with a neighbouring allocation at either end count whole."""
+    storage = tensor.untyped_storage()
+    start, nbytes = storage.data_ptr(), storage.nbytes()
+    if nbytes == 0 or tensor.device.type != "cpu":
+        return 0
+    first = start - start % mmap.PAGESIZE
+    length = start + nbytes - first
+    pages = (ctypes.c_ubyte * -(-length // mmap.PAGESIZE))()
+    try:
+        failed = ctypes.CDLL("libc.so.6").mincore(ctypes.c_void_p(first), ctypes.c_size_t(length), pages)
+    except OSError:
+        failed = True
+    if failed:
+        return nbytes
+    return min(nbytes, sum(page & 1 for page in pages) * mmap.PAGESIZE)
 
-    storages = {leaf.untyped_storage()._cdata: leaf.untyped_storage().nbytes()
-                for leaf in pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor)}
-    return sum(storages.values())
+
+def _per_storage(tensors: list[torch.Tensor]) -> list[int]:
+    """Resident bytes per tensor, a storage shared by several tensors counted at its first one only."""
+    seen: set[int] = set()
+    sizes = []
+    for tensor in tensors:
+        key = tensor.untyped_storage()._cdata
+        sizes.append(0 if key in seen else resident_bytes(tensor))
+        seen.add(key)
+    return sizes
 
 
 def warm_up_kernels() -> None:
@@ -215,21 +254,24 @@ def _measure(signature: str, generator: torch.Generator) -> Scratch:
 
 
 def _measure_call(func: torch._ops.OpOverload, args: list[Any], kwargs: dict[str, Any]) -> Scratch:
+    inputs = _tensors((args, kwargs))
     release_freed_memory()
+    inputs_before = _per_storage(inputs)
     before_first = _proc_status_kib("VmRSS")
     first_output = func(*args, **kwargs)
-    release_freed_memory()
-    with_outputs = _proc_status_kib("VmRSS")
+    output_resident = tuple(_per_storage(_tensors(first_output)))
+    input_growth = tuple(max(0, after - before) for after, before in zip(_per_storage(inputs), inputs_before,
+                                                                         strict=True))
     del first_output
     release_freed_memory()
-    kept = _proc_status_kib("VmRSS") - before_first
-    resident_outputs = max(0, with_outputs - before_first - kept)
+    # What stays once the outputs are gone, less the inputs' newly touched pages (they go with the inputs).
+    kept = _proc_status_kib("VmRSS") - before_first - sum(input_growth)
     reset_peak()
-    before = _proc_status_kib("VmRSS")
     output = func(*args, **kwargs)
-    transient = _proc_status_kib("VmHWM") - before - _output_bytes(output)
+    transient = _proc_status_kib("VmHWM") - _proc_status_kib("VmRSS")  # the peak beyond what is live after it
     return Scratch(transient if transient > NOISE_BYTES else 0, kept if kept > NOISE_BYTES else 0,
-                   _output_sizes(output), resident_outputs)
+                   _output_sizes(output), output_resident,
+                   tuple(growth if growth > NOISE_BYTES else 0 for growth in input_growth))
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:

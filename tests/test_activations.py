@@ -208,3 +208,36 @@ def test_fused_kernel_workspace_is_measured_and_added(name: str, batch: int, tmp
     measured = measure_activation_peak(name, batch, timeout=120)
     assert footprint.activation_bytes is not None and footprint.activation_bytes > traced_only
     assert abs(measured - footprint.activation_bytes) <= 0.10 * measured, (footprint.activation_bytes, measured)
+
+
+def test_transformer_fast_path_workspace_is_measured_and_added(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """nn.TransformerEncoderLayer's fused fast path is one op to the tracker; its internal workspace (attention
+    scores, feed-forward hidden) is measured at the call's shapes and added, instead of named and left out."""
+    from planner.footprint import analytic_footprint
+    from planner.recipes import Recipe
+
+    monkeypatch.setenv("PLANNER_CACHE_DIR", str(tmp_path))
+    footprint = analytic_footprint(_meta_model("tinylm"), _inputs("tinylm", 8), Recipe("fp32"))
+    assert any("_transformer_encoder_layer_fwd" in note for note in footprint.notes if "workspace added" in note)
+    assert not any("fused kernels hide workspace" in note for note in footprint.notes)
+    traced_only = _predict("tinylm", 8).peak_bytes
+    measured = measure_activation_peak("tinylm", 8, timeout=120)
+    assert footprint.activation_bytes is not None and footprint.activation_bytes > traced_only
+    assert abs(measured - footprint.activation_bytes) <= 0.05 * measured, (footprint.activation_bytes, measured)
+
+
+def test_max_pool_indices_are_measured_and_added(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """max_pool2d's CPU kernel computes int64 indices and drops them: 8 bytes per output element that no op
+    returns (4 MB here, four times the bf16 output), measured at the call's shapes and added on top of it."""
+    from planner.scratch import scratch_bytes
+
+    monkeypatch.setenv("PLANNER_CACHE_DIR", str(tmp_path))
+    model = nn.MaxPool2d(2).eval()
+    inputs = (torch.empty(8, 16, 128, 128, dtype=torch.bfloat16, device="meta"),)
+    traced = activation_peak(model, inputs)
+    assert traced.scratch_missing == ["aten.max_pool2d"] and traced.peak_bytes == 8 * 16 * 64 * 64 * 2
+    measured, failure = scratch_bytes(traced.scratch_calls)
+    assert failure is None
+    corrected = activation_peak(model, inputs, scratch=measured)
+    indices = 8 * 16 * 64 * 64 * 8
+    assert abs(corrected.peak_bytes - traced.peak_bytes - indices) <= 0.05 * indices, corrected.peak_bytes

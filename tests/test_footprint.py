@@ -108,3 +108,31 @@ def test_quantize_on_meta_matches_quantize_layer_by_layer() -> None:
     for ours, theirs in zip(shared, reference, strict=True):
         assert layout(ours.weight) == layout(theirs.weight)
     assert shared[1].weight is not shared[3].weight  # each layer owns its Parameter
+
+
+def test_int4_is_traced_on_its_quantized_layout_not_on_the_float_model() -> None:
+    """torchao's CPU int4 asserts a CPU weight, so it cannot quantize on meta; quantized on FakeTensors that claim the
+    CPU it gets the layout a real quantize_ gives. Tracing that model, not the bf16 one, follows the path the real
+    int4 model takes: its tensor-subclass weights send nn.TransformerEncoderLayer down the slow path (the float
+    model's trace took the fused fast path and missed 17-19% of zoo:tinylm's runtime)."""
+    from planner.activations import activation_peak
+    from planner.footprint import weightless_recipe_model
+
+    recipe = RECIPES["int4-g128"]
+    weightless, note = weightless_recipe_model(meta("tinylm").eval(), recipe)
+    assert note == ""
+    torch.manual_seed(0)
+    real, _notes = apply_recipe(ZOO["tinylm"].build().eval(), recipe)
+
+    def layout(model: nn.Module) -> list[tuple]:
+        return [(name, type(tensor).__name__, *[(tuple(getattr(tensor, inner).shape), getattr(tensor, inner).dtype)
+                                               for inner in tensor.__tensor_flatten__()[0]])
+                for name, tensor in model.named_parameters() if hasattr(tensor, "__tensor_flatten__")]
+
+    assert layout(weightless) == layout(real) and len(layout(real)) == 5
+    assert all(t.device.type == "meta" for t in weightless.state_dict().values())
+    inputs = ZOO["tinylm"].example_input(2)
+    traced = activation_peak(weightless, tuple(t.to("meta") for t in inputs))
+    measured_path = activation_peak(real, inputs)  # the same tracker on the real int4 model and tensors
+    assert "aten._transformer_encoder_layer_fwd" not in traced.fused_ops
+    assert (traced.peak_bytes, traced.output_bytes) == (measured_path.peak_bytes, measured_path.output_bytes)
