@@ -59,6 +59,19 @@ def test_sparse_round_trip_is_exact(fraction: float) -> None:
     assert torch.equal(restored["0.weight"], weight) and torch.equal(restored["0.bias"], state["0.bias"])
 
 
+@pytest.mark.parametrize("fraction", [0.5, 0.99])
+def test_sparse_encoding_across_selection_chunks(fraction: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Values and indices are gathered chunk by chunk; a boundary must lose or repeat nothing."""
+    monkeypatch.setattr(sparse, "SELECT_CHUNK", 1000)
+    torch.manual_seed(1)
+    weight = torch.randn(77, 131)
+    weight[torch.rand_like(weight) < fraction] = 0
+    parts = sparse.encode(weight)
+    assert set(parts) == {"values", "bitmask" if fraction == 0.5 else "indices"}
+    assert torch.equal(parts["values"], weight[weight != 0])
+    assert torch.equal(sparse.decode(parts, weight.shape), weight)
+
+
 def test_tied_weight_is_stored_once() -> None:
     head = nn.Linear(64, 500, bias=False)
     embedding = nn.Embedding(500, 64)
