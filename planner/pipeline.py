@@ -29,7 +29,7 @@ from planner.footprint import Footprint
 from planner.isolation import default_memory_cap, describe_exit, run_module_isolated
 from planner.pages import MappedReference
 from planner.pruning import artifact_state, prune_channels, pruning_footprint, resolve_recipe
-from planner.recipes import Recipe, UnsupportedRecipe, apply_recipe, check_layer_overrides
+from planner.recipes import PruneThresholds, Recipe, UnsupportedRecipe, apply_recipe, check_layer_overrides
 from planner.sources import ModelSource
 from planner.units import format_bytes, relative_difference
 from planner.verify import MEASUREMENT_ENV, release_freed_memory, return_freed_memory_promptly
@@ -329,7 +329,7 @@ def _verify_recipes(source: ModelSource, recipes: list[Recipe], footprints: dict
                            f"{reference.get('note')}")
 
     if "torch" in options.backends:
-        prune_thresholds: dict[tuple[str, float], float] = {}  # prune50, prune50-int8-dynamic... search once
+        prune_thresholds: PruneThresholds = {}  # prune50, prune50-int8-dynamic... search once
         for recipe in recipes:
             step += 1
             report(f"applying {recipe.name}")
@@ -352,7 +352,7 @@ def _verify_recipes(source: ModelSource, recipes: list[Recipe], footprints: dict
 
 def _torch_row(source: ModelSource, recipe: Recipe, footprint: Footprint, fp32_path: Path,
                reference: dict[str, Any], workdir: Path, fmt: str, options: PlanOptions,
-               report: Callable[[str], None], prune_thresholds: dict[tuple[str, float], float] | None = None
+               report: Callable[[str], None], prune_thresholds: PruneThresholds | None = None
                ) -> dict[str, Any]:
     row: dict[str, Any] = {"recipe": recipe.name, "backend": "torch", "touches": recipe.touches()}
     artifact = workdir / f"{recipe.name}{fp32_path.suffix}"
@@ -483,7 +483,7 @@ def _onnx_build(source: ModelSource, recipe: Recipe, fp32_path: Path, onnx_base:
 
 def _apply_and_verify(source: ModelSource, recipe: Recipe, fp32_path: Path, artifact: Path, workdir: Path,
                       fmt: str, options: PlanOptions, progress: Callable[[str], None],
-                      prune_thresholds: dict[tuple[str, float], float] | None = None) -> dict[str, Any]:
+                      prune_thresholds: PruneThresholds | None = None) -> dict[str, Any]:
     try:
         model, structure = load_reference(source, fp32_path), None
         # The planner's own peak: release each layer's float32 pages once the recipe has its copy.

@@ -522,7 +522,7 @@ def prunable(module: nn.Module, recipe: Recipe) -> bool:
 # ---- applying a recipe to a real model ----
 
 def apply_recipe(model: nn.Module, recipe: Recipe, *, after_layer: Callable[[nn.Module], None] | None = None,
-                 prune_thresholds: dict[tuple[str, float], float] | None = None) -> tuple[nn.Module, list[str]]:
+                 prune_thresholds: PruneThresholds | None = None) -> tuple[nn.Module, list[str]]:
     """Prune, cast, quantize, in that order (quantizing first would leave nothing to prune).
 
     Casting and quantizing go one layer at a time, calling after_layer(model) after each, so the caller can
@@ -581,7 +581,7 @@ class UnsupportedRecipe(Exception):
 
 
 def _magnitude_prune(model: nn.Module, recipe: Recipe,
-                     thresholds: dict[tuple[str, float], float] | None = None) -> tuple[int, int]:
+                     thresholds: PruneThresholds | None = None) -> tuple[int, int]:
     """Per-layer L1 magnitude pruning: zero the smallest `recipe.prune` share of each weight, in place.
 
     In place keeps tied weights tied (GPT-2's lm_head and wte); weights memory-mapped from the reference
@@ -598,7 +598,8 @@ def _magnitude_prune(model: nn.Module, recipe: Recipe,
         done.add(id(module.weight))
         weight = module.weight.data
         flat = weight.view(-1) if weight.is_contiguous() else weight.contiguous().view(-1)
-        key = (name, recipe.prune)
+        # The weights a threshold was searched on: the reference, after this recipe's structured pruning if any.
+        key = (name, recipe.prune, recipe.channels, recipe.params, tuple(weight.shape))
         if key not in thresholds:
             thresholds[key] = magnitude_threshold(flat, recipe.prune)
         threshold = thresholds[key]
@@ -612,6 +613,8 @@ def _magnitude_prune(model: nn.Module, recipe: Recipe,
     return zeros, total
 
 
+# Magnitude thresholds already searched in this plan: (layer, prune share, structured shares, shape) -> value.
+PruneThresholds = dict[tuple[str, float, float, float, tuple[int, ...]], float]
 PRUNE_CHUNK = 1 << 24
 THRESHOLD_SAMPLE = 1 << 18
 

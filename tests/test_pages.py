@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from planner.pages import PAGE_BYTES, MappedReference, private_file_ranges, unused_pages
-from planner.recipes import Recipe, apply_recipe, import_tensor_types
+from planner.recipes import PruneThresholds, Recipe, apply_recipe, import_tensor_types
 
 
 def test_unused_pages_keeps_every_page_a_tensor_touches() -> None:
@@ -96,10 +96,10 @@ def test_released_pages_do_not_change_the_result_and_leave_the_process(tmp_path:
 
 def test_prune_thresholds_are_searched_once_per_layer_and_share() -> None:
     torch.manual_seed(0)
-    thresholds: dict[tuple[str, float], float] = {}
+    thresholds: PruneThresholds = {}
     reference = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
     a, _ = apply_recipe(_copy(reference), Recipe("p", prune=0.5), prune_thresholds=thresholds)
-    assert set(thresholds) == {("0", 0.5), ("2", 0.5)}
+    assert set(thresholds) == {("0", 0.5, 0.0, 0.0, (64, 64)), ("2", 0.5, 0.0, 0.0, (8, 64))}
     b, _ = apply_recipe(_copy(reference), Recipe("p8", prune=0.5, quantize="int8-weight-only"),
                         prune_thresholds=thresholds)
     c, _ = apply_recipe(_copy(reference), Recipe("p8", prune=0.5, quantize="int8-weight-only"))
