@@ -380,14 +380,21 @@ def _fake_on(tensor: torch.Tensor, mode: Any, device: str) -> torch.Tensor:
         return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=device)
 
 
-def fake_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...], device: str = "cpu") -> Any:
-    """`model(*inputs)` on storage-less FakeTensors claiming `device`: meta weights, yet the branches (and
-    data-dependent checks, which fake tensors let pass where meta tensors raise) of a real run there."""
+def fake_state(model: nn.Module, inputs: tuple[torch.Tensor, ...], device: str
+               ) -> tuple[Any, dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
+    """A FakeTensorMode, then the model's parameters and buffers and the inputs as storage-less FakeTensors
+    claiming `device`, for torch.func.functional_call under that mode."""
     from torch._subclasses.fake_tensor import FakeTensorMode  # import late: it is heavy
 
     fake_mode = FakeTensorMode()
     state = {name: _fake_on(t, fake_mode, device) for name, t in _state(model).items()}
-    fake_inputs = tuple(_fake_on(t, fake_mode, device) for t in inputs)
+    return fake_mode, state, tuple(_fake_on(t, fake_mode, device) for t in inputs)
+
+
+def fake_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...], device: str = "cpu") -> Any:
+    """`model(*inputs)` on storage-less FakeTensors claiming `device`: meta weights, yet the branches (and
+    data-dependent checks, which fake tensors let pass where meta tensors raise) of a real run there."""
+    fake_mode, state, fake_inputs = fake_state(model, inputs, device)
     # A failing op is logged with a traceback before it raises; the caller reports the error in one line.
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
     level = fake_log.level
@@ -419,11 +426,7 @@ def activation_peak(model: nn.Module, inputs: tuple[torch.Tensor, ...], *,
     state = _state(model)
     fake_mode = None
     if simulate_device is not None and _on_meta([*state.values(), *inputs]):
-        from torch._subclasses.fake_tensor import FakeTensorMode  # import late: it is heavy
-
-        fake_mode = FakeTensorMode()
-        state = {name: _fake_on(t, fake_mode, simulate_device) for name, t in state.items()}
-        inputs = tuple(_fake_on(t, fake_mode, simulate_device) for t in inputs)
+        fake_mode, state, inputs = fake_state(model, inputs, simulate_device)
 
     preexisting = set(_storage_keys((state, inputs)))
     tracker = _LivenessTracker(preexisting, scratch)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from planner.activations import _fake_on, _LivenessTracker, _state, _storage_keys
+from planner.activations import _LivenessTracker, _storage_keys, fake_state
 from planner.errors import PlannerError
 from planner.footprint import cast_inputs
 from planner.recipes import Recipe
@@ -199,13 +199,9 @@ def training_footprint(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], 
 
 def _trace_training(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], optimizer: str, dtype: torch.dtype,
                     steps: int, scratch: dict[str, Scratch]) -> tuple[TrainingReport, list[str]]:
-    from torch._subclasses.fake_tensor import FakeTensorMode  # import late: it is heavy
-
     check_optimizer(optimizer)
     model = copy.deepcopy(meta_model).to(dtype).train()
-    fake_mode = FakeTensorMode()
-    state = {name: _fake_on(t, fake_mode, "cpu") for name, t in _state(model).items()}
-    fake_inputs = tuple(_fake_on(t, fake_mode, "cpu") for t in cast_inputs(inputs, dtype, "meta"))
+    fake_mode, state, fake_inputs = fake_state(model, cast_inputs(inputs, dtype, "meta"), "cpu")
     trainable = [state[name].requires_grad_(True) for name, p in model.named_parameters() if p.requires_grad]
     param_bytes = sum(_storage_keys([state[name] for name, _ in model.named_parameters()]).values())
     preexisting = set(_storage_keys((state, fake_inputs)))
