@@ -79,23 +79,25 @@ def encode(tensor: torch.Tensor, value_bytes: int | None = None) -> dict[str, to
     """{suffix: tensor} for the smallest form of `tensor` (suffix "" means dense, stored as is)."""
     flat = tensor.detach().reshape(-1)
     nonzero = flat != 0  # one pass: counted, then reused for the values and the mask or the indices
-    choice = choose_format(flat.numel(), int(torch.count_nonzero(nonzero)), value_bytes or tensor.element_size())
+    kept = int(torch.count_nonzero(nonzero))
+    choice = choose_format(flat.numel(), kept, value_bytes or tensor.element_size())
     if choice.format == "dense":
         return {"": tensor}
-    values = _select_by_chunk(flat, nonzero, lambda chunk, keep, start: chunk[keep], flat.dtype)
+    values = _select_by_chunk(flat, nonzero, kept, lambda chunk, keep, start: chunk[keep], flat.dtype)
     if choice.format == "bitmask":
         return {"bitmask": _pack_bitmask(nonzero), "values": values}
     dtype = torch.int16 if index_bytes(flat.numel()) == 2 else torch.int32
-    indices = _select_by_chunk(flat, nonzero, lambda chunk, keep, start: torch.nonzero(keep).view(-1) + start, dtype)
+    indices = _select_by_chunk(flat, nonzero, kept, lambda chunk, keep, start: torch.nonzero(keep).view(-1) + start,
+                               dtype)
     return {"indices": indices, "values": values}
 
 
-def _select_by_chunk(flat: torch.Tensor, keep: torch.Tensor,
+def _select_by_chunk(flat: torch.Tensor, keep: torch.Tensor, kept: int,
                      pick: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor], dtype: torch.dtype
                      ) -> torch.Tensor:
     """pick(chunk, keep_chunk, chunk_start) over chunks, written into one preallocated tensor: boolean indexing
     goes through int64 positions of every kept value (8 bytes each, twice the float32 values) at once otherwise."""
-    selected = torch.empty(int(torch.count_nonzero(keep)), dtype=dtype)
+    selected = torch.empty(kept, dtype=dtype)
     offset = 0
     for start in range(0, flat.numel(), SELECT_CHUNK):
         part = pick(flat[start:start + SELECT_CHUNK], keep[start:start + SELECT_CHUNK], start)
