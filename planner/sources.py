@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from planner.errors import PlannerError
+from planner.safe_io import check_regular_file
 from planner.zoo import ZOO
 
 KINDS = ("zoo", "factory", "export", "torchscript", "pickle")
@@ -135,20 +136,8 @@ def _check_batch_size(batch_size: int | None) -> int | None:
 
 
 def _check_file(path: str, what: str) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise _fail(f"{what} {path}: no such file; check the path")
-    if p.is_dir():
-        raise _fail(f"{what} {path} is a directory, not a file; name the model file inside it")
-    try:
-        size = p.stat().st_size
-        with p.open("rb"):
-            pass
-    except OSError as exc:
-        raise _fail(f"{what} {path} cannot be read ({exc.strerror or exc}); check its permissions") from None
-    if size == 0:
-        raise _fail(f"{what} {path} is empty (0 bytes); re-save or re-download it")
-    return p
+    """A readable, non-empty regular file: a FIFO, device or directory is refused before anything reads it."""
+    return check_regular_file(path, what)
 
 
 def _zip_entries(path: Path) -> list[str] | None:
