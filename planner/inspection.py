@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from planner.activations import ActivationReport, activation_peak
+from planner.activations import ActivationReport, activation_peak, fake_forward
 from planner.footprint import Footprint, cast_inputs, weight_footprint, weightless_recipe_model
 from planner.recipes import Recipe
 from planner.scratch import SCRATCH_OPS, load_cache
@@ -29,7 +29,8 @@ class Inspection:
 
 
 def output_shapes(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, list[int]]:
-    """Shape of each module's (first tensor) output, from one weightless forward."""
+    """Shape of each module's (first tensor) output, from one weightless forward on fake tensors (plain meta
+    tensors raise in data-dependent code, e.g. transformers' mask preparation calls .item())."""
     names = {id(module): name for name, module in model.named_modules()}
     shapes: dict[str, list[int]] = {}
 
@@ -42,8 +43,7 @@ def output_shapes(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[st
 
     handles = [module.register_forward_hook(record) for module in model.modules()]
     try:
-        with torch.no_grad():
-            model(*inputs)
+        fake_forward(model, inputs)
     finally:
         for handle in handles:
             handle.remove()

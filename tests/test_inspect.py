@@ -65,3 +65,12 @@ def test_cli_sweeps_batch_sizes_and_writes_csv(tmp_path: Path, capsys: pytest.Ca
 def test_cli_rejects_a_bad_batch_list(capsys: pytest.CaptureFixture) -> None:
     assert main(["inspect", "zoo:simplenet", "--batch-size", "1,x"]) == 2
     assert "--batch-size" in capsys.readouterr().err
+
+
+def test_inspect_the_readme_gpt2_example(capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's public GPT-2 (default config) used to end in an internal error: its mask code calls .item(),
+    which plain meta tensors refuse; the shapes now come from the same fake-tensor forward as the trace."""
+    code = main(["inspect", "examples/public_models.py:gpt2_small", "--recipes", "fp32"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "124,439,808" in out and "lm_head" in out
