@@ -247,9 +247,11 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
     check_inputs_fit(source, meta_model, inputs, confirm_on_real_weights=not options.analytic_only)
     for recipe in recipes:
         check_layer_overrides(meta_model, recipe)
-    resolved = [resolve_recipe(meta_model, inputs, recipe) for recipe in recipes]
+    materialize = not options.analytic_only  # analytic-only never builds real weights, not even to prune
+    resolved = [resolve_recipe(meta_model, inputs, recipe, materialize=materialize) for recipe in recipes]
     recipes = [recipe for recipe, _ in resolved]
-    footprints = {recipe.name: pruning_footprint(meta_model, inputs, recipe) for recipe in recipes}
+    footprints = {recipe.name: pruning_footprint(meta_model, inputs, recipe, materialize=materialize)
+                  for recipe in recipes}
     for recipe, note in resolved:
         if note:
             footprints[recipe.name].notes.insert(0, note)

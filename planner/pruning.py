@@ -15,12 +15,14 @@ that consumes them is rewired, so tensors really shrink. Plus the analytic twin 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
 import warnings
 import weakref
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -57,6 +59,18 @@ def _tensors(output: Any) -> list[torch.Tensor]:
     return floating_tensors(output)
 
 
+# What a transformers ModelOutput carries beside the model's result. The KV cache in particular links every
+# key/value projection to the output, and torch-pruning's grouping then explodes (minutes on a 2-layer Llama).
+_AUXILIARY_OUTPUTS = frozenset({"past_key_values", "hidden_states", "attentions", "cross_attentions"})
+
+
+def _result_tensors(output: Any) -> list[torch.Tensor]:
+    """The output tensors pruning must keep comparable: a ModelOutput's result fields, else every float tensor."""
+    if isinstance(output, Mapping):
+        output = [value for key, value in output.items() if key not in _AUXILIARY_OUTPUTS]
+    return _tensors(output)
+
+
 def output_layers(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[list[nn.Module], list[list[int]]]:
     """The layers whose results reach the model's outputs without passing another layer with parameters
     (classifier, LM head, final norm), found from the autograd graph of one forward; and the output shapes."""
@@ -70,7 +84,7 @@ def output_layers(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[l
     handles = [m.register_forward_hook(hook) for m in model.modules() if any(True for _ in m.parameters(False))]
     try:
         with torch.enable_grad():
-            outputs = _tensors(model(*inputs))
+            outputs = _result_tensors(model(*inputs))
     finally:
         for handle in handles:
             handle.remove()
@@ -142,13 +156,35 @@ def prune_channels(model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: R
     """Remove `recipe.channels` of every prunable dependency group's channels, in place. Returns the structure
     (changed attributes and tensor shapes) that `rebuild` applies to the unpruned architecture.
     Raises UnsupportedRecipe, naming the reason, where the result would not be a correct, comparable model."""
-    import torch_pruning as tp
-
     unknown = unknown_layers(model)
     if unknown:
         raise UnsupportedRecipe(f"structured pruning: torch-pruning has no pruner for {', '.join(unknown)}, it would "
                                 "cut those weights along a guessed dimension")
     model.eval()
+    with _kv_cache_off(model):
+        return _prune_channels(model, inputs, recipe, weightless)
+
+
+@contextlib.contextmanager
+def _kv_cache_off(model: nn.Module) -> Iterator[None]:
+    """transformers models return their KV cache by default (use_cache=True). Pruning compares the model's result,
+    not its cache, and torch-pruning's grouping explodes on the cache updates (over 5 minutes on a 2-layer
+    Llama, against 5 s without), so the cache is switched off while pruning."""
+    config = getattr(model, "config", None)
+    saved = getattr(config, "use_cache", None)
+    if saved:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if saved:
+            config.use_cache = saved
+
+
+def _prune_channels(model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe, weightless: bool
+                    ) -> dict[str, Any]:
+    import torch_pruning as tp
+
     device = next((t.device for t in model.parameters()), torch.device("cpu"))
     inputs = tuple(t.to(device) for t in inputs)
     heads = attention_heads(model)
@@ -160,7 +196,8 @@ def prune_channels(model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: R
             pruner = tp.pruner.BasePruner(
                 model, inputs, importance=_importance(weightless), pruning_ratio=recipe.channels,
                 ignored_layers=ignored, round_to=_round_to(recipe), num_heads=heads, prune_num_heads=bool(heads),
-                prune_head_dims=not heads, head_pruning_ratio=recipe.channels if heads else 0.0)
+                prune_head_dims=not heads, head_pruning_ratio=recipe.channels if heads else 0.0,
+                output_transform=_result_tensors)
             pruner.step()
         except Exception as error:
             where = "weightless (meta)" if weightless else "on the real weights"
@@ -170,7 +207,7 @@ def prune_channels(model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: R
     _update_head_counts(model, heads)
     try:
         with torch.no_grad():
-            shapes_after = [list(t.shape) for t in _tensors(model(*inputs))]
+            shapes_after = [list(t.shape) for t in _result_tensors(model(*inputs))]
     except Exception as error:
         raise UnsupportedRecipe(f"the structurally pruned model does not run: {type(error).__name__}: "
                                 f"{str(error)[:160]}") from error
@@ -247,10 +284,13 @@ def parameter_count(model: nn.Module) -> int:
 _PRUNED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[float, int | None], Any]] = weakref.WeakKeyDictionary()
 
 
-def pruned_meta_model(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe
-                      ) -> tuple[nn.Module, dict[str, Any]]:
+def pruned_meta_model(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe, *,
+                      materialize: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """The recipe's structurally pruned model on meta, and its structure. Where the forward cannot run on meta
+    (.item() in mask code) an uninitialised CPU copy is pruned instead, unless materialize is False (an
+    analytic-only plan, whose point is models too big to build here): then the recipe is unsupported."""
     cache = _PRUNED.setdefault(meta_model, {})
-    key = (recipe.channels, _round_to(recipe))
+    key = (recipe.channels, _round_to(recipe), materialize)
     if key not in cache:
         pruned = copy.deepcopy(meta_model)
         try:
@@ -258,7 +298,9 @@ def pruned_meta_model(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], r
         except UnsupportedRecipe as error:
             cache[key] = error
             if "weightless (meta)" in str(error):  # some forwards need real tensors (.item() in mask code)
-                cache[key] = _pruned_stand_in(meta_model, inputs, recipe)
+                cache[key] = _pruned_stand_in(meta_model, inputs, recipe) if materialize else UnsupportedRecipe(
+                    f"{error}; pruning a real-tensor copy instead would need "
+                    f"{parameter_count(meta_model) * 4 / 1e9:.1f} GB, and --analytic-only never builds one")
     if isinstance(cache[key], UnsupportedRecipe):
         raise cache[key]
     return cache[key]
@@ -278,7 +320,8 @@ def _pruned_stand_in(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], re
     return stand_in.to("meta"), structure
 
 
-def resolve_recipe(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe) -> tuple[Recipe, str]:
+def resolve_recipe(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe, *,
+                   materialize: bool = True) -> tuple[Recipe, str]:
     """A `params` target (share of parameters to remove) becomes the channel ratio that reaches it. Returns the
     recipe with `channels` set and a note (or "").
 
@@ -294,7 +337,8 @@ def resolve_recipe(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], reci
     ratio = PROBE_RATIO
     for _ in range(SOLVE_STEPS):
         try:
-            pruned, _ = pruned_meta_model(meta_model, inputs, dataclasses.replace(recipe, channels=ratio))
+            pruned, _ = pruned_meta_model(meta_model, inputs, dataclasses.replace(recipe, channels=ratio),
+                                          materialize=materialize)
         except UnsupportedRecipe:  # pruning_footprint meets the same (cached) reason and marks the row unsupported
             return dataclasses.replace(recipe, channels=ratio), ""
         kept = {name: param.numel() for name, param in pruned.named_parameters()}
@@ -306,7 +350,8 @@ def resolve_recipe(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], reci
         if ratio is None:
             most = dataclasses.replace(recipe, channels=MAX_CHANNEL_RATIO)
             try:
-                share = 1 - parameter_count(pruned_meta_model(meta_model, inputs, most)[0]) / total
+                share = 1 - parameter_count(pruned_meta_model(meta_model, inputs, most, materialize=materialize)[0]
+                                            ) / total
             except UnsupportedRecipe:
                 return most, ""
             return most, (f"at most {share:.0%} of the parameters can go while the outputs keep their shape "
@@ -331,13 +376,14 @@ def solve_ratio(sizes: dict[str, int], exponents: dict[str, float], target: floa
     return round(high, 4)
 
 
-def pruning_footprint(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe) -> Footprint:
+def pruning_footprint(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe, *,
+                      materialize: bool = True) -> Footprint:
     """analytic_footprint of the recipe's pruned model: structured pruning runs on the meta model first (weights,
     disk and activations then follow the smaller shapes); sparse storage changes the disk figure."""
     structure = None
     if recipe.channels:
         try:
-            pruned, structure = pruned_meta_model(meta_model, inputs, recipe)
+            pruned, structure = pruned_meta_model(meta_model, inputs, recipe, materialize=materialize)
         except UnsupportedRecipe as error:
             footprint = analytic_footprint(meta_model, inputs, dataclasses.replace(recipe, channels=0.0))
             footprint.unsupported = str(error)
