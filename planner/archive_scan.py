@@ -386,9 +386,11 @@ def _tensor_bytes(meta: Any, itemsize_of: Callable[[int], int | None]) -> int:
     return _span_elements(sizes, strides, offset) * itemsize
 
 
-def _check_payload_config(kind: str, config: Any, folder: str, inner: dict[str, zipfile.ZipInfo],
-                          itemsize_of: Callable[[int], int | None]) -> None:
-    """A weights/constants config: no pickled payloads, no custom or opaque objects, sizes that fit."""
+def _check_payload_config(kind: str, config: Any, folder: str, archive: zipfile.ZipFile,
+                          inner: dict[str, zipfile.ZipInfo], itemsize_of: Callable[[int], int | None],
+                          resolve: Callable[[str], Any]) -> None:
+    """A weights/constants config: no custom or opaque objects, pickled tensors that pass the pickle scan (the
+    loader is made to read them weights_only), plain tensors whose declared sizes fit their members."""
     entries = config.get("config") if isinstance(config, dict) else None
     if not isinstance(entries, dict):
         raise ScanRefusal(f"has a {kind} config that is not what torch.export.save writes; re-export it")
@@ -398,15 +400,17 @@ def _check_payload_config(kind: str, config: Any, folder: str, inner: dict[str, 
         if not isinstance(path_name, str):
             raise ScanRefusal(f"has {kind} {shown!r} without a member name; re-export it")
         check_member_name(path_name)
-        if payload.get("use_pickle"):
-            raise ScanRefusal(f"stores {kind} {shown!r} as a pickle, which torch.export.load unpickles without "
-                              "restriction; re-export it with plain tensors (torch.export.save)")
         if path_name.startswith(("custom_obj_", "opaque_obj_")):
             raise ScanRefusal(f"holds {kind} {shown!r} as a custom or opaque object, which torch.export.load "
                               "unpickles without restriction; export a model without script/opaque objects")
         member = inner.get(folder + path_name)
         if member is None:
             raise ScanRefusal(f"has {kind} {shown!r} but no member {path_name!r}; re-export it")
+        if payload.get("use_pickle"):
+            # Tensor subclasses (torchao's quantized weights) are stored as torch.save pickles; torch loads them
+            # with weights_only=False, which the caller overrides. Scan them like any pickle first.
+            _scan_nested_torch_save(archive.read(member), f"{kind} {shown!r}", resolve=resolve, plain=False)
+            continue
         needed = _tensor_bytes(payload.get("tensor_meta"), itemsize_of)
         # A 0-byte member makes torch allocate zeros of the declared size; any other member must cover the view.
         if (member.file_size == 0 and needed > 0) or needed > member.file_size:
@@ -445,10 +449,10 @@ def scan_pt2(archive: zipfile.ZipFile, file_bytes: int, *, itemsize_of: Callable
                 if config_name not in inner:
                     raise ScanRefusal(f"has no {kind}s config for model {model!r}; re-export it")
                 _check_payload_config(kind, _json_member(archive, inner[config_name], f"{kind}s config"),
-                                      folder, inner, itemsize_of)
+                                      folder, archive, inner, itemsize_of, resolve)
             sample = inner.get(f"data/sample_inputs/{model}.pt")
             if sample is not None and sample.file_size > 0:
-                _scan_sample_inputs(archive.read(sample), resolve=resolve)
+                _scan_nested_torch_save(archive.read(sample), "sample inputs", resolve=resolve, plain=True)
         elif name.startswith("data/weights/") and name.endswith(".pt"):
             # torch's legacy weights file inside a new archive: loaded with weights_only=False. Refuse it.
             raise ScanRefusal(f"stores its weights as a pickle ({name[:80]}), which torch.export.load unpickles "
@@ -458,20 +462,24 @@ def scan_pt2(archive: zipfile.ZipFile, file_bytes: int, *, itemsize_of: Callable
                               "without restriction; re-export it with this torch")
 
 
-def _scan_sample_inputs(blob: bytes, *, resolve: Callable[[str], Any]) -> None:
-    """The sample inputs are a torch.save zip inside the archive; torch loads it with weights_only=True and, if
-    that fails, weights_only=False. Only tensors and containers may be in it: no module is constructed, and
-    every global must be one the restricted resolver knows."""
+def _scan_nested_torch_save(blob: bytes, what: str, *, resolve: Callable[[str], Any], plain: bool) -> None:
+    """A torch.save zip stored inside the .pt2 (sample inputs, a pickled weight or constant). torch loads these
+    with weights_only=True and, for sample inputs, falls back to weights_only=False. No module may be constructed
+    in them; with `plain` (sample inputs: tensors and containers) every global must also be one the restricted
+    resolver knows, where pickled weights may name tensor subclasses (weights_only checks those)."""
     try:
-        inner = zipfile.ZipFile(io.BytesIO(blob))
+        nested = zipfile.ZipFile(io.BytesIO(blob))
     except (zipfile.BadZipFile, ValueError):
-        raise ScanRefusal("has sample inputs that are not a torch.save archive; re-export it") from None
-    with inner:
-        scan = scan_torch_zip(inner, len(blob), may_construct=lambda name: False, resolve=resolve)
+        raise ScanRefusal(f"has {what} that are not a torch.save archive; re-export it") from None
+    with nested:
+        try:
+            scan = scan_torch_zip(nested, len(blob), may_construct=lambda name: False, resolve=resolve)
+        except ScanRefusal as exc:
+            raise ScanRefusal(f"has {what} whose pickle {exc}", call=exc.call) from None
     known_calls = REBUILD_CALLS | CONTAINER_CALLS | {REBUILD_FROM_TYPE}
     unknown = sorted(name for name in scan.globals if name not in known_calls and resolve(name) is None)
-    if unknown:
-        raise ScanRefusal(f"has sample inputs that refer to {unknown[0]}, which is not a tensor type or container; "
+    if plain and unknown:
+        raise ScanRefusal(f"has {what} that refer to {unknown[0]}, which is not a tensor type or container; "
                           "re-export it")
 
 
