@@ -47,7 +47,7 @@ from torch import nn
 from planner import archive_scan
 from planner.archive_scan import ScanRefusal
 from planner.errors import PlannerError
-from planner.safe_io import check_regular_file
+from planner.safe_io import MAX_PATH_CHARS, check_regular_file
 from planner.zoo import ZOO
 
 KINDS = ("zoo", "factory", "export", "torchscript", "pickle")
@@ -955,9 +955,15 @@ def _factory_path(target: str, spec: str) -> str | None:
     return _package_root(module, target)
 
 
+def _is_file(spec: str) -> bool:
+    # os.path answers False for names the OS refuses (too long, a NUL inside); Path.is_file raises on some.
+    return os.path.isfile(spec)
+
+
 def _file_kind(spec: str) -> tuple[str, Path]:
-    path = Path(spec)
-    if not path.exists():
+    if len(spec) > MAX_PATH_CHARS:
+        _check_file(spec, "model file")  # one line giving the length, not the 5000-character path
+    if not os.path.exists(spec):
         close = difflib.get_close_matches(spec, ZOO, n=1)
         hint = f"; did you mean zoo:{close[0]}?" if close else \
             "; give a model file (.pt2, .ts, .pt), zoo:NAME, or a factory like models.py:build"
@@ -997,7 +1003,7 @@ def resolve_source(spec: str, *, weights: str | None = None, trust_code: bool = 
 
     if spec.startswith("zoo:"):
         source = ModelSource(spec="zoo:" + _zoo_source(spec), kind="zoo", **options)
-    elif (factory := _split_factory(spec)) is not None and not Path(spec).is_file():
+    elif (factory := _split_factory(spec)) is not None and not _is_file(spec):
         target, _ = factory
         source = ModelSource(spec=spec, kind="factory", path=_factory_path(target, spec), **options)
         # Import and call now, so a broken factory fails before any work starts.
