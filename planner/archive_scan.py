@@ -298,6 +298,16 @@ def check_zip_members(infos: list[zipfile.ZipInfo], file_bytes: int) -> None:
                           "members torch does not write); refusing a possible zip bomb, re-save it with torch.save")
 
 
+def check_stored(infos: list[zipfile.ZipInfo]) -> None:
+    """torch.save and torch.export.save write every member stored; torch's mmap'd and record readers take a
+    compressed member's bytes as they are (garbage tensors, or errors deep inside the load). (TorchScript does
+    compress its code members, so this is not checked for it.)"""
+    compressed = next((info.filename for info in infos if info.compress_type != zipfile.ZIP_STORED), None)
+    if compressed is not None:
+        raise ScanRefusal(f"has a compressed member ({compressed[:80]}), which torch does not write and reads "
+                          "wrongly; re-save it with torch.save (not a zip tool)")
+
+
 def check_storage_sizes(storages: Iterable[tuple[str, int]], member_bytes: Callable[[str], int | None]) -> None:
     """Each declared storage must be backed by a member at least that large (torch reads/allocates the declared
     size)."""
@@ -324,6 +334,7 @@ def scan_torch_zip(archive: zipfile.ZipFile, file_bytes: int, *, may_construct: 
     """A torch.save zip (a .pt file, or a member of a .pt2): members, then data.pkl's calls and storage sizes."""
     infos = archive.infolist()
     check_zip_members(infos, file_bytes)
+    check_stored(infos)
     _, inner = _strip_prefix([i.filename for i in infos])
     if "data.pkl" not in inner:
         raise ScanRefusal("has no data.pkl; it is not a torch.save archive")
@@ -430,6 +441,7 @@ def scan_pt2(archive: zipfile.ZipFile, file_bytes: int, *, itemsize_of: Callable
     """Everything torch.export.load would read, checked before it reads it."""
     infos = archive.infolist()
     check_zip_members(infos, file_bytes)
+    check_stored(infos)
     _, names = _strip_prefix([i.filename for i in infos])
     inner = {name: archive.getinfo(full) for name, full in names.items()}
     native = [n for n in inner if n.startswith(("data/aotinductor/", "data/executorch/", "data/mtia/"))
@@ -484,4 +496,5 @@ def _scan_nested_torch_save(blob: bytes, what: str, *, resolve: Callable[[str], 
 
 
 __all__ = ["MAX_EXPANSION", "Global", "PickleScan", "ScanRefusal", "check_member_name", "check_storage_sizes",
+           "check_stored",
            "check_zip_members", "scan_legacy_pickle", "scan_pickle", "scan_pt2", "scan_torch_zip"]

@@ -98,7 +98,7 @@ def _fail(message: str) -> PlannerError:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    detail = text[0] if text else ""
+    detail = text[0][:200] if text else ""  # torch's messages can embed whole graph nodes
     return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
 
 
@@ -854,10 +854,22 @@ def _load_export(path: Path, display: str, trust_code: bool = False) -> torch.ex
         import torchao  # noqa: F401
     if not trust_code:
         _scan_export(path, display)
-    locked = contextlib.nullcontext() if trust_code else _weights_only_unpickling()
     try:
-        with _quiet_torch(), locked:
-            return torch.export.load(str(path))
+        with _quiet_torch():
+            if trust_code:
+                return torch.export.load(str(path))
+            # load_pt2 is what torch.export.load runs first; called directly, a damaged archive raises its own
+            # error instead of "see the warnings above" from the fallback to the old format, which unpickles
+            # (scan_pt2 refused old-format archives already).
+            from torch.export.pt2_archive._package import load_pt2
+
+            with _weights_only_unpickling():
+                programs = load_pt2(str(path)).exported_programs
+            if "model" not in programs:
+                raise _fail(f"{display} holds no exported program named 'model'; save it with torch.export.save")
+            return programs["model"]
+    except PlannerError:
+        raise
     except Exception as exc:  # noqa: BLE001 - version skew, corrupt members, missing custom ops
         raise _fail(f"{display} could not be loaded with torch.export.load ({_first_line(exc)}); re-export it with "
                     f"torch {torch.__version__.split('+')[0]}") from None

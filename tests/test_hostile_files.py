@@ -198,10 +198,25 @@ def test_torchao_quantized_pt2_loads(tmp_path: Path) -> None:
 
 def test_damaged_pt2_is_one_line_without_torch_logging(pt2: dict[str, Path], tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    # A models/model.json that is not JSON: torch.export.load logs a traceback (log.warning(exc_info=True)).
-    damaged = _rewrite(pt2["good"], tmp_path / "damaged.pt2", replace={"models/model.json": b"{not json"})
-    line = _refused(["plan", str(damaged), "--budget", "1MB"], capsys)
-    assert "damaged.pt2" in line
+    # A graph naming an operator that does not exist: torch.export.load logs a 35-line traceback
+    # (log.warning(exc_info=True)) before raising "check the warnings above".
+    with zipfile.ZipFile(pt2["good"]) as archive:
+        graph = json.loads(archive.read("good/models/model.json"))
+    graph["graph_module"]["graph"]["nodes"][0]["target"] = "torch.ops.aten.no_such_op.default"
+    damaged = _rewrite(pt2["good"], tmp_path / "damaged.pt2", replace={"models/model.json": json.dumps(graph).encode()})
+    for command in (["plan", str(damaged), "--budget", "1MB"], ["inspect", str(damaged)]):
+        line = _refused(command, capsys)
+        assert "damaged.pt2" in line and "no_such_op" in line and len(line) < 600
+
+
+def test_compressed_members_are_refused(pt2: dict[str, Path], tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    # torch reads a compressed member's bytes as they are (garbage weights under mmap, or an internal error).
+    deflated = tmp_path / "deflated.pt2"
+    with zipfile.ZipFile(pt2["good"]) as old, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as new:
+        for info in old.infolist():
+            new.writestr(info.filename, old.read(info))
+    assert "compressed member" in _refused(["inspect", str(deflated)], capsys)
 
 
 # ---------------------------------------------------------------------------------------------------------------
