@@ -43,9 +43,9 @@ EXPANSION_SLACK_BYTES = 16 * 2**20
 REBUILD_CALLS = frozenset({
     "torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3",
     "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
-    "torch._utils._rebuild_qtensor", "torch._utils._rebuild_meta_tensor_no_storage",
-    "torch._utils._rebuild_wrapper_subclass",
+    "torch._utils._rebuild_meta_tensor_no_storage", "torch._utils._rebuild_wrapper_subclass",
 })
+# Not _rebuild_qtensor: it allocates an empty quantized tensor of the declared size before attaching the storage.
 # Plain containers and small values; their arguments are already in the pickle, so they are bounded by its size.
 CONTAINER_CALLS = frozenset({
     "collections.OrderedDict", "builtins.set", "builtins.frozenset", "torch.device", "torch.Size",

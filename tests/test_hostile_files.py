@@ -103,6 +103,10 @@ def pt2(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "data/weights/weight_0": _torch_save_bytes(_Payload(_payload_code(marker, precious,
                                                                           _tensor_expr(real_weight))))})
 
+    # A pickled weight that is a 3.2 GB bytearray bomb (weights_only alone would allow bytearray).
+    files["pickled_weight_bomb"] = _rewrite(good, root / "pickled_weight_bomb.pt2", replace={
+        WEIGHTS_CONFIG: json.dumps(weights).encode(), "data/weights/weight_0": _torch_save_bytes(_ByteArrayBomb())})
+
     # Constants: a use_pickle tensor constant, an opaque object (plain pickle.loads), a torchbind custom object.
     def with_constant(name: str, path_name: str, data: bytes, use_pickle: bool) -> Path:
         constants = {"config": {"c": {"path_name": path_name, "is_param": False, "use_pickle": use_pickle,
@@ -137,8 +141,8 @@ def pt2(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return files
 
 
-HOSTILE_PT2 = ["sample_inputs", "pickled_weight", "pickled_constant", "opaque_constant", "custom_constant",
-               "dotdot", "absolute", "backslash", "aoti", "symlink", "zero_member_bomb"]
+HOSTILE_PT2 = ["sample_inputs", "pickled_weight", "pickled_weight_bomb", "pickled_constant", "opaque_constant",
+               "custom_constant", "dotdot", "absolute", "backslash", "aoti", "symlink", "zero_member_bomb"]
 
 
 def _refused(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -167,6 +171,7 @@ def test_hostile_pt2_is_refused_by_plan_and_inspect(pt2: dict[str, Path], varian
 def test_pickled_member_payloads_name_the_member(pt2: dict[str, Path]) -> None:
     expectations = {"sample_inputs": "sample inputs", "pickled_weight": "'0.weight'", "pickled_constant": "'c'",
                     "opaque_constant": "opaque", "custom_constant": "custom", "aoti": "native code",
+                    "pickled_weight_bomb": "builtins.bytearray",
                     "dotdot": "outside the archive", "zero_member_bomb": "memory bomb", "symlink": "symbolic link"}
     for variant, expected in expectations.items():
         with pytest.raises(PlannerError) as excinfo:
