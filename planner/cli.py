@@ -44,8 +44,10 @@ def plan(
     input_dtype: Annotated[str | None, typer.Option(help="example input dtype, e.g. float32, int64")] = None,
     batch_size: Annotated[int | None, typer.Option(help="override the batch dimension of the input")] = None,
     weights: Annotated[str | None, typer.Option(help="state dict for a factory: .safetensors or .pt")] = None,
-    trust_pickle: Annotated[bool, typer.Option(help="allow a pickled model file to run code (only for "
-                                                    "files you trust)")] = False,
+    trust_code: Annotated[bool, typer.Option(help="allow the model file to run code: a pickle needing other "
+                                                  "classes, TorchScript, a .pt2 with pickled parts (only for "
+                                                  "files you trust)")] = False,
+    trust_pickle: Annotated[bool, typer.Option(hidden=True, help="old name of --trust-code")] = False,
     out: Annotated[Path | None, typer.Option(help="write plan.csv, plan.md, plan.json, plan.png here")] = None,
     export: Annotated[Path | None, typer.Option(help="write the picked artifact and its manifest here")] = None,
     export_all: Annotated[bool, typer.Option(help="with --export: every verified artifact")] = False,
@@ -104,7 +106,7 @@ def plan(
     from planner.pipeline import PlanOptions, run_plan
     from planner.sources import resolve_source
 
-    source = resolve_source(model, weights=weights, trust_pickle=trust_pickle, input_shape=input_shape,
+    source = resolve_source(model, weights=weights, trust_code=trust_code or trust_pickle, input_shape=input_shape,
                             input_dtype=input_dtype, batch_size=batch_size)
     if calibration is not None:  # checked before any work, against the model's example input
         from planner.sensitivity import load_calibration
@@ -212,7 +214,9 @@ def inspect(
     input_shape: Annotated[str | None, typer.Option(help="example input shape, e.g. 1,3,256,256")] = None,
     input_dtype: Annotated[str | None, typer.Option(help="example input dtype, e.g. float32, int64")] = None,
     weights: Annotated[str | None, typer.Option(help="state dict for a factory: .safetensors or .pt")] = None,
-    trust_pickle: Annotated[bool, typer.Option(help="allow a pickled model file to run code")] = False,
+    trust_code: Annotated[bool, typer.Option(help="allow the model file to run code (pickles, TorchScript)")]
+    = False,
+    trust_pickle: Annotated[bool, typer.Option(hidden=True, help="old name of --trust-code")] = False,
     recipe_file: Annotated[Path | None, typer.Option(help="a TOML file of [[recipe]] tables")] = None,
     csv: Annotated[Path | None, typer.Option(help="also write the per-layer table of each batch size here "
                                                   "(one CSV, a batch column)")] = None,
@@ -231,7 +235,7 @@ def inspect(
     if check_mode(mode) == "train":
         check_optimizer(optimizer)
         _inspect_training(model, recipes or "fp32", batch_size, optimizer, verify, input_shape=input_shape,
-                          input_dtype=input_dtype, weights=weights, trust_pickle=trust_pickle,
+                          input_dtype=input_dtype, weights=weights, trust_code=trust_code or trust_pickle,
                           recipe_file=recipe_file, csv=csv)
         return
     if verify:
@@ -248,7 +252,7 @@ def inspect(
 
     chosen = select_recipes(load_recipe_file(recipe_file) if recipe_file else default_recipes(), recipes)
     batches = _batch_sizes(batch_size)
-    source = resolve_source(model, weights=weights, trust_pickle=trust_pickle, input_shape=input_shape,
+    source = resolve_source(model, weights=weights, trust_code=trust_code or trust_pickle, input_shape=input_shape,
                             input_dtype=input_dtype)
     meta_model = source.build("meta")
     inspections = []
@@ -281,7 +285,7 @@ def inspect(
 
 
 def _inspect_training(model: str, recipes: str, batch_size: str | None, optimizer: str, verify: bool, *,
-                      input_shape: str | None, input_dtype: str | None, weights: str | None, trust_pickle: bool,
+                      input_shape: str | None, input_dtype: str | None, weights: str | None, trust_code: bool,
                       recipe_file: Path | None, csv: Path | None) -> None:
     """`inspect --mode train`: a table per batch size of the training step's memory (planner.training)."""
     import dataclasses
@@ -294,7 +298,7 @@ def _inspect_training(model: str, recipes: str, batch_size: str | None, optimize
     from planner.training import SGD_MOMENTUM, training_row
 
     chosen = select_recipes(load_recipe_file(recipe_file) if recipe_file else default_recipes(), recipes)
-    source = resolve_source(model, weights=weights, trust_pickle=trust_pickle, input_shape=input_shape,
+    source = resolve_source(model, weights=weights, trust_code=trust_code, input_shape=input_shape,
                             input_dtype=input_dtype)
     rows = []
     for batch in _batch_sizes(batch_size):

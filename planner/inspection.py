@@ -7,6 +7,7 @@ peak happens is visible. Nothing is materialized: the model is built on the meta
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,11 +56,21 @@ def inspect_model(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], recip
     """The per-layer table for one batch size; its activation columns are those of the first recipe."""
     footprints = {recipe.name: weight_footprint(meta_model, recipe) for recipe in recipes}
     scratch = load_cache()  # kernel workspace measured by earlier plans on this machine; inspect measures nothing
-    reports = {recipe.name: activation_peak(weightless_recipe_model(meta_model, recipe)[0],
-                                            cast_inputs(inputs, recipe.torch_dtype, "meta"), scratch=scratch)
-               for recipe in recipes}
+    if isinstance(meta_model, torch.jit.ScriptModule):
+        # TorchScript cannot run weightless (no FakeTensors, no functional_call, no Python hooks): it was loaded on
+        # cpu (only with --trust-code), so its forward runs for real, in each recipe's dtype; torchao cannot
+        # quantize it, so quantized recipes trace their dtype alone.
+        reports = {recipe.name: activation_peak(copy.deepcopy(meta_model).to(recipe.torch_dtype),
+                                                cast_inputs(inputs, recipe.torch_dtype, "cpu"), scratch=scratch,
+                                                memoize=False)
+                   for recipe in recipes}
+        shapes: dict[str, list[int]] = {}
+    else:
+        reports = {recipe.name: activation_peak(weightless_recipe_model(meta_model, recipe)[0],
+                                                cast_inputs(inputs, recipe.torch_dtype, "meta"), scratch=scratch)
+                   for recipe in recipes}
+        shapes = output_shapes(meta_model, cast_inputs(inputs, torch.float32, "meta"))
     activations = reports[recipes[0].name]
-    shapes = output_shapes(meta_model, cast_inputs(inputs, torch.float32, "meta"))
     rows = []
     for name, module in meta_model.named_modules():
         key = name or "(top)"

@@ -5,11 +5,16 @@ Accepted specs (see `resolve_source`):
 * ``zoo:NAME``: a built-in model from `planner.zoo`.
 * ``path/to/models.py:build`` or ``package.module:build``: a factory. Calling it runs the user's own code,
   which is what they asked for by naming it. It returns an ``nn.Module`` or ``(module, example_input)``.
-* ``model.pt2``: a `torch.export` archive (``torch.export.save``).
-* ``model.ts`` or any TorchScript zip (detected by content): TorchScript runs no Python from the file.
-* ``model.pt``/``.pth``/``.bin`` saved with ``torch.save(model)``: a pickle. It is only loaded with
-  ``weights_only=True`` and only if every global it needs is a torch.nn module class (or one of a few pure
-  activation functions); anything else needs ``--trust-pickle``.
+* ``model.pt2``: a `torch.export` archive (``torch.export.save``). torch's loader unpickles parts of it, so
+  the archive is inspected first (`planner.archive_scan.scan_pt2`: no pickled weights/constants, no custom or
+  opaque objects, no native code, sane member names and sizes) and loaded with every unpickling forced to
+  weights_only; ``--trust-code`` loads it as torch does.
+* ``model.ts`` or any TorchScript zip (detected by content): TorchScript is code (it runs at load, in
+  __setstate__, and in forward, and can read and write files), so it needs ``--trust-code``.
+* ``model.pt``/``.pth``/``.bin`` saved with ``torch.save(model)``: a pickle. Its opcodes are scanned first (only
+  tensor rebuild calls and containers; modules only as torch.save creates them; declared storage sizes within the
+  file), then it is loaded with ``weights_only=True`` and only if every global it needs is a torch.nn module class
+  (or one of a few pure activation functions); anything else needs ``--trust-code``.
 
 Every problem with the user's input becomes a one-line `PlannerError` saying what was wrong and what to do.
 """
@@ -21,10 +26,13 @@ import difflib
 import hashlib
 import importlib
 import importlib.util
+import logging
+import math
 import os
 import pickle
 import re
 import sys
+import types
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
@@ -36,8 +44,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from planner import archive_scan
+from planner.archive_scan import ScanRefusal
 from planner.errors import PlannerError
-from planner.safe_io import check_regular_file
+from planner.safe_io import MAX_PATH_CHARS, check_regular_file
 from planner.zoo import ZOO
 
 KINDS = ("zoo", "factory", "export", "torchscript", "pickle")
@@ -65,6 +75,21 @@ _SAFE_FUNCTIONS = frozenset(
 )
 _PARAMETER_CLASSES = frozenset({"Parameter", "Buffer", "UninitializedParameter", "UninitializedBuffer"})
 
+# Where a pickle's globals may be looked up. Only modules `import torch` (and this module) already imported, read
+# from sys.modules without importing: importing a named module can itself run code (a global naming
+# torch.utils.model_dump.__main__ would start torch's CLI), and torch's lazy module __getattr__ imports too.
+_GLOBAL_MODULES = frozenset({"torch", "torch._utils", "torch._tensor", "torch.nn.parameter", "torch.nn.functional",
+                             "torch._C._nn", "torch.serialization", "planner.zoo"})
+_GLOBAL_MODULE_PREFIXES = ("torch.nn.modules.",)
+
+TRUST_FLAG = "--trust-code"
+# Rank cap for --input-shape: no model takes 17-dimensional inputs, and torch's own errors for absurd ranks are
+# multi-line tracebacks from its logging.
+MAX_INPUT_RANK = 16
+# The example input must leave room for the model and its activations: refuse one above this share of the
+# memory available now, before allocating it.
+INPUT_MEMORY_SHARE = 0.25
+
 
 def _fail(message: str) -> PlannerError:
     """A PlannerError whose text is a single line, whatever the wrapped exception said."""
@@ -73,7 +98,7 @@ def _fail(message: str) -> PlannerError:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    detail = text[0] if text else ""
+    detail = text[0][:200] if text else ""  # torch's messages can embed whole graph nodes
     return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
 
 
@@ -105,7 +130,10 @@ def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
     except ValueError:
         dims = ()
     if not dims or any(d < 1 for d in dims):
-        raise _fail(f"--input-shape {text!r} is not a shape: give positive integers separated by commas, "
+        raise _fail(f"--input-shape {text[:80]!r} is not a shape: give positive integers separated by commas, "
+                    "e.g. --input-shape 1,3,256,256")
+    if len(dims) > MAX_INPUT_RANK:
+        raise _fail(f"--input-shape has {len(dims)} dimensions; at most {MAX_INPUT_RANK} are supported, "
                     "e.g. --input-shape 1,3,256,256")
     return dims
 
@@ -140,21 +168,27 @@ def _check_file(path: str, what: str) -> Path:
     return check_regular_file(path, what)
 
 
-def _zip_entries(path: Path) -> list[str] | None:
-    """The archive's entries with the top-level folder stripped, or None if it is not a readable zip."""
+def _zip_entries(path: Path, what: str) -> list[str] | None:
+    """The archive's entries with the top-level folder stripped, or None if it is not a readable zip.
+
+    Member names and sizes are checked here, for every kind of zip, before any loader opens it."""
     if not zipfile.is_zipfile(path):
         return None
     try:
         with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
+            infos = zf.infolist()
     except (zipfile.BadZipFile, OSError, ValueError):
         return None
-    return [n.split("/", 1)[1] if "/" in n else n for n in names]
+    try:
+        archive_scan.check_zip_members(infos, path.stat().st_size)
+    except ScanRefusal as exc:
+        raise _fail(f"{what} {path} {exc}") from None
+    return [i.filename.split("/", 1)[1] if "/" in i.filename else i.filename for i in infos]
 
 
 def detect_format(path: Path, what: str = "model file") -> str:
     """'export' | 'torchscript' | 'pickle' | 'pickle-legacy', judged by content (suffixes lie)."""
-    entries = _zip_entries(path)
+    entries = _zip_entries(path, what)
     with path.open("rb") as fh:
         head = fh.read(4)
     if entries is None:
@@ -175,14 +209,15 @@ def detect_format(path: Path, what: str = "model file") -> str:
 
 
 def _import_torch_global(name: str) -> Any:
-    """Resolve 'torch.nn.modules.linear.Linear' without importing anything outside torch and planner.zoo."""
-    module, _, attr = name.rpartition(".")
-    if not (module == "torch" or module.startswith("torch.") or module == "planner.zoo"):
+    """Resolve 'torch.nn.modules.linear.Linear' from an already-imported module on the explicit list, or None.
+
+    Nothing is imported: see _GLOBAL_MODULES."""
+    module_name, _, attr = name.rpartition(".")
+    if not (module_name in _GLOBAL_MODULES or module_name.startswith(_GLOBAL_MODULE_PREFIXES)):
         return None
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError):
-        return None
+    module = sys.modules.get(module_name)
+    # vars(), not getattr: a module-level __getattr__ (torch has one) may import submodules.
+    return vars(module).get(attr) if isinstance(module, types.ModuleType) else None
 
 
 def _is_allowed_global(name: str) -> bool:
@@ -206,10 +241,48 @@ def _is_allowed_global(name: str) -> bool:
 def _refuse_pickle(display: str, needed: list[str], weights: bool) -> PlannerError:
     needs = needed[0] + (f" (and {len(needed) - 1} more)" if len(needed) > 1 else "")
     label = f"--weights {display}" if weights else display
-    advice = ("a weights file should be a plain state dict: torch.save(model.state_dict(), path) or safetensors."
-              if weights else _SAFE_ADVICE)
     return _fail(f"{label} is a pickle that needs {needs} to load; loading it would run code from the file. "
-                 f"Re-run with --trust-pickle if you trust it, or {advice}")
+                 f"Re-run with {TRUST_FLAG} if you trust it, or {_pickle_advice(weights)}")
+
+
+def _pickle_advice(weights: bool) -> str:
+    return ("a weights file should be a plain state dict: torch.save(model.state_dict(), path) or safetensors."
+            if weights else _SAFE_ADVICE)
+
+
+def _may_construct(name: str) -> bool:
+    """A class a pickle may create with NEWOBJ and no arguments: the module classes _is_allowed_global allows."""
+    return isinstance(_import_torch_global(name), type) and _is_allowed_global(name)
+
+
+def _scan_pickle_file(path: Path, display: str, *, legacy: bool, weights: bool) -> None:
+    """Refuse, before torch.load allocates anything, a pickle that calls beyond what torch.save writes or declares
+    storages larger than the file holds (bytearray(3e9), nn.Linear(30000, 30000) via REDUCE, zip bombs)."""
+    label = f"--weights {display}" if weights else display
+    try:
+        if legacy:
+            with path.open("rb") as stream:
+                archive_scan.scan_legacy_pickle(stream, path.stat().st_size, may_construct=_may_construct,
+                                                resolve=_import_torch_global)
+        else:
+            with zipfile.ZipFile(path) as archive:
+                archive_scan.scan_torch_zip(archive, path.stat().st_size, may_construct=_may_construct,
+                                            resolve=_import_torch_global)
+    except ScanRefusal as exc:
+        if exc.call is not None and not _weights_only_allows(exc.call):
+            raise _refuse_pickle(display, [exc.call], weights) from None  # code: say which global, offer trust
+        raise _fail(f"{label} {exc}. Re-run with {TRUST_FLAG} only if you trust it, or "
+                    f"{_pickle_advice(weights)}") from None
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise _fail(f"{label} could not be read ({_first_line(exc)}); re-save or re-download it") from None
+
+
+def _weights_only_allows(name: str) -> bool:
+    """Whether a weights_only load could resolve `name` (ours or torch's allowlist): then a refused call to it is
+    an allocation risk, not code."""
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    return _is_allowed_global(name) or name in _get_allowed_globals() or _import_torch_global(name) is not None
 
 
 def _unsafe_globals(path: Path, display: str) -> list[str]:
@@ -227,11 +300,13 @@ def _weights_only_load(path: Path, display: str, *, legacy: bool, weights: bool)
         refused = [n for n in needed if not _is_allowed_global(n)]
         if refused:
             raise _refuse_pickle(display, refused, weights)
+        _scan_pickle_file(path, display, legacy=False, weights=weights)
         allowed = [_import_torch_global(n) for n in needed]
         with torch.serialization.safe_globals(allowed):
             return _torch_load(path, display, weights_only=True, mmap=True)
-    # Legacy (non-zip) files can't be scanned up front; the weights_only unpickler names the first global it
-    # refuses, without running it, so add allowed ones one at a time.
+    _scan_pickle_file(path, display, legacy=True, weights=weights)
+    # torch has no up-front global listing for legacy (non-zip) files; the weights_only unpickler names the first
+    # global it refuses, without running it, so add allowed ones one at a time.
     allowed_names: list[str] = []
     for _ in range(500):
         try:
@@ -264,7 +339,7 @@ def _torch_load(path: Path, display: str, *, weights_only: bool, mmap: bool) -> 
         # The scan said the globals were fine, so this is a pickle weights_only can't parse; don't show torch's
         # multi-paragraph advice.
         raise _fail(f"{display} is a pickle that weights_only loading cannot read safely; "
-                    f"re-run with --trust-pickle if you trust it, or {_SAFE_ADVICE}") from None
+                    f"re-run with {TRUST_FLAG} if you trust it, or {_SAFE_ADVICE}") from None
     except (AttributeError, ImportError) as exc:
         # A trusted pickle refers to classes by module path; the module that defined them must be importable here.
         raise _fail(f"{display} refers to a class that cannot be imported here ({_first_line(exc)}); put the module "
@@ -303,7 +378,7 @@ def _extract_state_dict(obj: Any, display: str) -> dict[str, torch.Tensor]:
                 "or 'model' key); save it with torch.save(model.state_dict(), path) or safetensors")
 
 
-def load_weights(path: str, *, trust_pickle: bool = False, display: str | None = None) -> dict[str, torch.Tensor]:
+def load_weights(path: str, *, trust_code: bool = False, display: str | None = None) -> dict[str, torch.Tensor]:
     """Read a --weights file (.safetensors, or a torch.save state dict) into a cpu state dict."""
     display = display or path
     p = _check_file(path, "--weights")
@@ -319,7 +394,7 @@ def load_weights(path: str, *, trust_pickle: bool = False, display: str | None =
     if fmt in ("export", "torchscript"):
         raise _fail(f"--weights {display} is a whole {'torch.export' if fmt == 'export' else 'TorchScript'} model, "
                     f"not weights; pass it as the model instead: planner {display}")
-    return _extract_state_dict(_load_pickle(p, display, trust=trust_pickle, weights=True), display)
+    return _extract_state_dict(_load_pickle(p, display, trust=trust_code, weights=True), display)
 
 
 def _strip_wrapper_prefix(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
@@ -471,6 +546,22 @@ def _real(t: torch.Tensor) -> torch.Tensor:
     return t.detach().cpu()
 
 
+def _check_input_bytes(planned: list[tuple[tuple[int, ...], torch.dtype]]) -> None:
+    """Refuse an example input that would take more than INPUT_MEMORY_SHARE of the memory available now,
+    before allocating it: a typo like --batch-size 1000000 would otherwise ask for hundreds of GB."""
+    from planner.isolation import available_memory_bytes
+    from planner.units import format_bytes
+
+    needed = sum(math.prod(shape) * kind.itemsize for shape, kind in planned)
+    available = available_memory_bytes()
+    if available is None or needed <= available * INPUT_MEMORY_SHARE:
+        return
+    shapes = ", ".join("x".join(str(d) for d in shape) for shape, _ in planned)
+    raise _fail(f"the example input ({shapes}) would take {format_bytes(needed)}, more than "
+                f"{INPUT_MEMORY_SHARE:.0%} of the {format_bytes(available)} of memory available; "
+                "use a smaller --input-shape or --batch-size")
+
+
 def _rebatch(t: torch.Tensor, batch: int) -> torch.Tensor:
     """Change dim 0 by cycling the existing rows, so real example data is kept."""
     if t.dim() == 0 or t.shape[0] == batch:
@@ -491,7 +582,9 @@ class ModelSource:
     spec: str
     kind: str
     weights: str | None = None
-    trust_pickle: bool = False
+    # The user said the model file may run code: a pickle that needs arbitrary globals, TorchScript, a .pt2 with
+    # pickled members.
+    trust_code: bool = False
     input_shape: tuple[int, ...] | None = None
     input_dtype: str | None = None
     batch_size: int | None = None
@@ -514,7 +607,7 @@ class ModelSource:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "spec": self.spec, "kind": self.kind, "weights": self.weights, "trust_pickle": self.trust_pickle,
+            "spec": self.spec, "kind": self.kind, "weights": self.weights, "trust_code": self.trust_code,
             "input_shape": list(self.input_shape) if self.input_shape is not None else None,
             "input_dtype": self.input_dtype, "batch_size": self.batch_size, "path": self.path,
         }
@@ -523,7 +616,9 @@ class ModelSource:
     def from_json(d: Mapping[str, Any]) -> ModelSource:
         shape = d.get("input_shape")
         return ModelSource(
-            spec=d["spec"], kind=d["kind"], weights=d.get("weights"), trust_pickle=bool(d.get("trust_pickle")),
+            spec=d["spec"], kind=d["kind"], weights=d.get("weights"),
+            # "trust_code": the key's name before TorchScript needed the same trust (older JSON still reads).
+            trust_code=bool(d.get("trust_code", d.get("trust_code"))),
             input_shape=tuple(int(x) for x in shape) if shape is not None else None,
             input_dtype=d.get("input_dtype"), batch_size=d.get("batch_size"), path=d.get("path"),
         )
@@ -583,18 +678,18 @@ class ModelSource:
     def _load_file(self) -> nn.Module:
         path, display = self._file(), self.spec
         if self.kind == "export":
-            model = quantizable_graph_module(_load_export(path, display).module())
+            model = quantizable_graph_module(_load_export(path, display, self.trust_code).module())
         elif self.kind == "torchscript":
-            model = _load_torchscript(path, display)
+            model = _load_torchscript(path, display, self.trust_code)
         else:
-            model = _load_pickle(path, display, trust=self.trust_pickle)
+            model = _load_pickle(path, display, trust=self.trust_code)
             if not isinstance(model, nn.Module):
                 raise _not_a_module(display, model)
         return model
 
     def _load_weights_into(self, model: nn.Module) -> None:
         assert self.weights is not None
-        state = check_weights_match(model, load_weights(self.weights, trust_pickle=self.trust_pickle),
+        state = check_weights_match(model, load_weights(self.weights, trust_code=self.trust_code),
                                     self.weights)
         try:
             model.load_state_dict(state, strict=True)
@@ -608,6 +703,7 @@ class ModelSource:
         replaces dim 0 of each."""
         known = self._known()
         dtype = _DTYPES[self.input_dtype] if self.input_dtype else None
+        _check_input_bytes(self._planned_inputs(known, dtype))
         if self.input_shape is not None:
             like = known[0] if known else None
             first = _random_like(self.input_shape, dtype or (like.dtype if like is not None else torch.float32), like)
@@ -622,6 +718,19 @@ class ModelSource:
         if self.batch_size is not None:
             inputs = tuple(_rebatch(t, self.batch_size) for t in inputs)
         return tuple(t.clone() for t in inputs)
+
+    def _planned_inputs(self, known: tuple[torch.Tensor, ...] | None,
+                        dtype: torch.dtype | None) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """(shape, dtype) of each example input example_inputs() is about to create, before it creates them."""
+        planned = [(tuple(t.shape), t.dtype) for t in known] if known else []
+        if self.input_shape is not None:
+            first_dtype = dtype or (planned[0][1] if planned else torch.float32)
+            planned = [(self.input_shape, first_dtype), *planned[1:]]
+        elif planned and dtype is not None:
+            planned[0] = (planned[0][0], dtype)
+        if self.batch_size is not None:
+            planned = [((self.batch_size, *shape[1:]) if shape else shape, kind) for shape, kind in planned]
+        return planned
 
     def _known(self) -> tuple[torch.Tensor, ...] | None:
         if not self._inputs_looked_up:
@@ -640,11 +749,14 @@ class ModelSource:
 
     def _lookup_inputs(self) -> tuple[torch.Tensor, ...] | None:
         if self.kind == "zoo":
-            return ZOO[self.name].example_input(self.batch_size or 1)
+            batch = self.batch_size or 1
+            one_row = ZOO[self.name].example_input(1)
+            _check_input_bytes([((batch, *t.shape[1:]), t.dtype) for t in one_row])  # before building it
+            return ZOO[self.name].example_input(batch)
         if self.kind == "factory":
             return self._call_factory(meta=True)[1]
         if self.kind == "export":
-            return _export_example_inputs(_load_export(self._file(), self.spec))
+            return _export_example_inputs(_load_export(self._file(), self.spec, self.trust_code))
         return None
 
 
@@ -670,12 +782,94 @@ def _not_a_module(display: str, obj: Any) -> PlannerError:
                  "torch.export.save or torch.jit.save")
 
 
-def _load_export(path: Path, display: str) -> torch.export.ExportedProgram:
+def _export_itemsize(code: Any) -> int | None:
+    """Bytes per element of a dtype as torch.export's JSON numbers it, or None for an unknown code."""
+    from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
+
+    dtype = _SERIALIZE_TO_TORCH_DTYPE.get(code) if isinstance(code, int) else None
+    return dtype.itemsize if isinstance(dtype, torch.dtype) else None
+
+
+def _scan_export(path: Path, display: str) -> None:
+    """Inspect a .pt2 before torch.export.load reads it (planner.archive_scan.scan_pt2)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive_scan.scan_pt2(archive, path.stat().st_size, itemsize_of=_export_itemsize,
+                                  resolve=_import_torch_global)
+    except ScanRefusal as exc:
+        raise _fail(f"{display} {exc}. Re-run with {TRUST_FLAG} only if you trust it") from None
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise _fail(f"{display} could not be read ({_first_line(exc)}); re-export it") from None
+
+
+def _refuse_unpickling(*args: Any, **kwargs: Any) -> Any:
+    raise pickle.UnpicklingError("pickled objects in a .pt2 file are not loaded without --trust-code")
+
+
+@contextlib.contextmanager
+def _weights_only_unpickling() -> Iterator[None]:
+    """While torch.export.load runs: every torch.load it makes is weights_only, and its plain pickle.loads
+    (opaque constants) and torchbind loader (custom objects) refuse.
+
+    scan_pt2 already refused archives that would reach those calls; this holds even if the scan missed a path.
+    The loader calls them through module attributes, so swapping the attributes for the duration covers every
+    call site; the planner loads one model at a time in one thread."""
+    from torch.export.pt2_archive import _package
+
+    original_load = torch.load
+
+    def weights_only_load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return original_load(*args, **kwargs)
+
+    swaps = [(torch, "load", weights_only_load), (torch._C, "_pickle_load_obj", _refuse_unpickling),
+             (_package, "pickle", types.SimpleNamespace(loads=_refuse_unpickling))]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in swaps]
+    try:
+        for owner, name, replacement in swaps:
+            setattr(owner, name, replacement)
+        yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
+
+
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """torch.export.load logs whole tracebacks (log.warning(exc_info=True)) on a damaged archive before it
+    raises; the user gets one line from us instead."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def _load_export(path: Path, display: str, trust_code: bool = False) -> torch.export.ExportedProgram:
     # torchao registers the tensor subclasses and ops quantized graphs refer to; without it loading fails.
     with contextlib.suppress(ImportError):
         import torchao  # noqa: F401
+    if not trust_code:
+        _scan_export(path, display)
     try:
-        return torch.export.load(str(path))
+        with _quiet_torch():
+            if trust_code:
+                return torch.export.load(str(path))
+            # load_pt2 is what torch.export.load runs first; called directly, a damaged archive raises its own
+            # error instead of "see the warnings above" from the fallback to the old format, which unpickles
+            # (scan_pt2 refused old-format archives already).
+            from torch.export.pt2_archive._package import load_pt2
+
+            with _weights_only_unpickling():
+                programs = load_pt2(str(path)).exported_programs
+            if "model" not in programs:
+                raise _fail(f"{display} holds no exported program named 'model'; save it with torch.export.save")
+            return programs["model"]
+    except PlannerError:
+        raise
     except Exception as exc:  # noqa: BLE001 - version skew, corrupt members, missing custom ops
         raise _fail(f"{display} could not be loaded with torch.export.load ({_first_line(exc)}); re-export it with "
                     f"torch {torch.__version__.split('+')[0]}") from None
@@ -722,7 +916,15 @@ def _export_example_inputs(ep: torch.export.ExportedProgram) -> tuple[torch.Tens
     return tuple(args)
 
 
-def _load_torchscript(path: Path, display: str) -> nn.Module:
+def _load_torchscript(path: Path, display: str, trust_code: bool = False) -> nn.Module:
+    # TorchScript is code: __setstate__ runs at load and forward runs later, and both may call ops such as
+    # torch.from_file(path, shared=True), which creates and writes files. We refuse rather than scan the code for
+    # such ops because a denylist of TorchScript ops (file, IPC, custom ops a library registers) cannot be shown
+    # to be complete; the user decides with --trust-code.
+    if not trust_code:
+        raise _fail(f"{display} is TorchScript, which is code: it runs when loaded and in forward and can create "
+                    f"or overwrite files. Re-run with {TRUST_FLAG} if you trust it, or save the model with "
+                    "torch.export.save (.pt2)")
     try:
         return torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - corrupt archive, unknown ops
@@ -765,9 +967,15 @@ def _factory_path(target: str, spec: str) -> str | None:
     return _package_root(module, target)
 
 
+def _is_file(spec: str) -> bool:
+    # os.path answers False for names the OS refuses (too long, a NUL inside); Path.is_file raises on some.
+    return os.path.isfile(spec)
+
+
 def _file_kind(spec: str) -> tuple[str, Path]:
-    path = Path(spec)
-    if not path.exists():
+    if len(spec) > MAX_PATH_CHARS:
+        _check_file(spec, "model file")  # one line giving the length, not the 5000-character path
+    if not os.path.exists(spec):
         close = difflib.get_close_matches(spec, ZOO, n=1)
         hint = f"; did you mean zoo:{close[0]}?" if close else \
             "; give a model file (.pt2, .ts, .pt), zoo:NAME, or a factory like models.py:build"
@@ -784,18 +992,18 @@ def _file_kind(spec: str) -> tuple[str, Path]:
 def _validate_weights(source: ModelSource) -> None:
     """Load the weights once and compare them with a (meta where possible) build, so mismatches show up now."""
     assert source.weights is not None
-    state = load_weights(source.weights, trust_pickle=source.trust_pickle)
+    state = load_weights(source.weights, trust_code=source.trust_code)
     check_weights_match(source.build("meta"), state, source.weights)
 
 
-def resolve_source(spec: str, *, weights: str | None = None, trust_pickle: bool = False,
+def resolve_source(spec: str, *, weights: str | None = None, trust_code: bool = False,
                    input_shape: str | None = None, input_dtype: str | None = None,
                    batch_size: int | None = None) -> ModelSource:
     """Parse and validate everything the user gave; raise a one-line PlannerError for anything wrong.
 
     Factories are imported and called here (under torch.device("meta"), so no weight memory): that runs the
     user's own code, which naming the factory asked for. Model files are checked by content; pickles are
-    never executed unless trust_pickle.
+    never executed unless trust_code (--trust-code).
     """
     spec = spec.strip()
     if not spec:
@@ -803,11 +1011,11 @@ def resolve_source(spec: str, *, weights: str | None = None, trust_pickle: bool 
     shape = parse_input_shape(input_shape)
     dtype = parse_input_dtype(input_dtype)
     batch = _check_batch_size(batch_size)
-    options = {"trust_pickle": trust_pickle, "input_shape": shape, "input_dtype": dtype, "batch_size": batch}
+    options = {"trust_code": trust_code, "input_shape": shape, "input_dtype": dtype, "batch_size": batch}
 
     if spec.startswith("zoo:"):
         source = ModelSource(spec="zoo:" + _zoo_source(spec), kind="zoo", **options)
-    elif (factory := _split_factory(spec)) is not None and not Path(spec).is_file():
+    elif (factory := _split_factory(spec)) is not None and not _is_file(spec):
         target, _ = factory
         source = ModelSource(spec=spec, kind="factory", path=_factory_path(target, spec), **options)
         # Import and call now, so a broken factory fails before any work starts.
@@ -830,11 +1038,11 @@ def resolve_source(spec: str, *, weights: str | None = None, trust_pickle: bool 
 def _validate_file(source: ModelSource) -> None:
     path = source._file()
     if source.kind == "export":
-        source._remember_inputs(_export_example_inputs(_load_export(path, source.spec)))
+        source._remember_inputs(_export_example_inputs(_load_export(path, source.spec, source.trust_code)))
     elif source.kind == "torchscript":
-        _load_torchscript(path, source.spec)
+        _load_torchscript(path, source.spec, source.trust_code)
     else:
-        model = _load_pickle(path, source.spec, trust=source.trust_pickle)
+        model = _load_pickle(path, source.spec, trust=source.trust_code)
         if not isinstance(model, nn.Module):
             raise _not_a_module(source.spec, model)
 

@@ -342,7 +342,8 @@ def test_torchscript_round_trip(tmp_path: Path, suffix: str) -> None:
     model = _seq().eval()
     path = tmp_path / f"scripted{suffix}"
     torch.jit.save(torch.jit.script(model), str(path))
-    source = resolve_source(str(path), input_shape="3,8")
+    assert "--trust-code" in _resolve_error(str(path), input_shape="3,8")  # TorchScript is code
+    source = resolve_source(str(path), input_shape="3,8", trust_code=True)
     assert source.kind == "torchscript"  # detected by content, also when named .pt
     x = source.example_inputs()[0]
     with torch.no_grad():
@@ -354,7 +355,7 @@ def test_safe_pickle_of_torch_modules_loads_without_trust(tmp_path: Path) -> Non
     path = tmp_path / "seq.pt"
     torch.save(model, path)
     source = resolve_source(str(path), input_shape="2,8")
-    assert source.kind == "pickle" and not source.trust_pickle
+    assert source.kind == "pickle" and not source.trust_code
     x = source.example_inputs()[0]
     with torch.no_grad():
         assert torch.allclose(source.build()(x), model(x))
@@ -392,8 +393,8 @@ def test_malicious_pickle_is_refused(tmp_path: Path, payload: type, global_name:
     torch.save({"weights": payload(marker)}, path, _use_new_zipfile_serialization=not legacy)
     text = _resolve_error(str(path))
     assert f"needs {global_name}" in text or (global_name == "system" and ".system" in text)
-    assert "--trust-pickle" in text and "torch.export.save" in text
-    assert "--trust-pickle" in _resolve_error(f"{factory_file}:build", weights=str(path))
+    assert "--trust-code" in text and "torch.export.save" in text
+    assert "--trust-code" in _resolve_error(f"{factory_file}:build", weights=str(path))
     assert not marker.exists()
 
 
@@ -406,11 +407,11 @@ def test_custom_class_pickle_needs_trust(tmp_path: Path, pkg_root: Path) -> None
     torch.save(model, path)
     text = _resolve_error(str(path))
     assert text.startswith(f"{path} is a pickle that needs {PKG}.nets.Net to load; loading it would run code")
-    source = resolve_source(str(path), trust_pickle=True, input_shape="2,6")
+    source = resolve_source(str(path), trust_code=True, input_shape="2,6")
     x = source.example_inputs()[0]
     with torch.no_grad():
         assert torch.allclose(source.build()(x), model(x))
-    assert ModelSource.from_json(source.to_json()).trust_pickle
+    assert ModelSource.from_json(source.to_json()).trust_code
 
 
 def test_state_dict_given_as_model_hints_at_factory(tmp_path: Path) -> None:
