@@ -44,13 +44,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from planner import archive_scan
+from planner import archive_scan, hf_folder
 from planner.archive_scan import ScanRefusal
 from planner.errors import PlannerError
 from planner.safe_io import MAX_PATH_CHARS, check_regular_file
 from planner.zoo import ZOO
 
-KINDS = ("zoo", "factory", "export", "torchscript", "pickle")
+KINDS = ("zoo", "factory", "hf", "export", "torchscript", "pickle")
 
 _SAFE_ADVICE = ("save it safely: torch.export.save, TorchScript (torch.jit.save), "
                 "or a state dict with --weights and a factory (file.py:build).")
@@ -603,6 +603,8 @@ class ModelSource:
             return self.spec.removeprefix("zoo:")
         if self.kind == "factory":
             return self.spec.rsplit(":", 1)[1]
+        if self.kind == "hf":
+            return Path(self.spec.removeprefix("hf:").rstrip("/")).name
         return Path(self.spec).stem
 
     def to_json(self) -> dict[str, Any]:
@@ -617,8 +619,8 @@ class ModelSource:
         shape = d.get("input_shape")
         return ModelSource(
             spec=d["spec"], kind=d["kind"], weights=d.get("weights"),
-            # "trust_code": the key's name before TorchScript needed the same trust (older JSON still reads).
-            trust_code=bool(d.get("trust_code", d.get("trust_code"))),
+            # "trust_pickle": the key's name before TorchScript needed the same trust (older JSON still reads).
+            trust_code=bool(d.get("trust_code", d.get("trust_pickle"))),
             input_shape=tuple(int(x) for x in shape) if shape is not None else None,
             input_dtype=d.get("input_dtype"), batch_size=d.get("batch_size"), path=d.get("path"),
         )
@@ -646,6 +648,8 @@ class ModelSource:
             # The example input always comes from the meta call (see _lookup_inputs), so inputs don't depend on
             # whether the model was built before or after asking for them.
             return self._call_factory(meta)[0]
+        if self.kind == "hf":
+            return hf_folder.build(self._file(), self.spec, self.trust_code, meta)
         return self._load_file()
 
     def _factory(self) -> Callable[[], Any]:
@@ -755,6 +759,8 @@ class ModelSource:
             return ZOO[self.name].example_input(batch)
         if self.kind == "factory":
             return self._call_factory(meta=True)[1]
+        if self.kind == "hf":
+            return hf_folder.example_inputs(hf_folder.read_config(self._file(), self.spec), self.spec)
         if self.kind == "export":
             return _export_example_inputs(_load_export(self._file(), self.spec, self.trust_code))
         return None
@@ -1015,6 +1021,13 @@ def resolve_source(spec: str, *, weights: str | None = None, trust_code: bool = 
 
     if spec.startswith("zoo:"):
         source = ModelSource(spec="zoo:" + _zoo_source(spec), kind="zoo", **options)
+    elif hf_folder.is_hf_spec(spec):
+        if weights is not None:
+            raise _fail(f"{spec} is a Hugging Face folder and holds its own weights; drop --weights")
+        folder = hf_folder.resolve_folder(spec)
+        hf_folder.check_folder(folder, spec, trust_code)
+        source = ModelSource(spec=spec, kind="hf", path=str(folder), **options)
+        source.build("meta")  # a config transformers cannot build fails now, before any work
     elif (factory := _split_factory(spec)) is not None and not _is_file(spec):
         target, _ = factory
         source = ModelSource(spec=spec, kind="factory", path=_factory_path(target, spec), **options)
