@@ -37,8 +37,7 @@ def gpt2_small() -> tuple[nn.Module, torch.Tensor]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     _seed()
-    config = GPT2Config()
-    config.use_cache = False
+    config = GPT2Config()  # the default config, use_cache included: the planner handles the KV cache itself
     model = GPT2LMHeadModel(config)
     return model.eval(), _token_ids(128, config.vocab_size)
 
@@ -109,6 +108,6 @@ def tiny_llama() -> tuple[nn.Module, torch.Tensor]:
     _seed()
     config = LlamaConfig(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
                          intermediate_size=1376, vocab_size=32000, max_position_embeddings=2048,
-                         tie_word_embeddings=False, use_cache=False)
+                         tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
     return model.eval(), _token_ids(64, config.vocab_size)

@@ -84,6 +84,22 @@ def check_folder(folder: Path, display: str, trust_code: bool) -> dict[str, Any]
 
 
 @contextmanager
+def kv_cache_off(model: nn.Module) -> Iterator[bool]:
+    """Switch a transformers model's KV cache off (use_cache, on by default) for the duration; yields whether
+    there was one to switch off. Exports and pruning need the model's result, not its cache: torch.export cannot
+    return a DynamicCache, and torch-pruning's grouping explodes on the cache updates."""
+    config = getattr(model, "config", None)
+    saved = getattr(config, "use_cache", None)
+    if saved:
+        config.use_cache = False
+    try:
+        yield bool(saved)
+    finally:
+        if saved:
+            config.use_cache = saved
+
+
+@contextmanager
 def _quiet_transformers() -> Iterator[None]:
     from transformers.utils import logging as hf_logging
 
@@ -156,4 +172,4 @@ def example_inputs(config: dict[str, Any], display: str) -> tuple[torch.Tensor, 
                        "(and --input-dtype int64 for token ids)")
 
 
-__all__ = ["build", "check_folder", "example_inputs", "is_hf_spec", "read_config", "resolve_folder"]
+__all__ = ["build", "check_folder", "example_inputs", "is_hf_spec", "kv_cache_off", "read_config", "resolve_folder"]

@@ -20,6 +20,7 @@ import contextlib
 import io
 import logging
 import math
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from planner.hf_folder import kv_cache_off
 from planner.recipes import Recipe, UnsupportedRecipe
 
 # One initializer above 2 GB cannot be inline (protobuf's limit is for the whole file): use external data well
@@ -131,21 +133,26 @@ def _quiet_export() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def export_fp32(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path) -> None:
+def export_fp32(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path) -> list[str]:
     """Export the model as it is (float32) with the dynamo exporter.
 
     Inputs are named input_0.., outputs output_0.. in torch.export's pytree order, which is the order
     planner.verify.floating_tensors walks a tensor/tuple/list/dict output in; the verifier keeps only the
     floating outputs, so integer outputs in between do not shift the comparison. Weights above
     EXTERNAL_DATA_THRESHOLD_BYTES go to one external file PATH.data; otherwise everything is in PATH.
+    A transformers model is exported with its KV cache off (torch.export cannot return a DynamicCache); the
+    returned note says so.
     """
     path = Path(path)
     external = needs_external_data(parameter_bytes(model))
     _remove_artifact(path)
-    with _quiet_export(), torch.no_grad():
-        program = torch.onnx.export(model, tuple(inputs), dynamo=True, external_data=external,
-                                    input_names=[f"input_{i}" for i in range(len(inputs))], optimize=True,
-                                    verbose=False, report=False)
+    with _quiet_export(), torch.no_grad(), kv_cache_off(model) as had_cache:
+        try:
+            program = torch.onnx.export(model, tuple(inputs), dynamo=True, external_data=external,
+                                        input_names=[f"input_{i}" for i in range(len(inputs))], optimize=True,
+                                        verbose=False, report=False)
+        except Exception as error:
+            raise RuntimeError(f"torch.onnx.export failed: {export_failure_cause(error)}") from error
         assert program is not None
         for index, value in enumerate(program.model.graph.outputs):
             value.name = f"output_{index}"
@@ -156,6 +163,20 @@ def export_fp32(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path) 
         unfold_splat_constants(program.model, _stored_names(model))
         # ONNXProgram.save switches to external data by itself only above 2 GB; decide here, with margin.
         program.save(str(path), external_data=external)
+    return ["exported with use_cache=False: the graph returns the model's outputs without the KV cache, as one "
+            "full-sequence forward (prefill) computes them"] if had_cache else []
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def export_failure_cause(error: BaseException) -> str:
+    """The cause of an exporter failure in one plain line: the exporter's message is several paragraphs with
+    terminal colour codes, and the cause sits under its "## Exception summary" heading."""
+    text = _ANSI.sub("", str(error))
+    summary = text.split("## Exception summary", 1)[-1]
+    line = next((line.strip() for line in summary.splitlines() if line.strip()), type(error).__name__)
+    return line[:300]
 
 
 def _stored_names(model: nn.Module) -> set[str]:
@@ -330,7 +351,7 @@ def build_onnx_artifact(fp32_model_path_or_module: Path | str | nn.Module, input
             notes += _prune(model, inputs, recipe)
         plain = recipe.quantize is None and recipe.dtype == "float32"
         float_path = target if plain else workdir / f"{recipe.name}.fp32.onnx"
-        export_fp32(model, inputs, float_path)
+        notes += export_fp32(model, inputs, float_path)
     else:
         if recipe.changes_weights:
             raise UnsupportedRecipe("pruning needs the torch module (the planner prunes torch weights before export)")

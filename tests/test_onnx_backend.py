@@ -211,14 +211,24 @@ def test_gpt2_style_conv1d_and_tied_head_are_predicted(tmp_path: Path) -> None:
     # token embedding is exported once and transposed at run time, so it stays float.
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(n_layer=2, n_embd=256, n_head=4, vocab_size=1024, n_positions=64, use_cache=False)
+    # use_cache left at its default (True): the export must switch the KV cache off itself, and say so
+    config = GPT2Config(n_layer=2, n_embd=256, n_head=4, vocab_size=1024, n_positions=64)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config).eval()
     with torch.device("meta"):
         meta_model = GPT2LMHeadModel(config)
     ids = (torch.randint(0, 1024, (1, 16)),)
     for name in ("fp32", "int8-dynamic", "int4-g128"):
-        path, _ = backend.build_onnx_artifact(model, ids, RECIPES[name], tmp_path)
+        path, notes = backend.build_onnx_artifact(model, ids, RECIPES[name], tmp_path)
+        assert any("use_cache=False" in note for note in notes)
+        assert model.config.use_cache  # restored after the export
         real = backend.onnx_file_bytes(path)
         predicted = backend.analytic_onnx_bytes(meta_model, RECIPES[name])
         assert abs(predicted - real) <= 0.03 * real, (name, predicted, real)
+
+
+def test_export_failure_is_one_plain_line() -> None:
+    message = ("Failed to export the model with torch.export. \x1b[96mThis is step 1/3\x1b[0m of exporting.\n"
+               "- Modify the model code\n\n## Exception summary\n\n<class 'RuntimeError'>: Found a cache in output\n\n"
+               "(Refer to the full stack trace above for more information.)")
+    assert backend.export_failure_cause(RuntimeError(message)) == "<class 'RuntimeError'>: Found a cache in output"
