@@ -315,15 +315,17 @@ def check_writable_target(directory: Path, names: tuple[str, ...], force: bool, 
     Even with --force only what the planner writes is replaced: a plain file for --out, a folder with the
     planner's manifest for --export (folders=True); never a symlink, never anything outside DIRECTORY."""
     check_output_path(directory, flag)
-    targets = [path_inside(directory, name) for name in names]
-    existing = [path for path in targets if path.exists() or path.is_symlink()]
+    existing = [directory / name for name in names if (directory / name).exists() or (directory / name).is_symlink()]
     if existing and not force:
         raise PlannerError(f"{existing[0]} already exists: pass --force to overwrite it, "
                            f"or choose another {flag} directory")
     for path in existing:
-        if path.is_symlink():
+        if path.is_symlink():  # checked before path_inside, which would follow it
             raise PlannerError(f"{path} is a symbolic link: the planner replaces only what it wrote, even with "
                                "--force; remove the link or choose another directory")
+    for name in names:
+        path_inside(directory, name)
+    for path in existing:
         if folders and not is_planner_folder(path):
             raise PlannerError(f"{path} was not written by the planner (no planner {MANIFEST}): --force replaces "
                                f"only exported folders; move it away or choose another {flag} directory")

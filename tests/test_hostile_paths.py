@@ -63,7 +63,6 @@ def victim(tmp_path: Path) -> Path:
 def test_hostile_recipe_names_are_refused_where_recipes_enter(name: str, tmp_path: Path, victim: Path,
                                                               capsys: pytest.CaptureFixture) -> None:
     export, out = tmp_path / "export", tmp_path / "out"
-    before = snapshot(tmp_path)
     toml = recipe_file(tmp_path / "evil.toml", name)
     before = snapshot(victim)
     for flags in ([], ["--export", str(export), "--export-all", "--force"], ["--export", str(export)],
@@ -114,12 +113,12 @@ def test_force_refuses_folders_it_did_not_write(tmp_path: Path, victim: Path, ca
     (export / "fp32").mkdir()
     (export / "fp32" / "mine.txt").write_text("the user's, not the planner's")
     (export / "int8-dynamic").symlink_to(victim)  # a symlinked folder pointing out of --export
-    before = snapshot(tmp_path)
+    before = snapshot(export), snapshot(victim)  # what is in them (the lock touches only --export itself)
     for recipes in ("fp32", "int8-dynamic"):
         assert main([*PLAN, "--recipes", recipes, "--export", str(export), "--force"]) == 2
         line = error_line(capsys)
         assert ("not written by the planner" in line) if recipes == "fp32" else ("symbolic link" in line)
-    assert snapshot(tmp_path) == before
+    assert (snapshot(export), snapshot(victim)) == before
 
 
 def test_force_replaces_a_planner_export_and_its_results(tmp_path: Path, victim: Path,
