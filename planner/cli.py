@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
 # A full disk, a quota, a read-only or forbidden place: the user's to fix, not a bug.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG}
 # What torch's C++ writer says instead of an errno when torch.save or torch.jit.save cannot write.
-TORCH_WRITE_FAILURES = ("basic_ios::clear", "PytorchStreamWriter failed writing", "file write failed")
+TORCH_WRITE_FAILURES = ("basic_ios::clear", "PytorchStreamWriter failed writing", "file write failed", "unexpected pos")
 
 
 def _write_failure(error: OSError | RuntimeError) -> str | None:

@@ -312,3 +312,20 @@ def test_full_disk_outside_the_planners_own_writes_is_one_line(monkeypatch: pyte
     monkeypatch.setattr(planner.pipeline, "_save", full)
     assert main([*PLAN, "--recipes", "fp32"]) == 2
     assert "disk is probably full" in error_line(capsys)
+
+
+def test_a_failed_export_keeps_the_previous_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    export = tmp_path / "export"
+    args = [*PLAN, "--recipes", "fp32", "--export", str(export)]
+    assert main(args) == 0
+    capsys.readouterr()
+    before = snapshot(export)
+
+    def disk_full(*_: object, **__: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(report.shutil, "copyfile", disk_full)
+    assert main([*args, "--force"]) == 2
+    assert "previous export there is unchanged" in error_line(capsys)
+    assert snapshot(export) == before  # the old folder as it was, no staging folder, no lock file
