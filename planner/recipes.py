@@ -149,9 +149,9 @@ PRUNABLE_DEFAULT = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D")
 QUANTIZABLE_DEFAULT = ("Linear", "Conv1D")
 # A recipe file is a few kB; a mixed recipe for a large model a few MB. The caps keep a hostile or mistaken file
 # (a device, 300k layer tables) from exhausting memory or time before a one-line error.
-MAX_RECIPE_FILE_BYTES = 8 * 1024 * 1024
+MAX_RECIPE_FILE_BYTES = 4 * 1024 * 1024  # tomllib parses about 1 MB a second here
 MAX_RECIPES = 1000
-MAX_LAYER_ENTRIES = 100_000
+MAX_LAYER_ENTRIES = 20_000  # a 405B-parameter LLM has under 1,000 linear layers
 # Names the work directory uses for its own files (inputs.pt, reference.pt), and the suffixes it appends to a
 # recipe name (NAME.onnx, NAME.fp32.onnx, NAME.job.json...): a recipe named like them would overwrite them.
 RESERVED_NAMES = {"inputs", "reference", "manifest", "plan", "layers"}
