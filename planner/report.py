@@ -485,7 +485,7 @@ def export_artifacts(result: Any, picks: list[tuple[str, str]], directory: Path,
                 staging = Path(tempfile.mkdtemp(dir=directory, prefix=".planner-staging-"))
                 staged.append((staging, target))
                 _stage_export(staging, artifact, backend, name, row, result.model, recipe_table, source_json)
-        with writing_to(directory, "--export", "the folders listed before this line were exported"):
+        with writing_to(directory, "--export", "folders moved in before the failure are new, the rest unchanged"):
             for staging, target in staged:
                 _move_into_place(staging, target, directory)
     finally:
