@@ -73,6 +73,21 @@ def test_hostile_recipe_names_are_refused_where_recipes_enter(name: str, tmp_pat
         assert not (tmp_path / "escaped").exists() and not export.exists() and not out.exists()
 
 
+def test_a_name_aimed_at_a_user_file_from_the_work_directory(tmp_path: Path, victim: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    """The reported attack: from the work directory (TMPDIR/planner-XXXX) a name walks up to precious.pt, which
+    the plan overwrote with an artifact and then deleted. It is refused before any work; the file is untouched."""
+    import tempfile
+
+    work = Path(tempfile.gettempdir()) / "planner-xxxxxxxx"
+    name = os.path.relpath(victim / "precious", work)
+    assert name.startswith("..")
+    before = snapshot(victim)
+    assert main([*PLAN, "--recipe-file", str(recipe_file(tmp_path / "aimed.toml", name))]) == 2
+    assert "not allowed" in error_line(capsys)
+    assert snapshot(victim) == before
+
+
 def test_names_in_recipes_option_and_mixed_budgets(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main([*PLAN, "--recipes", "fp32,../../escaped"]) == 2
     assert "not allowed" in error_line(capsys)
