@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import math
 import sys
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -14,9 +17,11 @@ from typer.exceptions import Abort, Exit
 
 from planner import quiet_library_noise
 from planner.errors import NothingFits, PlannerError
+from planner.safe_io import check_regular_file
 
 if TYPE_CHECKING:
     from planner.pipeline import PlanResult
+    from planner.recipes import Recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Which compression recipe fits your device? Measured, not guessed.")
@@ -80,8 +85,8 @@ def plan(
     memory_cap_bytes = parse_size(memory_cap) if memory_cap is not None else None
     if budget_on not in ("runtime", "disk", "device"):
         raise PlannerError(f"--budget-on {budget_on!r}: use runtime, disk or device")
-    if timeout <= 0:
-        raise PlannerError("--timeout must be a positive number of seconds")
+    if not math.isfinite(timeout) or timeout <= 0:  # nan compares false with everything: it would switch it off
+        raise PlannerError(f"--timeout {timeout}: give a finite number of seconds above 0, e.g. 900")
     backends = parse_backends(backend)
     if analytic_only:
         _check_analytic_only(backend, mixed or bool(mixed_budgets), export, eval_fn)
@@ -91,22 +96,56 @@ def plan(
     mixed_texts = parse_budgets(budget, mixed_budgets) if mixed or mixed_budgets else ()
     if calibration is not None and not mixed_texts:
         raise PlannerError("--calibration is used by the mixed-precision search: add --mixed")
+    if calibration is not None:  # a FIFO would hang the plan, a device read forever
+        check_regular_file(calibration, "--calibration")
     if mixed_dtype not in ("auto", "float32", "bfloat16"):
         raise PlannerError(f"--mixed-dtype {mixed_dtype!r}: use auto, float32 or bfloat16")
     available = load_recipe_file(recipe_file) if recipe_file else default_recipes()
     chosen = select_recipes(available, recipes)
     from planner import report
+    from planner.mixed import file_name
+    from planner.mixed_plan import mixed_name
 
-    if out:
-        report.check_writable_target(out, report.PLAN_FILES, force, "--out")
-    if export:
-        names = tuple(report.export_folder(r.name, b) for r in chosen for b in backends)
-        report.check_writable_target(export, names, force, "--export")
+    with contextlib.ExitStack() as locks:
+        # Lock --out and --export before any check or work, for the whole plan (one lock if they are the same).
+        for directory, flag in _output_directories(out, export):
+            locks.enter_context(report.directory_lock(directory, flag))
+        if out:
+            mixed_files = tuple(file_name(mixed_name(text)) for text in mixed_texts)
+            report.check_writable_target(out, report.PLAN_FILES + mixed_files, force, "--out")
+        if export:
+            names = [r.name for r in chosen] + [mixed_name(text) for text in mixed_texts]
+            folders = tuple(report.export_folder(name, b) for name in names for b in backends)
+            report.check_writable_target(export, folders, force, "--export", folders=True)
+        _plan_locked(model, chosen, backends, mixed_texts, budget_bytes, memory_cap_bytes, budget_on=budget_on,
+                     timeout=timeout, weights=weights, trust_code=trust_code or trust_pickle, input_shape=input_shape,
+                     input_dtype=input_dtype, batch_size=batch_size, calibration=calibration, export_all=export_all,
+                     mixed_dtype=mixed_dtype, analytic_only=analytic_only, eval_fn=eval_fn, out=out, export=export)
 
+
+def _output_directories(out: Path | None, export: Path | None) -> list[tuple[Path, str]]:
+    """--out and --export, each once: two locks on one directory from one process would block each other."""
+    from planner import report
+
+    given = [(path, flag) for path, flag in ((out, "--out"), (export, "--export")) if path is not None]
+    for path, flag in given:
+        report.check_output_path(path, flag)
+    if len(given) == 2 and given[0][0].resolve() == given[1][0].resolve():
+        return given[:1]
+    return given
+
+
+def _plan_locked(model: str, chosen: list[Recipe], backends: tuple[str, ...], mixed_texts: tuple[str, ...],
+                 budget_bytes: int, memory_cap_bytes: int | None, *, budget_on: str, timeout: float,
+                 weights: str | None, trust_code: bool, input_shape: str | None, input_dtype: str | None,
+                 batch_size: int | None, calibration: Path | None, export_all: bool, mixed_dtype: str,
+                 analytic_only: bool, eval_fn: str | None, out: Path | None, export: Path | None) -> None:
+    """The plan itself, run while --out and --export are locked."""
+    from planner import report
     from planner.pipeline import PlanOptions, run_plan
     from planner.sources import resolve_source
 
-    source = resolve_source(model, weights=weights, trust_code=trust_code or trust_pickle, input_shape=input_shape,
+    source = resolve_source(model, weights=weights, trust_code=trust_code, input_shape=input_shape,
                             input_dtype=input_dtype, batch_size=batch_size)
     if calibration is not None:  # checked before any work, against the model's example input
         from planner.sensitivity import load_calibration
@@ -124,16 +163,18 @@ def plan(
         options.memory_cap_bytes = memory_cap_bytes
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    # markup=False: a description can hold a model path or layer name, which is not rich markup.
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("planning", total=None)
         result = run_plan(source, chosen, options, progress=lambda message, done, total: bar.update(
             task, description=message, completed=done, total=total))
     try:
+        # Written before anything is printed: the results are on disk whatever the terminal does.
+        written = report.write_outputs(result, out) if out else []
         report.print_table(result, console)
-        if out:
-            for path in report.write_outputs(result, out):
-                console.print(f"wrote {path}")
+        for path in written:
+            console.print(f"wrote {path}", markup=False, highlight=False)
         _announce(result, console)
         if export:
             exported = ([(r["recipe"], r["backend"]) for r in result.rows if r.get("status") == "verified"]
@@ -141,7 +182,7 @@ def plan(
             recipe_table = {r.name: r.to_json() for r in chosen}
             recipe_table.update({r["recipe"]: r["recipe_json"] for r in result.rows if "recipe_json" in r})
             for path in report.export_artifacts(result, exported, export, recipe_table, source.to_json()):
-                console.print(f"exported {path}")
+                console.print(f"exported {path}", markup=False, highlight=False)
     finally:
         result.cleanup()
     if result.pick is None:
@@ -177,21 +218,27 @@ def parse_backends(text: str | None) -> tuple[str, ...]:
 
 
 def _announce(result: PlanResult, console: Console) -> None:
+    from rich.markup import escape
+
     from planner import rank
     from planner.units import format_bytes
 
     budget = format_bytes(result.budget_bytes)
+
+    def named(row: dict[str, Any]) -> str:  # recipe and backend, as text, not markup
+        return f"{escape(row['recipe'])} on {escape(row['backend'])}"
+
     if result.pick:
         row = result.row(result.pick, result.pick_backend or "torch")
         assert row is not None
         size = format_bytes(rank.measured_size(row, result.budget_on))
         if row["status"] == "estimated":
-            console.print(f"[bold yellow]pick (estimated, not verified): {row['recipe']} on {row['backend']}[/] "
+            console.print(f"[bold yellow]pick (estimated, not verified): {named(row)}[/] "
                           f"({result.budget_on} {size} analytic, budget {budget}): the least compressed recipe "
                           "that fits; quality was not measured, so verify it (drop --analytic-only) before "
                           "relying on it")
             return
-        console.print(f"[bold green]pick: {row['recipe']} on {row['backend']}[/] ({result.budget_on} {size} "
+        console.print(f"[bold green]pick: {named(row)}[/] ({result.budget_on} {size} "
                       f"verified, budget {budget})")
         return
     near = rank.closest(result.rows, result.budget_on)
@@ -200,7 +247,7 @@ def _announce(result: PlanResult, console: Console) -> None:
     else:
         size = format_bytes(rank.measured_size(near, result.budget_on))
         how = "estimated" if near["status"] == "estimated" else "verified"
-        console.print(f"[bold red]nothing fits {budget}[/]: the closest is {near['recipe']} on {near['backend']} "
+        console.print(f"[bold red]nothing fits {budget}[/]: the closest is {named(near)} "
                       f"at {size} {how} {result.budget_on}")
 
 
@@ -247,6 +294,7 @@ def inspect(
 
     from planner.inspection import inspect_model, summary_row
     from planner.recipes import default_recipes, load_recipe_file, select_recipes
+    from planner.report import plain
     from planner.sources import resolve_source
     from planner.units import format_bytes
 
@@ -260,28 +308,29 @@ def inspect(
         inputs = (dataclasses.replace(source, batch_size=batch) if batch else source).example_inputs()
         inspections.append(inspect_model(meta_model, inputs, chosen, batch or int(inputs[0].shape[0])))
     first = inspections[0]
-    table = Table(title=f"{model}: layers (activations in {chosen[0].dtype}, batch {first.batch}; "
-                        "* = quantized by the recipe)")
+    table = Table(title=plain(f"{model}: layers (activations in {chosen[0].dtype}, batch {first.batch}; "
+                              "* = quantized by the recipe)"))
     for column in first.layers.columns:
-        table.add_column(str(column), justify="left" if column in ("layer", "type", "peak here") else "right")
+        table.add_column(plain(column), justify="left" if column in ("layer", "type", "peak here") else "right")
     for _, row in first.layers.iterrows():
-        table.add_row(*[f"{value:,}" if isinstance(value, int) else str(value) for value in row])
+        table.add_row(*[plain(f"{value:,}" if isinstance(value, int) else value) for value in row])
     console.print(table)
     summary = pd.DataFrame([summary_row(item, recipe) for item in inspections for recipe in chosen])
     totals = Table(title="totals (weights resident + liveness peak of one inference forward)")
     for column in summary.columns:
-        totals.add_column(str(column))
+        totals.add_column(plain(column))
     for _, row in summary.iterrows():
-        totals.add_row(*[format_bytes(value) if str(column).endswith("bytes") else
-                         (f"{value:,}" if isinstance(value, int) else str(value))
+        totals.add_row(*[plain(format_bytes(value) if str(column).endswith("bytes") else
+                               (f"{value:,}" if isinstance(value, int) else value))
                          for column, value in row.items()])
     console.print(totals)
     if csv:
-        from planner.report import write_atomic
+        from planner.report import write_atomic, writing_to
 
         frames = [item.layers.assign(batch=item.batch) for item in inspections]
-        write_atomic(csv, pd.concat(frames).to_csv(index=False))
-        console.print(f"wrote {csv}")
+        with writing_to(csv.parent, "--csv", "nothing was written"):
+            write_atomic(csv, pd.concat(frames).to_csv(index=False))
+        console.print(f"wrote {csv}", markup=False, highlight=False)
 
 
 def _inspect_training(model: str, recipes: str, batch_size: str | None, optimizer: str, verify: bool, *,
@@ -294,6 +343,7 @@ def _inspect_training(model: str, recipes: str, batch_size: str | None, optimize
     from rich.table import Table
 
     from planner.recipes import default_recipes, load_recipe_file, select_recipes
+    from planner.report import plain
     from planner.sources import resolve_source
     from planner.training import SGD_MOMENTUM, training_row
 
@@ -308,21 +358,22 @@ def _inspect_training(model: str, recipes: str, batch_size: str | None, optimize
     optimizer_text = f"sgd, momentum {SGD_MOMENTUM}" if optimizer == "sgd" else optimizer
     for batch_rows in rows:
         frame = pd.DataFrame(batch_rows).drop(columns=["batch", "optimizer", "note"])
-        table = Table(title=f"{model}: one training step, batch {batch_rows[0]['batch']}, {optimizer_text} "
-                            "(loss = sum of output means; peaks include the parameters)")
+        table = Table(title=plain(f"{model}: one training step, batch {batch_rows[0]['batch']}, {optimizer_text} "
+                                  "(loss = sum of output means; peaks include the parameters)"))
         for column in frame.columns:
-            table.add_column(str(column), overflow="fold")
+            table.add_column(plain(column), overflow="fold")
         for _, row in frame.iterrows():
-            table.add_row(*[_training_cell(str(column), value) for column, value in row.items()])
+            table.add_row(*[plain(_training_cell(str(column), value)) for column, value in row.items()])
         console.print(table)
         for row in batch_rows:
             if row["note"]:
                 console.print(f"{row['recipe']}: {row['note']}", markup=False, highlight=False)
     if csv:
-        from planner.report import write_atomic
+        from planner.report import write_atomic, writing_to
 
-        write_atomic(csv, pd.DataFrame([row for batch_rows in rows for row in batch_rows]).to_csv(index=False))
-        console.print(f"wrote {csv}")
+        with writing_to(csv.parent, "--csv", "nothing was written"):
+            write_atomic(csv, pd.DataFrame([row for batch_rows in rows for row in batch_rows]).to_csv(index=False))
+        console.print(f"wrote {csv}", markup=False, highlight=False)
 
 
 def _training_cell(column: str, value: object) -> str:
@@ -357,15 +408,16 @@ def list_recipes(
     from rich.table import Table
 
     from planner.recipes import default_recipes, load_recipe_file
+    from planner.report import plain
 
     available = load_recipe_file(recipe_file) if recipe_file else default_recipes()
-    table = Table(title=f"recipes ({available[0].source})")
+    table = Table(title=plain(f"recipes ({available[0].source})"))
     for column in ("name", "touches", "runs here", "description"):
         table.add_column(column, overflow="fold")
     for recipe in available:
         scheme = recipe.scheme
         runs = "no: " + scheme.needs_cuda if scheme and scheme.needs_cuda and not torch.cuda.is_available() else "yes"
-        table.add_row(recipe.name, recipe.touches(), runs, recipe.description)
+        table.add_row(*map(plain, (recipe.name, recipe.touches(), runs, recipe.description)))
     console.print(table)
 
 
@@ -403,13 +455,46 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         errors.print("interrupted", markup=False)
         return 130
-    except Exception as error:  # a bug, not bad input: one line unless --debug asks for the traceback
+    except (OSError, RuntimeError) as error:
+        line = _write_failure(error)
+        if line is None:
+            return _internal_error(error, debug)
         if debug:
             traceback.print_exc()
-        errors.print(f"error: internal error {type(error).__name__}: {str(error)[:300]} "
-                     "(rerun with --debug and report the traceback)", markup=False, highlight=False)
-        return 3
+        errors.print(f"error: {line}", markup=False, highlight=False)
+        return 2
+    except Exception as error:  # a bug, not bad input: one line unless --debug asks for the traceback
+        return _internal_error(error, debug)
     return 0
+
+
+# A full disk, a quota, a read-only or forbidden place: the user's to fix, not a bug.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG}
+# What torch's C++ writer says instead of an errno when torch.save or torch.jit.save cannot write.
+TORCH_WRITE_FAILURES = ("basic_ios::clear", "PytorchStreamWriter failed writing", "file write failed", "unexpected pos")
+
+
+def _write_failure(error: OSError | RuntimeError) -> str | None:
+    """The one line for a write that failed for a reason the user can fix, else None (an internal error)."""
+    if isinstance(error, OSError):
+        if error.errno not in WRITE_ERRNOS:
+            return None
+        where = f" ({error.filename})" if error.filename else ""
+        return (f"cannot write{where}: {error.strerror or error}; free space, or choose a directory you can write "
+                "(the work directory is under TMPDIR)")
+    text = str(error)
+    if not any(marker in text for marker in TORCH_WRITE_FAILURES):
+        return None
+    return (f"saving a model file failed ({text.strip().splitlines()[0][:120]}): the disk is probably full; free "
+            "space, or set TMPDIR to a directory with room for the artifacts")
+
+
+def _internal_error(error: BaseException, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    errors.print(f"error: internal error {type(error).__name__}: {str(error)[:300]} "
+                 "(rerun with --debug and report the traceback)", markup=False, highlight=False)
+    return 3
 
 
 def entry_point() -> None:

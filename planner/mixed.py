@@ -133,7 +133,8 @@ def _toml_string(text: str) -> str:
 
 def recipe_toml(recipe: Recipe, header: Sequence[str], layer_comments: dict[str, str]) -> str:
     """The recipe as a [[recipe]] file that load_recipe_file reads back, one commented table per layer."""
-    lines = [f"# {line}" for line in header]
+    # One comment line per header line: a newline inside one (a model path) must not become TOML.
+    lines = [f"# {part}" for line in header for part in (line.splitlines() or [""])]
     lines += ["", "[[recipe]]", f"name = {_toml_string(recipe.name)}",
               f"description = {_toml_string(recipe.description)}", f"dtype = {_toml_string(recipe.dtype)}"]
     for override in recipe.layer_overrides:

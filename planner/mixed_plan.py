@@ -20,7 +20,7 @@ from planner import mixed, rank
 from planner.errors import PlannerError
 from planner.footprint import Footprint, analytic_footprint, weight_footprint
 from planner.mixed import CANDIDATES, FrontPoint, Option
-from planner.recipes import LayerOverride, Recipe, layer_decision
+from planner.recipes import MIXED_PREFIX, LayerOverride, Recipe, check_recipe_name, layer_decision
 from planner.sources import ModelSource
 from planner.units import format_bytes, parse_size
 
@@ -271,7 +271,7 @@ def mixed_rows(source: ModelSource, fp32_path: Path, reference: dict[str, Any], 
     """One verified row per --mixed budget (and an unsupported ONNX Runtime row where that backend runs)."""
     from planner.pipeline import _torch_row
 
-    names = [f"mixed:{text.replace(' ', '')}" for text in options.mixed_budgets]
+    names = [mixed_name(text) for text in options.mixed_budgets]
     rows: list[dict[str, Any]] = []
     if "onnxruntime" in options.backends:
         rows += [_unsupported_row(name, "onnxruntime", "per-layer mixed recipes are applied with torchao only; the "
@@ -340,12 +340,19 @@ def mixed_rows(source: ModelSource, fp32_path: Path, reference: dict[str, Any], 
     return rows
 
 
+def mixed_name(budget_text: str) -> str:
+    """The row and recipe name of a mixed budget: mixed:512MB. It becomes file names (work directory, export
+    folder, mixed-512MB.toml), so parse_budgets checks it like every recipe name."""
+    return f"{MIXED_PREFIX}{budget_text.replace(' ', '')}"
+
+
 def parse_budgets(budget: str, extra: str | None) -> tuple[str, ...]:
     """--mixed uses the plan's budget; --mixed-budgets adds more (a sweep along the trade-off curve)."""
     texts = [budget] + [part.strip() for part in (extra or "").split(",") if part.strip()]
+    if len(texts) > 12:  # before parsing: a list of a million budgets is refused at once
+        raise PlannerError("--mixed-budgets: give at most 11 extra budgets (each is verified for real)")
     for text in texts:
         parse_size(text)  # a PlannerError names the bad one
+        check_recipe_name(mixed_name(text), "--mixed-budgets budget")
     unique = list(dict.fromkeys(text.replace(" ", "") for text in texts))
-    if len(unique) > 12:
-        raise PlannerError("--mixed-budgets: give at most 11 extra budgets (each is verified for real)")
     return tuple(unique)

@@ -32,6 +32,7 @@ from torch import nn
 
 from planner.hf_folder import kv_cache_off
 from planner.recipes import Recipe, UnsupportedRecipe
+from planner.safe_io import path_inside
 
 # One initializer above 2 GB cannot be inline (protobuf's limit is for the whole file): use external data well
 # before that, so a model whose quantized graph grows a little still saves.
@@ -342,15 +343,15 @@ def build_onnx_artifact(fp32_model_path_or_module: Path | str | nn.Module, input
     reason = onnx_recipe_support(recipe)
     if reason is not None:
         raise UnsupportedRecipe(reason)
-    workdir = Path(workdir)
-    target = workdir / f"{recipe.name}.onnx"
+    workdir = Path(workdir).resolve()  # as path_inside resolves it, for the comparison below
+    target = path_inside(workdir, f"{recipe.name}.onnx")
     notes: list[str] = []
     if isinstance(fp32_model_path_or_module, nn.Module):
         model = fp32_model_path_or_module
         if recipe.changes_weights:
             notes += _prune(model, inputs, recipe)
         plain = recipe.quantize is None and recipe.dtype == "float32"
-        float_path = target if plain else workdir / f"{recipe.name}.fp32.onnx"
+        float_path = target if plain else path_inside(workdir, f"{recipe.name}.fp32.onnx")
         notes += export_fp32(model, inputs, float_path)
     else:
         if recipe.changes_weights:

@@ -30,6 +30,7 @@ from planner.isolation import default_memory_cap, describe_exit, run_module_isol
 from planner.pages import MappedReference
 from planner.pruning import artifact_state, prune_channels, pruning_footprint, resolve_recipe
 from planner.recipes import PruneThresholds, Recipe, UnsupportedRecipe, apply_recipe, check_layer_overrides
+from planner.safe_io import path_inside
 from planner.sources import ModelSource
 from planner.units import format_bytes, relative_difference
 from planner.verify import MEASUREMENT_ENV, release_freed_memory, return_freed_memory_promptly
@@ -123,7 +124,7 @@ def _save(model: torch.nn.Module, path: Path, fmt: str, recipe: Recipe | None = 
 def run_worker(job: dict[str, Any], workdir: Path, name: str, options: PlanOptions,
                 worker: str = "planner.verify") -> dict[str, Any]:
     """Run `python -m WORKER JOB RESULT` isolated; the result with status verified, or failed with the reason."""
-    job_path, result_path = workdir / f"{name}.job.json", workdir / f"{name}.result.json"
+    job_path, result_path = path_inside(workdir, f"{name}.job.json"), path_inside(workdir, f"{name}.result.json")
     job_path.write_text(json.dumps(job))
     outcome = run_module_isolated(worker, [str(job_path), str(result_path)], timeout_s=options.timeout_s,
                                   memory_cap_bytes=options.memory_cap_bytes, env=dict(os.environ, **MEASUREMENT_ENV))
@@ -357,7 +358,7 @@ def _torch_row(source: ModelSource, recipe: Recipe, footprint: Footprint, fp32_p
                report: Callable[[str], None], prune_thresholds: PruneThresholds | None = None
                ) -> dict[str, Any]:
     row: dict[str, Any] = {"recipe": recipe.name, "backend": "torch", "touches": recipe.touches()}
-    artifact = workdir / f"{recipe.name}{fp32_path.suffix}"
+    artifact = path_inside(workdir, f"{recipe.name}{fp32_path.suffix}")  # a recipe name never leaves the workdir
     if recipe.name == REFERENCE:
         result, artifact = reference, fp32_path
     elif (unsupported := _unsupported_result(recipe, source, footprint)) is not None:

@@ -15,6 +15,7 @@ import tomllib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from planner.errors import PlannerError
+from planner.safe_io import check_name, read_text_capped
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -145,6 +147,17 @@ PRUNABLE_DEFAULT = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D")
 # Quantized by default: torchao's Linear, and transformers' Conv1D (GPT-2's every projection), which the
 # recipe turns into the equivalent Linear first (see linearize_conv1d).
 QUANTIZABLE_DEFAULT = ("Linear", "Conv1D")
+# A recipe file is a few kB; a mixed recipe for a large model a few MB. The caps keep a hostile or mistaken file
+# (a device, 300k layer tables) from exhausting memory or time before a one-line error.
+MAX_RECIPE_FILE_BYTES = 4 * 1024 * 1024  # tomllib parses about 1 MB a second here
+MAX_RECIPES = 1000
+MAX_LAYER_ENTRIES = 20_000  # a 405B-parameter LLM has under 1,000 linear layers
+# Names the work directory uses for its own files (inputs.pt, reference.pt), and the suffixes it appends to a
+# recipe name (NAME.onnx, NAME.fp32.onnx, NAME.job.json...): a recipe named like them would overwrite them.
+RESERVED_NAMES = {"inputs", "reference", "manifest", "plan", "layers"}
+RESERVED_SUFFIXES = {"onnx", "fp32", "pt", "ts", "json", "data", "tmp", "toml", "onnx-build", "job", "result", "lock"}
+MAX_FQN_CHARS = 1000
+MIXED_PREFIX = "mixed:"  # the planner's own mixed-precision rows: mixed:<budget>
 RECIPE_KEYS = {"name", "description", "dtype", "quantize", "bits", "group_size", "mapping", "layers", "prune",
                "prune_layers", "layer", "channels", "params"}
 LAYER_KEYS = {"fqn", "quantize", "bits", "group_size", "mapping"}
@@ -214,8 +227,13 @@ class Recipe:
         """Whether any layer gets a torchao tensor (loading the artifact then needs torchao)."""
         return self.scheme is not None or any(o.quantize for o in self.layer_overrides)
 
+    @cached_property
+    def _overrides_by_fqn(self) -> dict[str, LayerOverride]:
+        # Looked up once per module of the model: a dict keeps a 100k-layer mixed recipe linear.
+        return {o.fqn: o for o in self.layer_overrides}
+
     def override_for(self, fqn: str) -> LayerOverride | None:
-        return next((o for o in self.layer_overrides if o.fqn == fqn), None)
+        return self._overrides_by_fqn.get(fqn)
 
     def for_layer(self, fqn: str, module: nn.Module) -> Recipe:
         """The uniform recipe that describes this one module: the recipe itself, or its override."""
@@ -266,11 +284,31 @@ class Recipe:
         return bool(self.prune) or self.structured
 
 
-def recipe_from_table(table: dict[str, Any], where: str) -> Recipe:
-    """Validate one [[recipe]] table; every problem is a PlannerError naming the recipe and key."""
+def check_recipe_name(name: str, where: str = "recipe name") -> str:
+    """`name` if it is safe as a file name in the work directory and the export folder, else a PlannerError.
+
+    Every recipe name becomes part of a path (NAME.pt, NAME.job.json, an export folder NAME/), so it is one
+    plain path component (safe_io.check_name), not a name the planner's own files use. The planner's mixed rows
+    are named mixed:<budget>; there the budget part is checked the same way."""
+    plain = name[len(MIXED_PREFIX):] if isinstance(name, str) and name.startswith(MIXED_PREFIX) else name
+    check_name(plain, where)
+    suffix = plain.rsplit(".", 1)[1].lower() if "." in plain else ""
+    if plain.lower() in RESERVED_NAMES or suffix in RESERVED_SUFFIXES:
+        raise PlannerError(f"{where} {name!r} is not allowed: the planner names its own files that way "
+                           f"({', '.join(sorted(RESERVED_NAMES))}, or ending in .{suffix or 'onnx'}); rename it")
+    return name
+
+
+def recipe_from_table(table: dict[str, Any], where: str, *, is_layer: bool = False) -> Recipe:
+    """Validate one [[recipe]] table; every problem is a PlannerError naming the recipe and key.
+
+    is_layer: the table is a [[recipe.layer]] checked with the recipe rules; its "name" is a module fqn, which
+    never becomes a path, so the file-name rules do not apply."""
     name = table.get("name")
     if not isinstance(name, str) or not name:
         raise PlannerError(f"{where}: every [[recipe]] needs a name = \"...\"")
+    if not is_layer:
+        check_recipe_name(name, f"{where}: recipe name")
     label = f"{where}: recipe {name!r}"
     _reject_unknown_keys(table, RECIPE_KEYS, label)
     dtype = table.get("dtype", "float32")
@@ -305,20 +343,28 @@ def _layer_overrides(tables: Any, label: str) -> tuple[LayerOverride, ...]:
     """Validate the [[recipe.layer]] tables of a mixed recipe: fqn and a scheme (or "none") each."""
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise PlannerError(f"{label}: layer must be [[recipe.layer]] tables with fqn = \"...\" and quantize = \"...\"")
+    if len(tables) > MAX_LAYER_ENTRIES:
+        raise PlannerError(f"{label}: {len(tables):,} [[recipe.layer]] tables, more than the {MAX_LAYER_ENTRIES:,} "
+                           "allowed; list only the layers the model has")
     overrides: list[LayerOverride] = []
+    seen: set[str] = set()  # a set, not a scan of the list: 300k layers must stay linear
     for table in tables:
         fqn = table.get("fqn")
         if not isinstance(fqn, str) or not fqn:
             raise PlannerError(f"{label}: every [[recipe.layer]] needs fqn = \"module.name\"")
+        if len(fqn) > MAX_FQN_CHARS:
+            raise PlannerError(f"{label}: a layer fqn of {len(fqn):,} characters is not a module name; "
+                               "use the names `planner inspect MODEL` shows")
         where = f"{label}, layer {fqn!r}"
         _reject_unknown_keys(table, LAYER_KEYS, where)
         quantize = table.get("quantize", "none")
         if quantize != "none" and quantize not in SCHEMES:
             raise PlannerError(f"{where}: quantize {quantize!r} is not none or one of {', '.join(SCHEMES)}")
         checked = recipe_from_table({"name": fqn, **{k: v for k, v in table.items() if k != "fqn"},
-                                     "quantize": None if quantize == "none" else quantize}, where)
-        if any(o.fqn == fqn for o in overrides):
+                                     "quantize": None if quantize == "none" else quantize}, where, is_layer=True)
+        if fqn in seen:
             raise PlannerError(f"{where}: the layer is listed twice")
+        seen.add(fqn)
         overrides.append(LayerOverride(fqn, checked.quantize, checked.bits, checked.group_size, checked.mapping))
     return tuple(overrides)
 
@@ -343,21 +389,29 @@ def _layer_list(value: Any, label: str, key: str) -> tuple[str, ...]:
 
 
 def load_recipe_file(path: str | Path) -> list[Recipe]:
-    """Read a TOML file of [[recipe]] tables. Syntax errors name the line (tomllib's message does)."""
+    """Read a TOML file of [[recipe]] tables. Syntax errors name the line (tomllib's message does).
+
+    Only a regular file of at most MAX_RECIPE_FILE_BYTES is read (a FIFO or /dev/zero never ends), and every
+    check below is linear in the file, so the worst file costs a second or two before its one-line error."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as error:
-        raise PlannerError(f"recipe file {path} does not exist: pass an existing .toml file") from error
-    except (OSError, UnicodeDecodeError) as error:
-        raise PlannerError(f"cannot read recipe file {path}: {error}") from error
+    text = read_text_capped(path, "recipe file", MAX_RECIPE_FILE_BYTES)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise PlannerError(f"recipe file {path} is not valid TOML: {error}") from error
+    except RecursionError:  # tomllib recurses per nesting level: [[[[... thousands deep
+        raise PlannerError(f"recipe file {path} nests arrays or tables too deeply to be a recipe file; "
+                           "see recipes/default.toml for the format") from None
     tables = data.get("recipe")
     if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
         raise PlannerError(f"recipe file {path} has no [[recipe]] tables: see recipes/default.toml for the format")
+    if len(tables) > MAX_RECIPES:
+        raise PlannerError(f"recipe file {path} has {len(tables):,} recipes, more than the {MAX_RECIPES:,} allowed "
+                           "(each is verified for real); split it")
+    layer_entries = sum(len(t["layer"]) for t in tables if isinstance(t.get("layer"), list))
+    if layer_entries > MAX_LAYER_ENTRIES:
+        raise PlannerError(f"recipe file {path} has {layer_entries:,} [[recipe.layer]] tables, more than the "
+                           f"{MAX_LAYER_ENTRIES:,} allowed; list only the layers the model has")
     recipes = [recipe_from_table(table, str(path)) for table in tables]
     seen: set[str] = set()
     for recipe in recipes:
@@ -377,14 +431,17 @@ def select_recipes(available: list[Recipe], names: str | None) -> list[Recipe]:
         return available
     by_name = {recipe.name: recipe for recipe in available}
     chosen: list[Recipe] = []
+    taken: set[str] = set()  # by name: comparing whole recipes (their layer tables) would be quadratic
     for name in (part.strip() for part in names.split(",")):
         if not name:
             continue
         if name not in by_name:
+            check_recipe_name(name, "--recipes name")  # a hostile name is refused, not echoed into a hint
             close = difflib.get_close_matches(name, by_name, n=3, cutoff=0.5)
             hint = f"did you mean {', '.join(close)}?" if close else "run `planner recipes` for the list"
             raise PlannerError(f"unknown recipe {name!r}: {hint}")
-        if by_name[name] not in chosen:
+        if name not in taken:
+            taken.add(name)
             chosen.append(by_name[name])
     if not chosen:
         raise PlannerError("--recipes selected nothing: give comma-separated names from `planner recipes`")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -9,6 +12,7 @@ import os
 import platform
 import shutil
 import tempfile
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -17,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from planner.errors import PlannerError
+from planner.safe_io import MAX_PATH_CHARS, path_inside, read_text_capped
 from planner.units import format_bytes
 
 # plan.json row fields; scripts and CI gates read these, so add fields but never rename them.
@@ -32,6 +37,11 @@ ROW_FIELDS = [
     "eval_score",  # --eval: the user's quality function on the reloaded model (torch rows)
 ]
 PLAN_FILES = ("plan.csv", "plan.md", "plan.json", "plan.png", "layers.csv")
+LOCK_FILE = ".planner.lock"  # in --out and --export: one plan at a time writes there
+MANIFEST = "manifest.json"
+# The keys every manifest the planner wrote has: --force replaces an export folder only if it holds one.
+MANIFEST_KEYS = {"recipe", "backend", "files", "sha256", "how_to_load"}
+NAME_MAX = 255  # bytes in one path component on Linux file systems
 LIBRARIES = ("torch", "torchao", "numpy", "pandas", "safetensors", "onnx", "onnxruntime")
 
 
@@ -129,10 +139,18 @@ def terms_frame(frame: pd.DataFrame) -> pd.DataFrame:
     })
 
 
+def plain(value: Any) -> Any:
+    """A rich Text of VALUE shown as it is: a model path, recipe name, layer name or error message holding "[/"
+    is not markup (rich would raise MarkupError after the whole run)."""
+    from rich.text import Text
+
+    return Text(str(value))
+
+
 def _rich_table(frame: pd.DataFrame, title: str, left: tuple[str, ...]) -> Any:
     from rich.table import Table
 
-    table = Table(title=title, show_lines=False)
+    table = Table(title=plain(title), show_lines=False)
     for column in frame.columns:
         table.add_column(column, no_wrap=column == "recipe", justify="left" if column in left else "right")
     return table
@@ -149,19 +167,22 @@ def print_table(result: Any, console: Any) -> None:
     for _, row in shown.iterrows():
         style = "green" if row["fits"] == "yes" else ("dim" if row["status"] not in ("verified", "estimated")
                                                       else None)
-        table.add_row(*[str(row[c]) for c in columns], style=style)
+        table.add_row(*[plain(row[c]) for c in columns], style=style)
     console.print(table)
     terms = terms_frame(frame)
     table = _rich_table(terms, "runtime terms (analytic unless marked verified; framework measured once per machine; "
                         "device total = runtime + framework)", ("recipe", "backend"))
     for _, row in terms.iterrows():
-        table.add_row(*map(str, row))
+        table.add_row(*map(plain, row))
     console.print(table)
+    from rich.markup import escape
+
     if result.input_note:
-        console.print(f"  [bold yellow]input[/]: {result.input_note}", highlight=False)
+        console.print(f"  [bold yellow]input[/]: {escape(result.input_note)}", highlight=False)
     for _, row in shown.iterrows():
         if row["note"]:
-            console.print(f"  [bold]{row['recipe']}[/] ({row['backend']}): {row['note']}", highlight=False)
+            console.print(f"  [bold]{escape(row['recipe'])}[/] ({escape(row['backend'])}): {escape(row['note'])}",
+                          highlight=False)
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
@@ -209,43 +230,166 @@ def environment() -> dict[str, Any]:
             "libraries": versions}
 
 
-def check_writable_target(directory: Path, names: tuple[str, ...], force: bool, flag: str) -> None:
-    """Refuse, before any work, to overwrite existing results unless --force; fail early if unwritable."""
-    existing = [name for name in names if (directory / name).exists()]
-    if existing and not force:
-        raise PlannerError(f"{directory / existing[0]} already exists: pass --force to overwrite it, "
-                           f"or choose another {flag} directory")
+def check_output_path(directory: Path, flag: str) -> None:
+    """A path the file system can hold: a 5000-character --out would fail only when the results are written."""
+    text = os.fspath(directory)
+    too_long = next((part for part in Path(text).parts if len(os.fsencode(part)) > NAME_MAX), None)
+    if len(text) > MAX_PATH_CHARS or too_long is not None:
+        raise PlannerError(f"{flag} path is too long ({len(text):,} characters"
+                           f"{', one name over 255 bytes' if too_long else ''}); give a shorter path")
+
+
+def _make_directory(directory: Path, flag: str) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PlannerError(f"cannot write to {flag} directory {directory}: {error.strerror or error}") from error
+
+
+@contextlib.contextmanager
+def directory_lock(directory: Path, flag: str) -> Iterator[None]:
+    """Hold an exclusive lock on DIRECTORY for a whole plan, so a second plan on the same --out or --export fails
+    at once (naming the first one's pid) instead of silently replacing its results later.
+
+    The lock is fcntl.flock on DIRECTORY/.planner.lock: the kernel releases it when the process ends, however it
+    ends. The file is removed when the plan ends, so a finished plan leaves only its results."""
+    check_output_path(directory, flag)
+    _make_directory(directory, flag)
+    lock_path = directory / LOCK_FILE
+    handle = _take_lock(lock_path, directory, flag)
+    try:
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)  # while still holding it: a waiting opener then sees a stale inode
+        os.close(handle)
+
+
+def _take_lock(lock_path: Path, directory: Path, flag: str) -> int:
+    """An open descriptor of the lock file, locked by this process; the pid written into it for the next one."""
+    for _ in range(3):  # the holder may remove the file between our open and our flock: open the new one
+        try:
+            # O_NOFOLLOW: a symlink planted as the lock file must not make us create or truncate a file elsewhere.
+            handle = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as error:
+            raise PlannerError(f"cannot lock {flag} directory {directory} ({lock_path.name}: "
+                               f"{error.strerror or error}); check it is a directory you can write") from error
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(handle, 32, 0).decode(errors="replace").strip()
+            os.close(handle)
+            raise PlannerError(f"{flag} directory {directory} is in use by another plan "
+                               f"(pid {holder if holder.isdigit() else 'unknown'}): wait for it to finish, "
+                               f"or choose another {flag} directory") from None
+        try:
+            current = os.stat(lock_path, follow_symlinks=False)
+        except FileNotFoundError:
+            current = None
+        opened = os.fstat(handle)
+        if current is not None and (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino):
+            os.ftruncate(handle, 0)
+            os.pwrite(handle, f"{os.getpid()}\n".encode(), 0)
+            return handle
+        os.close(handle)  # we locked a file its holder had just removed: try the current one
+    raise PlannerError(f"{flag} directory {directory}: another plan keeps taking and releasing its lock; "
+                       "try again")
+
+
+def is_planner_folder(folder: Path) -> bool:
+    """Whether FOLDER is an export folder the planner wrote: a real directory (not a symlink) holding a regular
+    manifest.json with the planner's keys. --force replaces nothing else."""
+    manifest = folder / MANIFEST
+    if folder.is_symlink() or not folder.is_dir() or manifest.is_symlink():
+        return False
+    try:
+        data = json.loads(read_text_capped(manifest, "manifest", 1 << 20))
+    except (PlannerError, ValueError):
+        return False
+    return isinstance(data, dict) and MANIFEST_KEYS <= data.keys()
+
+
+def check_writable_target(directory: Path, names: tuple[str, ...], force: bool, flag: str,
+                          folders: bool = False) -> None:
+    """Refuse, before any work, to overwrite existing results unless --force; fail early if unwritable.
+
+    Even with --force only what the planner writes is replaced: a plain file for --out, a folder with the
+    planner's manifest for --export (folders=True); never a symlink, never anything outside DIRECTORY."""
+    check_output_path(directory, flag)
+    existing = [directory / name for name in names if (directory / name).exists() or (directory / name).is_symlink()]
+    if existing and not force:
+        raise PlannerError(f"{existing[0]} already exists: pass --force to overwrite it, "
+                           f"or choose another {flag} directory")
+    for path in existing:
+        if path.is_symlink():  # checked before path_inside, which would follow it
+            raise PlannerError(f"{path} is a symbolic link: the planner replaces only what it wrote, even with "
+                               "--force; remove the link or choose another directory")
+    for name in names:
+        path_inside(directory, name)
+    for path in existing:
+        if folders and not is_planner_folder(path):
+            raise PlannerError(f"{path} was not written by the planner (no planner {MANIFEST}): --force replaces "
+                               f"only exported folders; move it away or choose another {flag} directory")
+        if not folders and not path.is_file():
+            raise PlannerError(f"{path} is not a file the planner wrote: move it away or choose another {flag} "
+                               "directory")
+    _make_directory(directory, flag)
+    try:
         probe = tempfile.NamedTemporaryFile(dir=directory, prefix=".planner-write-test-")
         probe.close()
     except OSError as error:
         raise PlannerError(f"cannot write to {flag} directory {directory}: {error.strerror or error}") from error
 
 
-def write_outputs(result: Any, directory: Path) -> list[Path]:
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG,
+                errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOTEMPTY}
+
+
+@contextlib.contextmanager
+def writing_to(directory: Path, flag: str, kept: str) -> Iterator[None]:
+    """A failed write (a full disk, a read-only or vanished directory) becomes one line saying what was kept."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in WRITE_ERRORS:
+            raise
+        raise PlannerError(f"writing to {flag} directory {directory} failed ({error.strerror or error}); "
+                           f"{kept}: free space or choose another {flag} directory") from error
+
+
+def output_files(result: Any) -> list[tuple[str, bytes | str]]:
+    """Every file of a plan's --out, named and rendered in memory: (file name, contents)."""
+    from planner.mixed import file_name
+
     frame = plan_frame(result.rows)
-    written = []
-    for name, data in [
+    files: list[tuple[str, bytes | str]] = [
         ("plan.csv", frame.to_csv(index=False)),
         ("plan.md", display_frame(frame).to_markdown(index=False) + "\n\n### Runtime terms\n\n"
          + terms_frame(frame).to_markdown(index=False) + "\n"),
         ("plan.json", json.dumps(plan_json(result), indent=2) + "\n"),
-    ]:
-        write_atomic(directory / name, data)
-        written.append(directory / name)
-    write_atomic(directory / "layers.csv", layers_frame(result.footprints).to_csv(index=False))
-    written.append(directory / "layers.csv")
+        ("layers.csv", layers_frame(result.footprints).to_csv(index=False)),
+    ]
     if any(row.get("status") == "verified" for row in result.rows):  # the chart plots measured quality
-        write_atomic(directory / "plan.png", chart_png(result))
-        written.append(directory / "plan.png")
-    for row in result.rows:  # mixed-precision recipes, re-applicable with --recipe-file
-        if row.get("recipe_toml"):
-            from planner.mixed import file_name
+        files.append(("plan.png", chart_png(result)))
+    # mixed-precision recipes, re-applicable with --recipe-file
+    files += [(file_name(row["recipe"]), row["recipe_toml"]) for row in result.rows if row.get("recipe_toml")]
+    return files
 
-            write_atomic(directory / file_name(row["recipe"]), row["recipe_toml"])
-            written.append(directory / file_name(row["recipe"]))
-    return written
+
+def write_outputs(result: Any, directory: Path) -> list[Path]:
+    """Write every output of the plan into a staging directory beside the targets, then move them in: a
+    failure while writing (a full disk) leaves the previous results as they were, never a mix of old and new."""
+    files = output_files(result)
+    targets = [path_inside(directory, name) for name, _ in files]
+    with writing_to(directory, "--out", "the previous results there are unchanged"):
+        staging = Path(tempfile.mkdtemp(dir=directory, prefix=".planner-staging-"))
+        try:
+            for (_, data), target in zip(files, targets, strict=True):
+                (staging / target.name).write_bytes(data.encode() if isinstance(data, str) else data)
+            for target in targets:
+                os.replace(staging / target.name, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return targets
 
 
 def chart_png(result: Any) -> bytes:
@@ -326,44 +470,68 @@ def export_folder(recipe: str, backend: str) -> str:
 
 def export_artifacts(result: Any, picks: list[tuple[str, str]], directory: Path, recipe_table: dict[str, Any],
                      source_json: dict[str, Any]) -> list[Path]:
-    """Copy each verified (recipe, backend) artifact to DIRECTORY/FOLDER/ with manifest.json, folder by folder
-    through a staging directory, so an interrupted export leaves no half-written folder."""
-    exported = []
-    for name, backend in picks:
-        artifact = result.artifact(name, backend)
-        row = result.row(name, backend)
-        if artifact is None or row is None:
-            continue
-        target = directory / export_folder(name, backend)
-        staging = Path(tempfile.mkdtemp(dir=directory, prefix=f".{target.name}."))
-        try:
-            files = _artifact_files(artifact, backend)
-            for path in files:
-                shutil.copyfile(path, staging / path.name)
-            model_file = staging / files[0].name
-            manifest = {
-                "recipe": recipe_table[name],
-                "backend": backend,
-                "model": result.model,
-                "source": source_json,
-                "file": model_file.name,
-                "files": [path.name for path in files],
-                "format": {".ts": "torchscript", ".onnx": "onnx"}.get(artifact.suffix, "state_dict"),
-                "sha256": {path.name: sha256(staging / path.name) for path in files},
-                "bytes": sum((staging / path.name).stat().st_size for path in files),
-                "verification": {key: _json_value(row.get(key)) for key in ROW_FIELDS},
-                "environment": environment(),
-                "how_to_load": _how_to_load(model_file.name, backend, artifact.suffix),
-            }
-            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            if target.exists():
-                shutil.rmtree(target)  # only reached with --force (checked before planning)
-            staging.replace(target)
-        except BaseException:
+    """Copy each verified (recipe, backend) artifact to DIRECTORY/FOLDER/ with manifest.json. Every folder is
+    written in a staging directory first; only when all are complete are they moved into place, so a failure
+    (a full disk) leaves the previous export as it was. A folder is replaced only if the planner wrote it."""
+    staged: list[tuple[Path, Path]] = []  # (staging, target)
+    try:
+        with writing_to(directory, "--export", "the previous export there is unchanged"):
+            for name, backend in picks:
+                artifact = result.artifact(name, backend)
+                row = result.row(name, backend)
+                if artifact is None or row is None:
+                    continue
+                target = path_inside(directory, export_folder(name, backend))
+                staging = Path(tempfile.mkdtemp(dir=directory, prefix=".planner-staging-"))
+                staged.append((staging, target))
+                _stage_export(staging, artifact, backend, name, row, result.model, recipe_table, source_json)
+        with writing_to(directory, "--export", "folders moved in before the failure are new, the rest unchanged"):
+            for staging, target in staged:
+                _move_into_place(staging, target, directory)
+    finally:
+        for staging, _ in staged:
             shutil.rmtree(staging, ignore_errors=True)
-            raise
-        exported.append(target)
-    return exported
+    return [target for _, target in staged]
+
+
+def _stage_export(staging: Path, artifact: Path, backend: str, name: str, row: dict[str, Any], model: str,
+                  recipe_table: dict[str, Any], source_json: dict[str, Any]) -> None:
+    files = _artifact_files(artifact, backend)
+    for path in files:
+        shutil.copyfile(path, staging / path.name)
+    model_file = staging / files[0].name
+    manifest = {
+        "recipe": recipe_table[name],
+        "backend": backend,
+        "model": model,
+        "source": source_json,
+        "file": model_file.name,
+        "files": [path.name for path in files],
+        "format": {".ts": "torchscript", ".onnx": "onnx"}.get(artifact.suffix, "state_dict"),
+        "sha256": {path.name: sha256(staging / path.name) for path in files},
+        "bytes": sum((staging / path.name).stat().st_size for path in files),
+        "verification": {key: _json_value(row.get(key)) for key in ROW_FIELDS},
+        "environment": environment(),
+        "how_to_load": _how_to_load(model_file.name, backend, artifact.suffix),
+    }
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    os.chmod(staging, 0o755)  # mkdtemp makes it 0700; an exported folder is an ordinary folder
+
+
+def _move_into_place(staging: Path, target: Path, directory: Path) -> None:
+    """Rename STAGING to TARGET. An existing TARGET (allowed by --force, checked before planning) is checked
+    again now, renamed aside inside DIRECTORY, and only then removed: nothing outside DIRECTORY is touched."""
+    if not (target.exists() or target.is_symlink()):
+        staging.rename(target)
+        return
+    if not is_planner_folder(target):  # it changed since the check before planning
+        raise PlannerError(f"{target} is not a folder the planner exported (a symlink, or no planner {MANIFEST}); "
+                           "it was left as it is: move it away and export again")
+    aside = Path(tempfile.mkdtemp(dir=directory, prefix=".planner-old-"))
+    old = aside / "old"
+    target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(aside)  # a real directory we created inside DIRECTORY, holding the folder we just moved
 
 
 def _artifact_files(artifact: Path, backend: str) -> list[Path]:

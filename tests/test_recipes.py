@@ -58,11 +58,14 @@ def test_invalid_recipes_are_named(tmp_path: Path, body: str, expected: str) -> 
 
 
 def test_missing_and_empty_files(tmp_path: Path) -> None:
-    with pytest.raises(PlannerError, match="does not exist"):
+    with pytest.raises(PlannerError, match="no such file"):
         load_recipe_file(tmp_path / "nope.toml")
     (tmp_path / "empty.toml").write_text("")
-    with pytest.raises(PlannerError, match="no \\[\\[recipe\\]\\]"):
+    with pytest.raises(PlannerError, match="empty"):  # a regular-file check (safe_io) before parsing
         load_recipe_file(tmp_path / "empty.toml")
+    (tmp_path / "comments.toml").write_text("# only a comment\n")
+    with pytest.raises(PlannerError, match="no \\[\\[recipe\\]\\]"):
+        load_recipe_file(tmp_path / "comments.toml")
 
 
 @settings(max_examples=60, deadline=None)
