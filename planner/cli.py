@@ -78,8 +78,7 @@ def plan(
     memory_cap_bytes = parse_size(memory_cap) if memory_cap is not None else None
     if budget_on not in ("runtime", "disk", "device"):
         raise PlannerError(f"--budget-on {budget_on!r}: use runtime, disk or device")
-    if timeout <= 0:
-        raise PlannerError("--timeout must be a positive number of seconds")
+    check_limits(timeout, memory_cap)
     backends = parse_backends(backend)
     if analytic_only:
         _check_analytic_only(backend, mixed or bool(mixed_budgets), export, eval_fn)
@@ -101,9 +100,11 @@ def plan(
         names = tuple(report.export_folder(r.name, b) for r in chosen for b in backends)
         report.check_writable_target(export, names, force, "--export")
 
+    from planner.isolation import report_stage
     from planner.pipeline import PlanOptions, run_plan
     from planner.sources import resolve_source
 
+    report_stage("loading the model")  # the model's code (a factory) runs from here on
     source = resolve_source(model, weights=weights, trust_pickle=trust_pickle, input_shape=input_shape,
                             input_dtype=input_dtype, batch_size=batch_size)
     if calibration is not None:  # checked before any work, against the model's example input
@@ -117,6 +118,7 @@ def plan(
     if eval_fn:
         from planner.evalhook import resolve_eval_spec
 
+        report_stage("importing --eval")
         options.eval_spec = resolve_eval_spec(eval_fn)
     if memory_cap_bytes is not None:  # else the default: what the machine can give now
         options.memory_cap_bytes = memory_cap_bytes
@@ -127,6 +129,7 @@ def plan(
         task = bar.add_task("planning", total=None)
         result = run_plan(source, chosen, options, progress=lambda message, done, total: bar.update(
             task, description=message, completed=done, total=total))
+    report_stage("writing the results")
     try:
         report.print_table(result, console)
         if out:
@@ -144,6 +147,18 @@ def plan(
         result.cleanup()
     if result.pick is None:
         raise NothingFits()
+
+
+def check_limits(timeout: float, memory_cap: str | None) -> None:
+    """--timeout and --memory-cap, which the supervisor (planner.supervisor) also applies to this process."""
+    import math
+
+    from planner.units import parse_size
+
+    if not math.isfinite(timeout) or timeout <= 0:  # NaN compares false to everything: it would mean "never"
+        raise PlannerError(f"--timeout {timeout}: give a positive number of seconds, e.g. 900")
+    if memory_cap is not None and parse_size(memory_cap) <= 0:
+        raise PlannerError(f"--memory-cap {memory_cap}: give a positive size, e.g. 8GB")
 
 
 def _check_analytic_only(backend: str | None, mixed: bool, export: Path | None, eval_fn: str | None) -> None:
@@ -221,12 +236,19 @@ def inspect(
     optimizer: Annotated[str, typer.Option(help="train mode: sgd (momentum 0.9), adam or adamw")] = "adamw",
     verify: Annotated[bool, typer.Option(help="train mode: also measure real training steps in a fresh process")]
     = False,
+    timeout: Annotated[float, typer.Option(help="seconds the model's code may take in one stage (tracing, "
+                                                "building)")] = 900.0,
+    memory_cap: Annotated[str | None, typer.Option(help="resident memory the model's code may use, e.g. 8GB "
+                                                        "(default: 90% of the memory available at start)")] = None,
     debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
 ) -> None:
     """Per-layer parameters, bytes under each recipe and live activations, without materializing weights."""
     import dataclasses
 
+    from planner.isolation import report_stage
     from planner.training import check_mode, check_optimizer
+
+    check_limits(timeout, memory_cap)  # applied by the supervisor around this process
 
     if check_mode(mode) == "train":
         check_optimizer(optimizer)
@@ -248,11 +270,14 @@ def inspect(
 
     chosen = select_recipes(load_recipe_file(recipe_file) if recipe_file else default_recipes(), recipes)
     batches = _batch_sizes(batch_size)
+    report_stage("loading the model")
     source = resolve_source(model, weights=weights, trust_pickle=trust_pickle, input_shape=input_shape,
                             input_dtype=input_dtype)
+    report_stage("describing the model (weightless)")
     meta_model = source.build("meta")
     inspections = []
     for batch in batches:
+        report_stage(f"tracing the forward (batch {batch})" if batch else "tracing the forward")
         inputs = (dataclasses.replace(source, batch_size=batch) if batch else source).example_inputs()
         inspections.append(inspect_model(meta_model, inputs, chosen, batch or int(inputs[0].shape[0])))
     first = inspections[0]
@@ -272,6 +297,7 @@ def inspect(
                          (f"{value:,}" if isinstance(value, int) else str(value))
                          for column, value in row.items()])
     console.print(totals)
+    report_stage("writing the results")
     if csv:
         from planner.report import write_atomic
 
@@ -289,15 +315,18 @@ def _inspect_training(model: str, recipes: str, batch_size: str | None, optimize
     import pandas as pd
     from rich.table import Table
 
+    from planner.isolation import report_stage
     from planner.recipes import default_recipes, load_recipe_file, select_recipes
     from planner.sources import resolve_source
     from planner.training import SGD_MOMENTUM, training_row
 
     chosen = select_recipes(load_recipe_file(recipe_file) if recipe_file else default_recipes(), recipes)
+    report_stage("loading the model")
     source = resolve_source(model, weights=weights, trust_pickle=trust_pickle, input_shape=input_shape,
                             input_dtype=input_dtype)
     rows = []
     for batch in _batch_sizes(batch_size):
+        report_stage(f"tracing a training step (batch {batch})" if batch else "tracing a training step")
         batched = dataclasses.replace(source, batch_size=batch) if batch else source
         size = batch or int(batched.example_inputs()[0].shape[0])
         rows.append([training_row(batched, recipe, size, optimizer, verify) for recipe in chosen])
@@ -408,8 +437,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _interrupt(number: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM and SIGHUP stop the plan the way Ctrl-C does: workers and files cleaned
+
+
 def entry_point() -> None:
-    sys.exit(main())
+    """The console command. `plan` and `inspect` run the model's code, so they run as a watched child of a
+    thin supervisor (planner.supervisor); the child, and every other command, runs main() here."""
+    import signal
+
+    from planner import isolation, supervisor
+
+    args = sys.argv[1:]
+    if supervisor.wants_supervisor(args):
+        sys.exit(supervisor.supervise(args))
+    for number in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, _interrupt)
+    code = 130
+    try:
+        code = main()
+    except KeyboardInterrupt:  # an interrupt that arrived outside main's own handling
+        errors.print("interrupted", markup=False)
+    finally:
+        # Stopping the fork server lets multiprocessing's resource tracker exit and unlink what it tracks.
+        isolation.stop_forkserver()
+        isolation.report_finished(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
