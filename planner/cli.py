@@ -444,6 +444,7 @@ def _interrupt(number: int, frame: object) -> None:
 def entry_point() -> None:
     """The console command. `plan` and `inspect` run the model's code, so they run as a watched child of a
     thin supervisor (planner.supervisor); the child, and every other command, runs main() here."""
+    import os
     import signal
 
     from planner import isolation, supervisor
@@ -451,17 +452,31 @@ def entry_point() -> None:
     args = sys.argv[1:]
     if supervisor.wants_supervisor(args):
         sys.exit(supervisor.supervise(args))
+    # Ctrl-C raises KeyboardInterrupt even where the shell started us with SIGINT ignored (a background job),
+    # and SIGTERM/SIGHUP do the same.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for number in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(number, _interrupt)
+    if "--debug" in args:
+        import faulthandler
+
+        faulthandler.enable()  # a segfault in the model's code prints the Python stack that led to it
     code = 130
     try:
         code = main()
     except KeyboardInterrupt:  # an interrupt that arrived outside main's own handling
         errors.print("interrupted", markup=False)
     finally:
+        if supervisor.is_supervised():
+            # The supervisor kills what is left of our process group and removes the work directory; skipping
+            # the interpreter's teardown (seconds with torch loaded, here and in the fork server) makes an
+            # interrupt end promptly.
+            isolation.report_finished(code)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
         # Stopping the fork server lets multiprocessing's resource tracker exit and unlink what it tracks.
         isolation.stop_forkserver()
-        isolation.report_finished(code)
     sys.exit(code)
 
 

@@ -17,7 +17,10 @@ console entry point starts the same command as a child (same argv, an env marker
 - the supervisor is a subreaper: anything the run started that outlives it (a worker's grandchildren, the
   fork server, multiprocessing's resource tracker) is reparented here and killed at the end;
 - every temporary of the run lives under one work directory (TMPDIR for the child and its workers), which
-  is removed at the end; one left by a planner that died (kill -9 of everything) is removed at the next start.
+  is removed at the end; one left by a planner that died (kill -9 of everything) is removed at the next start;
+- kill -9 of the supervisor runs none of this, so a tiny watchdog process (its own session, stdlib only)
+  waits on a pipe only the supervisor holds: on end-of-file without the supervisor's "done" byte it kills
+  every process of the child's session (workers and their children included) and removes the work directory.
 
 No torch import here: the supervisor must start fast and stay small.
 """
@@ -61,8 +64,12 @@ def wants_supervisor(argv: list[str]) -> bool:
     """Only from the console entry point, for the commands that run the model's code, and not inside the
     supervised child itself (PLANNER_NO_SUPERVISOR=1 switches it off, e.g. to debug in one process)."""
     command = next((arg for arg in argv if not arg.startswith("-")), None)
-    return (command in SUPERVISED_COMMANDS and isolation.STAGE_FILE_ENV not in os.environ
-            and not os.environ.get("PLANNER_NO_SUPERVISOR"))
+    return command in SUPERVISED_COMMANDS and not is_supervised() and not os.environ.get("PLANNER_NO_SUPERVISOR")
+
+
+def is_supervised() -> bool:
+    """This process is the planner a supervisor watches."""
+    return isolation.STAGE_FILE_ENV in os.environ
 
 
 def _option(argv: list[str], name: str) -> str | None:
@@ -197,13 +204,14 @@ def describe_death(status: int, stage: str) -> str:
     """One line for a child that ended without finishing its command."""
     if os.WIFSIGNALED(status):
         number = os.WTERMSIG(status)
-        name = signal.Signals(number).name if number in signal.Signals._value2member_map_ else str(number)
-        what = SIGNAL_WORDS.get(signal.Signals(number), name) if name != str(number) else f"signal {number}"
-        return (f"the planner's process running the model's code died of {what} (signal {number}) while {stage}; "
-                "the model's code (its factory, forward or --eval) crashed: fix it, or rerun with --debug")
-    code = os.WEXITSTATUS(status)
-    return (f"the model's code exited with status {code} while {stage} (os._exit or exit in the factory, "
-            "forward or --eval?); nothing was planned: fix the model's code")
+        try:
+            what = SIGNAL_WORDS.get(signal.Signals(number), signal.Signals(number).name)
+        except ValueError:
+            what = "a signal"
+        return (f"the model's code crashed with {what} (signal {number}) while {stage}; nothing was planned: "
+                "fix the model's code (--debug prints the Python stack of a crash)")
+    return (f"the model's code exited with status {os.WEXITSTATUS(status)} while {stage} (os._exit or exit in "
+            "the factory, forward or --eval); nothing was planned: fix the model's code")
 
 
 # ---- the supervisor ---------------------------------------------------------------------------------------
@@ -266,13 +274,13 @@ def _kill_group(pgid: int, number: int = signal.SIGKILL) -> None:
         pass
 
 
-def _finish_orphans(child_pid: int) -> None:
+def _finish_orphans(child_pid: int, keep: int | None) -> None:
     """Everything the run left behind: let well-behaved leftovers (the resource tracker unlinking its
     semaphores) exit on their own briefly, then kill what remains, group by group."""
     deadline = time.monotonic() + ORPHAN_GRACE_S
     while True:
         _reap(child_pid)
-        left = [pid for pid in _our_children() if pid != child_pid]
+        left = [pid for pid in _our_children() if pid not in (child_pid, keep)]
         if not left:
             return
         if time.monotonic() > deadline:
@@ -286,6 +294,32 @@ def _finish_orphans(child_pid: int) -> None:
                 except ProcessLookupError:
                     pass
         time.sleep(POLL_S)
+
+
+def _start_watchdog(session: int, workdir: Path) -> tuple[int, int]:
+    """The watchdog for kill -9 of the supervisor; returns its pid and the pipe end to write "done" to."""
+    read_end, write_end = os.pipe()  # both non-inheritable: the child never holds the write end
+    try:
+        # -I -S: stdlib only, no site packages and no environment: it starts in milliseconds.
+        script = str(Path(__file__).with_name("watchdog.py"))
+        watchdog = subprocess.Popen([sys.executable, "-I", "-S", script, str(read_end), str(session), str(workdir)],
+                                    pass_fds=(read_end,), start_new_session=True, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    finally:
+        os.close(read_end)
+    return watchdog.pid, write_end
+
+
+def _stop_watchdog(watchdog: tuple[int, int] | None) -> None:
+    if watchdog is None:
+        return
+    pid, write_end = watchdog
+    try:
+        os.write(write_end, b"x")
+    except OSError:
+        pass
+    os.close(write_end)
+    _wait_for(pid)  # it exits at once on the "done" byte
 
 
 def supervise(argv: list[str]) -> int:
@@ -303,16 +337,20 @@ def supervise(argv: list[str]) -> int:
     remove_stale_workdirs()
     workdir = make_workdir()
     child: subprocess.Popen[bytes] | None = None
+    watchdog: tuple[int, int] | None = None
     try:
         if received.received is None:
+            # -P: the working directory is not put on sys.path (a planner/ or torch/ there is not imported).
             child = subprocess.Popen([sys.executable, "-P", "-m", "planner.cli", *argv], env=child_env(workdir),
                                      start_new_session=True, preexec_fn=isolation.die_with_parent)
+            watchdog = _start_watchdog(child.pid, workdir)
         verdict, status = _watch(child, workdir, limits, received) if child else ("interrupted", None)
     finally:
         if child is not None:
             _kill_group(child.pid)
-            _finish_orphans(child.pid)
+            _finish_orphans(child.pid, watchdog[0] if watchdog else None)
         shutil.rmtree(workdir, ignore_errors=True)
+        _stop_watchdog(watchdog)
         for number, handler in previous.items():
             signal.signal(number, handler)
     return _report(verdict, status, workdir)
