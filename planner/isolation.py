@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,7 +200,8 @@ def run_module_isolated(module: str, args: list[str], *, timeout_s: float, memor
     """`python -m MODULE ARGS` under run_isolated's limits; from the fork server where MODULE allows it.
     Temporaries (the stderr file, the worker's TMPDIR) go under `scratch_dir`, the plan's work directory."""
     if (module not in PRELOADED_WORKERS or "forkserver" not in multiprocessing.get_all_start_methods()
-            or os.environ.get("PLANNER_NO_FORKSERVER")):  # the plain way, e.g. to compare the two
+            or os.environ.get("PLANNER_NO_FORKSERVER")  # the plain way, e.g. to compare the two
+            or not _socket_path_fits()):
         # -P: the working directory is not put on sys.path, so a planner/ or torch/ there is not imported.
         return run_isolated([sys.executable, "-P", "-m", module, *args], timeout_s=timeout_s,
                             memory_cap_bytes=memory_cap_bytes, env=env, scratch_dir=scratch_dir)
@@ -228,6 +230,22 @@ def run_module_isolated(module: str, args: list[str], *, timeout_s: float, memor
         return Outcome(process.exitcode, stderr.read(), failure, peak)
 
 
+# The fork server listens on TEMPDIR/listener-XXXXXXXX; Linux allows 107 bytes for a socket path.
+SOCKET_PATH_MAX = 107
+
+
+def _socket_path_fits() -> bool:
+    """Whether the fork server's socket can live in multiprocessing's temp dir. Supervised, that is the work
+    directory itself (removed with it); a very long TMPDIR makes workers start the plain way instead."""
+    from multiprocessing import process, util
+
+    root = os.environ.get(WORKDIR_ENV)
+    config = process.current_process()._config
+    if root and "tempdir" not in config:
+        config["tempdir"] = root  # not a pymp-* folder of its own: the supervisor removes the work directory
+    return len(os.fsencode(util.get_temp_dir())) + len("/listener-XXXXXXXX") <= SOCKET_PATH_MAX
+
+
 def _forkserver_context(env: dict[str, str]) -> Any:
     """The fork server, started once per planner process with `env` (malloc settings are read at start)."""
     global _forkserver
@@ -236,7 +254,7 @@ def _forkserver_context(env: dict[str, str]) -> Any:
 
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(FORKSERVER_PRELOAD)
-        util.get_temp_dir()  # the server's socket lives in the planner's temp dir, not in a plan's work dir
+        util.get_temp_dir()  # the server's socket lives in the planner's temp dir, not in one plan's work dir
         saved = dict(os.environ)
         # The worker's own TMPDIR is set again in each forked worker (_run_module).
         os.environ.update({key: value for key, value in env.items() if key not in SCRATCH_KEYS})
@@ -281,6 +299,9 @@ def _run_module(module: str, args: list[str], stderr_path: str, env: dict[str, s
     os.environ.clear()
     os.environ.update(env)
     tempfile.tempdir = None  # read TMPDIR again: the fork server cached the planner's
+    # runpy notes that the preloaded module is already imported; that is the point of the fork server, and a
+    # stray line on stderr would become the row's failure reason.
+    warnings.filterwarnings("ignore", message=".*found in sys.modules", category=RuntimeWarning)
     os.dup2(os.open(stderr_path, os.O_WRONLY | os.O_TRUNC), 2)
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     sys.argv = [module, *args]
@@ -331,4 +352,6 @@ def describe_exit(outcome: Outcome) -> str:
         reason = f"killed by signal {-code}"
         return reason + " (the system ran out of memory?)" if code == -9 else reason
     lines = [line for line in outcome.stderr.strip().splitlines() if line.strip()]
-    return lines[-1][:300] if lines else f"exit status {code}"
+    if lines:
+        return lines[-1][:300]
+    return f"the worker exited with status {code} without a result (os._exit or exit in the model's code?)"

@@ -194,10 +194,9 @@ def anonymous_resident_bytes(pid: int) -> int:
     return total
 
 
-SIGNAL_WORDS = {signal.SIGSEGV: "a segmentation fault (a crash in native code)",
-                signal.SIGBUS: "a bus error (a crash in native code)", signal.SIGABRT: "an abort",
+SIGNAL_WORDS = {signal.SIGSEGV: "a segmentation fault", signal.SIGBUS: "a bus error", signal.SIGABRT: "an abort",
                 signal.SIGILL: "an illegal instruction", signal.SIGFPE: "a floating-point exception",
-                signal.SIGKILL: "SIGKILL (the system out of memory, or killed from outside)"}
+                signal.SIGKILL: "SIGKILL (out of memory, or killed from outside)"}
 
 
 def describe_death(status: int, stage: str) -> str:
