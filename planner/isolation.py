@@ -163,7 +163,8 @@ def worker_env(env: dict[str, str], scratch_dir: Path | None) -> dict[str, str]:
     env = {key: value for key, value in env.items() if key not in (STAGE_FILE_ENV,)}
     if scratch_dir is not None:
         env["TMPDIR"] = str(scratch_dir)
-        env["TORCHINDUCTOR_CACHE_DIR"] = str(scratch_dir / "inductor")
+        if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # torch._dynamo's import makes it; the user's is kept
+            env["TORCHINDUCTOR_CACHE_DIR"] = str(scratch_dir / "inductor")
     return env
 
 

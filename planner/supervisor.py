@@ -164,10 +164,12 @@ def remove_stale_workdirs(root: Path | None = None) -> list[Path]:
 def child_env(workdir: Path) -> dict[str, str]:
     """The child's environment: the stage file, and every temporary (tempfile, multiprocessing's sockets,
     torch's inductor cache) under the work directory."""
-    temporary = str(workdir / "tmp")
-    return dict(os.environ, **{isolation.STAGE_FILE_ENV: str(workdir / "stage.json"),
-                               isolation.WORKDIR_ENV: str(workdir), "TMPDIR": temporary,
-                               "TORCHINDUCTOR_CACHE_DIR": str(workdir / "tmp" / "inductor")})
+    env = dict(os.environ, **{isolation.STAGE_FILE_ENV: str(workdir / "stage.json"),
+                              isolation.WORKDIR_ENV: str(workdir), "TMPDIR": str(workdir / "tmp")})
+    # Importing torchao imports torch._dynamo, which creates TMPDIR/torchinductor_<user> for its cache; a
+    # cache folder the user chose is kept.
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(workdir / "tmp" / "inductor"))
+    return env
 
 
 # ---- the child's state ------------------------------------------------------------------------------------

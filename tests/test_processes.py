@@ -217,7 +217,11 @@ def test_a_signal_mid_verification_leaves_nothing(run: dict, number: int) -> Non
 
 
 def test_a_normal_plan_kills_what_a_worker_left_running(run: dict) -> None:
-    env = dict(run["env"], HOSTILE_MODE="spawn", HOSTILE_WHERE="worker")
+    """Also under a TMPDIR too long for the fork server's socket: workers then start the plain way."""
+    long_tmp = run["root"] / ("a-temporary-folder-with-a-long-name-" * 2)
+    long_tmp.mkdir()
+    run["tmp"] = long_tmp
+    env = dict(run["env"], HOSTILE_MODE="spawn", HOSTILE_WHERE="worker", TMPDIR=str(long_tmp))
     done = subprocess.run([*_planner_command(), "plan", run["model"], "--budget", "1GB", "--recipes", "fp32",
                            "--backend", "torch"], env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
