@@ -457,6 +457,7 @@ def entry_point() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for number in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(number, _interrupt)
+    isolation.report_stage("starting")  # from here an interrupt is ours to handle (the supervisor forwards it)
     if "--debug" in args:
         import faulthandler
 

@@ -323,13 +323,33 @@ def _stop_watchdog(watchdog: tuple[int, int] | None) -> None:
     _wait_for(pid)  # it exits at once on the "done" byte
 
 
-def supervise(argv: list[str]) -> int:
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def console_main() -> None:
+    """The `planner` console script. The stop signals are caught before anything heavy is imported (typer,
+    rich, torch), so an early Ctrl-C ends the run as an interrupt, not as a traceback from an import."""
+    received = _Signals()
+    previous = {number: signal.signal(number, received) for number in STOP_SIGNALS}
+    args = sys.argv[1:]
+    if wants_supervisor(args):
+        sys.exit(supervise(args, received))
+    for number, handler in previous.items():
+        signal.signal(number, handler)
+    if received.received is not None:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    from planner.cli import entry_point
+
+    entry_point()
+
+
+def supervise(argv: list[str], received: _Signals | None = None) -> int:
     """Run `planner ARGV` as a watched child; its exit code, or 2 with one line when it died unfinished."""
     from planner.errors import PlannerError
 
-    received = _Signals()
-    previous = {number: signal.signal(number, received) for number in (signal.SIGINT, signal.SIGTERM,
-                                                                         signal.SIGHUP)}
+    received = received or _Signals()
+    previous = {number: signal.signal(number, received) for number in STOP_SIGNALS}
     try:
         limits = limits_from_argv(argv)
     except PlannerError:
@@ -390,8 +410,13 @@ def _watch(child: subprocess.Popen[bytes], workdir: Path, limits: Limits, receiv
         now = time.monotonic()
         if received.received is not None and interrupted_at is None:
             interrupted_at = now
-            # The child turns SIGINT and SIGTERM into KeyboardInterrupt and cleans up (its workers, its files).
-            _signal_child(child.pid, signal.SIGINT if received.received == signal.SIGINT else signal.SIGTERM)
+            if not read_stage(workdir):
+                # Still starting (Python's own startup): nothing to clean up, and an interrupt there would
+                # print a traceback. Its group goes at once.
+                _kill_group(child.pid)
+            else:
+                # The child turns SIGINT and SIGTERM into KeyboardInterrupt and cleans up (workers, files).
+                _signal_child(child.pid, signal.SIGINT if received.received == signal.SIGINT else signal.SIGTERM)
         if interrupted_at is not None:
             if now - interrupted_at > INTERRUPT_GRACE_S:
                 _kill_group(child.pid)

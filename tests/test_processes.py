@@ -216,6 +216,24 @@ def test_a_signal_mid_verification_leaves_nothing(run: dict, number: int) -> Non
     assert not [name for name in semaphores if Path(name).exists()], "semaphores left in /dev/shm"
 
 
+@pytest.mark.parametrize("delay_s", [0.3, 1.5, 4.0])
+def test_an_early_ctrl_c_is_never_swallowed(run: dict, delay_s: float) -> None:
+    """SIGINT at points of the start (the child starting, importing torch, building the model, starting the
+    fork server) always ends the run as an interrupt: exit 130, one line, nothing left."""
+    with open(run["root"] / "stderr", "w+") as stderr:
+        process = subprocess.Popen([*_planner_command(), "plan", "zoo:simplenet", "--budget", "1GB", "--recipes",
+                                    "fp32", "--backend", "torch"], env=run["env"], stdout=subprocess.DEVNULL,
+                                   stderr=stderr)
+        time.sleep(delay_s)
+        os.kill(process.pid, signal.SIGINT)
+        process.wait(timeout=GONE_S)
+        stderr.seek(0)
+        assert process.returncode == 130, stderr.read()
+        stderr.seek(0)
+        assert [line for line in stderr.read().splitlines() if line.strip()] == ["interrupted"]
+    _assert_nothing_left(run)
+
+
 def test_a_normal_plan_kills_what_a_worker_left_running(run: dict) -> None:
     """Also under a TMPDIR too long for the fork server's socket: workers then start the plain way."""
     long_tmp = run["root"] / ("a-temporary-folder-with-a-long-name-" * 2)
