@@ -457,7 +457,8 @@ def entry_point() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for number in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(number, _interrupt)
-    isolation.report_stage("starting")  # from here an interrupt is ours to handle (the supervisor forwards it)
+    # From here an interrupt is ours to handle (the supervisor forwards it); no model code runs yet: no clock.
+    isolation.report_stage("starting", clocked=False)
     if "--debug" in args:
         import faulthandler
 

@@ -88,11 +88,12 @@ def _write_stage(record: dict[str, Any]) -> None:
     os.replace(temporary, path)  # the supervisor never reads half a record
 
 
-def report_stage(stage: str) -> None:
-    """The planner is now doing `stage` in its own process: the supervisor's --timeout clock restarts."""
+def report_stage(stage: str, clocked: bool = True) -> None:
+    """The planner is now doing `stage` in its own process: the supervisor's --timeout clock restarts
+    (clocked=False: the planner's own start, before any of the model's code, is not timed)."""
     global _stage
     _stage = stage
-    _write_stage({"stage": stage, "since": time.time()})
+    _write_stage({"stage": stage, "since": time.time()} if clocked else {"stage": stage})
 
 
 def report_finished(code: int) -> None:
