@@ -85,8 +85,7 @@ def plan(
     memory_cap_bytes = parse_size(memory_cap) if memory_cap is not None else None
     if budget_on not in ("runtime", "disk", "device"):
         raise PlannerError(f"--budget-on {budget_on!r}: use runtime, disk or device")
-    if not math.isfinite(timeout) or timeout <= 0:  # nan compares false with everything: it would switch it off
-        raise PlannerError(f"--timeout {timeout}: give a finite number of seconds above 0, e.g. 900")
+    check_limits(timeout, memory_cap)
     backends = parse_backends(backend)
     if analytic_only:
         _check_analytic_only(backend, mixed or bool(mixed_budgets), export, eval_fn)
@@ -142,9 +141,11 @@ def _plan_locked(model: str, chosen: list[Recipe], backends: tuple[str, ...], mi
                  analytic_only: bool, eval_fn: str | None, out: Path | None, export: Path | None) -> None:
     """The plan itself, run while --out and --export are locked."""
     from planner import report
+    from planner.isolation import report_stage
     from planner.pipeline import PlanOptions, run_plan
     from planner.sources import resolve_source
 
+    report_stage("loading the model")  # the model's code (a factory) runs from here on
     source = resolve_source(model, weights=weights, trust_code=trust_code, input_shape=input_shape,
                             input_dtype=input_dtype, batch_size=batch_size)
     if calibration is not None:  # checked before any work, against the model's example input
@@ -158,6 +159,7 @@ def _plan_locked(model: str, chosen: list[Recipe], backends: tuple[str, ...], mi
     if eval_fn:
         from planner.evalhook import resolve_eval_spec
 
+        report_stage("importing --eval")
         options.eval_spec = resolve_eval_spec(eval_fn)
     if memory_cap_bytes is not None:  # else the default: what the machine can give now
         options.memory_cap_bytes = memory_cap_bytes
@@ -169,6 +171,7 @@ def _plan_locked(model: str, chosen: list[Recipe], backends: tuple[str, ...], mi
         task = bar.add_task("planning", total=None)
         result = run_plan(source, chosen, options, progress=lambda message, done, total: bar.update(
             task, description=message, completed=done, total=total))
+    report_stage("writing the results")
     try:
         # Written before anything is printed: the results are on disk whatever the terminal does.
         written = report.write_outputs(result, out) if out else []
@@ -187,6 +190,17 @@ def _plan_locked(model: str, chosen: list[Recipe], backends: tuple[str, ...], mi
         result.cleanup()
     if result.pick is None:
         raise NothingFits()
+
+
+def check_limits(timeout: float, memory_cap: str | None) -> None:
+    """--timeout and --memory-cap, which the supervisor (planner.supervisor) also applies to this process."""
+
+    from planner.units import parse_size
+
+    if not math.isfinite(timeout) or timeout <= 0:  # NaN compares false to everything: it would mean "never"
+        raise PlannerError(f"--timeout {timeout}: give a positive number of seconds, e.g. 900")
+    if memory_cap is not None and parse_size(memory_cap) <= 0:
+        raise PlannerError(f"--memory-cap {memory_cap}: give a positive size, e.g. 8GB")
 
 
 def _check_analytic_only(backend: str | None, mixed: bool, export: Path | None, eval_fn: str | None) -> None:
@@ -272,12 +286,19 @@ def inspect(
     optimizer: Annotated[str, typer.Option(help="train mode: sgd (momentum 0.9), adam or adamw")] = "adamw",
     verify: Annotated[bool, typer.Option(help="train mode: also measure real training steps in a fresh process")]
     = False,
+    timeout: Annotated[float, typer.Option(help="seconds the model's code may take in one stage (tracing, "
+                                                "building)")] = 900.0,
+    memory_cap: Annotated[str | None, typer.Option(help="resident memory the model's code may use, e.g. 8GB "
+                                                        "(default: 90% of the memory available at start)")] = None,
     debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
 ) -> None:
     """Per-layer parameters, bytes under each recipe and live activations, without materializing weights."""
     import dataclasses
 
+    from planner.isolation import report_stage
     from planner.training import check_mode, check_optimizer
+
+    check_limits(timeout, memory_cap)  # applied by the supervisor around this process
 
     if check_mode(mode) == "train":
         check_optimizer(optimizer)
@@ -300,11 +321,14 @@ def inspect(
 
     chosen = select_recipes(load_recipe_file(recipe_file) if recipe_file else default_recipes(), recipes)
     batches = _batch_sizes(batch_size)
+    report_stage("loading the model")
     source = resolve_source(model, weights=weights, trust_code=trust_code or trust_pickle, input_shape=input_shape,
                             input_dtype=input_dtype)
+    report_stage("describing the model (weightless)")
     meta_model = source.build("meta")
     inspections = []
     for batch in batches:
+        report_stage(f"tracing the forward (batch {batch})" if batch else "tracing the forward")
         inputs = (dataclasses.replace(source, batch_size=batch) if batch else source).example_inputs()
         inspections.append(inspect_model(meta_model, inputs, chosen, batch or int(inputs[0].shape[0])))
     first = inspections[0]
@@ -324,6 +348,7 @@ def inspect(
                                (f"{value:,}" if isinstance(value, int) else value))
                          for column, value in row.items()])
     console.print(totals)
+    report_stage("writing the results")
     if csv:
         from planner.report import write_atomic, writing_to
 
@@ -342,16 +367,19 @@ def _inspect_training(model: str, recipes: str, batch_size: str | None, optimize
     import pandas as pd
     from rich.table import Table
 
+    from planner.isolation import report_stage
     from planner.recipes import default_recipes, load_recipe_file, select_recipes
     from planner.report import plain
     from planner.sources import resolve_source
     from planner.training import SGD_MOMENTUM, training_row
 
     chosen = select_recipes(load_recipe_file(recipe_file) if recipe_file else default_recipes(), recipes)
+    report_stage("loading the model")
     source = resolve_source(model, weights=weights, trust_code=trust_code, input_shape=input_shape,
                             input_dtype=input_dtype)
     rows = []
     for batch in _batch_sizes(batch_size):
+        report_stage(f"tracing a training step (batch {batch})" if batch else "tracing a training step")
         batched = dataclasses.replace(source, batch_size=batch) if batch else source
         size = batch or int(batched.example_inputs()[0].shape[0])
         rows.append([training_row(batched, recipe, size, optimizer, verify) for recipe in chosen])
@@ -497,8 +525,49 @@ def _internal_error(error: BaseException, debug: bool) -> int:
     return 3
 
 
+def _interrupt(number: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM and SIGHUP stop the plan the way Ctrl-C does: workers and files cleaned
+
+
 def entry_point() -> None:
-    sys.exit(main())
+    """The console command. `plan` and `inspect` run the model's code, so they run as a watched child of a
+    thin supervisor (planner.supervisor); the child, and every other command, runs main() here."""
+    import os
+    import signal
+
+    from planner import isolation, supervisor
+
+    args = sys.argv[1:]
+    if supervisor.wants_supervisor(args):
+        sys.exit(supervisor.supervise(args))
+    # Ctrl-C raises KeyboardInterrupt even where the shell started us with SIGINT ignored (a background job),
+    # and SIGTERM/SIGHUP do the same.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for number in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, _interrupt)
+    # From here an interrupt is ours to handle (the supervisor forwards it); no model code runs yet: no clock.
+    isolation.report_stage("starting", clocked=False)
+    if "--debug" in args:
+        import faulthandler
+
+        faulthandler.enable()  # a segfault in the model's code prints the Python stack that led to it
+    code = 130
+    try:
+        code = main()
+    except KeyboardInterrupt:  # an interrupt that arrived outside main's own handling
+        errors.print("interrupted", markup=False)
+    finally:
+        if supervisor.is_supervised():
+            # The supervisor kills what is left of our process group and removes the work directory; skipping
+            # the interpreter's teardown (seconds with torch loaded, here and in the fork server) makes an
+            # interrupt end promptly.
+            isolation.report_finished(code)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        # Stopping the fork server lets multiprocessing's resource tracker exit and unlink what it tracks.
+        isolation.stop_forkserver()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from planner.artifact import load_reference
 from planner.baseline import framework_baseline
 from planner.errors import PlannerError
 from planner.footprint import Footprint
-from planner.isolation import default_memory_cap, describe_exit, run_module_isolated
+from planner.isolation import default_memory_cap, describe_exit, plan_workdir, report_stage, run_module_isolated
 from planner.pages import MappedReference
 from planner.pruning import artifact_state, prune_channels, pruning_footprint, resolve_recipe
 from planner.recipes import PruneThresholds, Recipe, UnsupportedRecipe, apply_recipe, check_layer_overrides
@@ -126,8 +125,11 @@ def run_worker(job: dict[str, Any], workdir: Path, name: str, options: PlanOptio
     """Run `python -m WORKER JOB RESULT` isolated; the result with status verified, or failed with the reason."""
     job_path, result_path = path_inside(workdir, f"{name}.job.json"), path_inside(workdir, f"{name}.result.json")
     job_path.write_text(json.dumps(job))
+    scratch = workdir / "tmp"  # the worker's temporaries: removed with the work directory
+    scratch.mkdir(exist_ok=True)
     outcome = run_module_isolated(worker, [str(job_path), str(result_path)], timeout_s=options.timeout_s,
-                                  memory_cap_bytes=options.memory_cap_bytes, env=dict(os.environ, **MEASUREMENT_ENV))
+                                  memory_cap_bytes=options.memory_cap_bytes, env=dict(os.environ, **MEASUREMENT_ENV),
+                                  scratch_dir=scratch)
     result = json.loads(result_path.read_text()) if result_path.exists() and not outcome.failure else None
     if result is None or "error" in result or outcome.returncode != 0:
         reason = result["error"] if result and "error" in result else describe_exit(outcome)
@@ -137,8 +139,24 @@ def run_worker(job: dict[str, Any], workdir: Path, name: str, options: PlanOptio
     return dict(result, status="verified")
 
 
-def _job(source: ModelSource, recipe: Recipe, artifact: Path, workdir: Path, save_reference: bool,
-         eval_spec: str | None = None) -> dict[str, Any]:
+def _with_eval(result: dict[str, Any], job: dict[str, Any], workdir: Path, name: str, options: PlanOptions,
+               progress: Callable[[str], None]) -> dict[str, Any]:
+    """Add --eval's figure to a verified row. It runs in its own worker (planner.evalhook) after the
+    measurement: a function that fails, hangs or exits costs the row only its eval figure, with a note."""
+    if options.eval_spec is None or result.get("status") != "verified":
+        return result
+    from planner.evalhook import eval_job, failure_note
+
+    progress(f"running --eval on {name} in a fresh process")
+    evaluated = run_worker(eval_job(job, options.eval_spec), workdir, f"{name}.eval", options,
+                           worker="planner.evalhook")
+    if evaluated["status"] != "verified":
+        return dict(result, eval_score=None, eval_error=failure_note(options.eval_spec, evaluated.get("note", "")))
+    return dict(result, **{key: evaluated[key] for key in ("eval_score", "eval_error") if key in evaluated})
+
+
+def _job(source: ModelSource, recipe: Recipe, artifact: Path, workdir: Path, save_reference: bool
+         ) -> dict[str, Any]:
     return {
         "source": source.to_json(),
         "dtype": recipe.dtype,
@@ -149,7 +167,6 @@ def _job(source: ModelSource, recipe: Recipe, artifact: Path, workdir: Path, sav
         "save_reference": save_reference,
         "needs_torchao": recipe.quantizes,
         "recipe": recipe.to_json(),
-        "eval": eval_spec,
     }
 
 
@@ -240,9 +257,13 @@ def check_inputs_fit(source: ModelSource, meta_model: torch.nn.Module, inputs: t
 def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
              progress: Callable[[str, int, int], None] = lambda message, done, total: None) -> PlanResult:
     """`progress(message, steps_done, steps_total)` is called as the plan goes (for a progress bar)."""
+    def stage(message: str, done: int, total: int) -> None:
+        report_stage(message)  # the supervisor's --timeout clock and its words for where a crash happened
+        progress(message, done, total)
+
     total = 2 if options.analytic_only else len(recipes) * len(options.backends) + 2
     return_freed_memory_promptly()
-    progress("describing the model (weightless)", 0, total)
+    stage("describing the model (weightless)", 0, total)
     meta_model = source.build("meta")
     inputs = source.example_inputs()
     check_inputs_fit(source, meta_model, inputs, confirm_on_real_weights=not options.analytic_only)
@@ -260,22 +281,22 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
                  if "onnxruntime" in options.backends else {})
     del meta_model
 
-    progress("measuring the framework baseline (once per machine, then cached)", 0, total)
+    stage("measuring the framework baseline (once per machine, then cached)", 0, total)
     options = dataclasses.replace(options, framework_bytes={b: framework_baseline(b) for b in options.backends})
     if options.budget_on == "device" and None in options.framework_bytes.values():
         raise PlannerError("--budget-on device needs the framework baseline, and measuring it failed here: "
                            "use --budget-on runtime")
-    workdir = Path(tempfile.mkdtemp(prefix="planner-"))
+    workdir = plan_workdir()
     try:
         if options.analytic_only:
             rows = [_estimated_row(source, recipe, footprints[recipe.name], options) for recipe in recipes]
         else:
             rows = _verify_recipes(source, recipes, footprints, onnx_disk, workdir, options,
-                                   lambda message, done: progress(message, done, total))
+                                   lambda message, done: stage(message, done, total))
     except BaseException:  # an error or Ctrl-C: remove the artifacts, keep nothing half-written
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    progress("done", total, total)
+    stage("done", total, total)
     ranked = rank.rank_rows(rows, options.budget_bytes, options.budget_on)
     chosen = rank.pick_row(ranked)
     return PlanResult(model=source.spec, budget_bytes=options.budget_bytes, budget_on=options.budget_on,
@@ -325,11 +346,12 @@ def _verify_recipes(source: ModelSource, recipes: list[Recipe], footprints: dict
     rows: list[dict[str, Any]] = []
     reference_recipe = _reference_recipe(recipes)
     report(f"verifying {REFERENCE} (reference)")
-    reference = run_worker(_job(source, reference_recipe, fp32_path, workdir, True, options.eval_spec), workdir,
-                           REFERENCE, options)
+    reference_job = _job(source, reference_recipe, fp32_path, workdir, True)
+    reference = run_worker(reference_job, workdir, REFERENCE, options)
     if reference["status"] != "verified":
         raise PlannerError(f"{source.spec} does not run in float32 in a fresh process, so nothing can be compared: "
                            f"{reference.get('note')}")
+    reference = _with_eval(reference, reference_job, workdir, REFERENCE, options, report)
 
     if "torch" in options.backends:
         prune_thresholds: PruneThresholds = {}  # prune50, prune50-int8-dynamic... search once
@@ -504,8 +526,8 @@ def _apply_and_verify(source: ModelSource, recipe: Recipe, fp32_path: Path, arti
     except Exception as error:  # a recipe that breaks on this model is a row, not a crash
         return {"status": "failed", "note": f"applying the recipe failed: {type(error).__name__}: {str(error)[:200]}"}
     progress(f"verifying {recipe.name} in a fresh process")
-    result = run_worker(_job(source, recipe, artifact, workdir, False, options.eval_spec), workdir, recipe.name,
-                        options)
+    job = _job(source, recipe, artifact, workdir, False)
+    result = _with_eval(run_worker(job, workdir, recipe.name, options), job, workdir, recipe.name, options, progress)
     result["note"] = "; ".join(filter(None, [*notes, result.get("note", "")]))
     return result
 

@@ -449,6 +449,8 @@ def _import_py_file(path: Path, display: str) -> ModuleType:
         raise _fail(f"{display} has a syntax error at line {exc.lineno}: {exc.msg}; fix the file") from None
     except BaseException as exc:  # noqa: BLE001 - the user's module failed while importing; SystemExit included
         del sys.modules[name]
+        if isinstance(exc, KeyboardInterrupt):
+            raise  # Ctrl-C during the import is an interrupt, not a broken file
         raise _fail(f"importing {display} failed with {_first_line(exc)}; fix the file") from None
     return module
 
@@ -467,6 +469,8 @@ def _import_package_module(module_name: str, root: str | None, display: str) -> 
                 sys.path.insert(0, extra[attempt])
             importlib.invalidate_caches()
         except BaseException as exc:  # noqa: BLE001 - user code raised during import
+            if isinstance(exc, KeyboardInterrupt):
+                raise  # Ctrl-C during the import is an interrupt, not a broken module
             raise _fail(f"importing {module_name} failed with {_first_line(exc)}; fix the module") from None
     raise AssertionError("unreachable")
 
