@@ -3,7 +3,9 @@
 A verified runtime figure is what the model adds on top of this baseline, so a user who deploys on another
 runtime (ExecuTorch, a C++ ONNX Runtime build) can use it as is; a user who deploys this very stack needs the
 baseline too (`--budget-on device`). It is measured once per machine and library versions, in a fresh
-process that does exactly what a verification worker does before its own baseline (imports, warm-up), and
+process that does what a verification worker does before its own baseline (the imports, nothing run: first-use
+costs are in the verified runtime's first-forward peak), so verified runtime + framework = the process's peak
+(less the model's own Python code, e.g. transformers, which a worker imports to build the structure), and
 cached on disk: `python -m planner.baseline torch|onnxruntime RESULT.json` is that process.
 """
 
@@ -19,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 BACKEND_LIBRARIES = {"torch": ("torch", "torchao"), "onnxruntime": ("onnxruntime", "onnx", "numpy")}
-CACHE_FILE = "framework-baseline.json"
+# v2: no warm-up before the figure (the first-use costs moved into the verified runtime)
+CACHE_FILE = "framework-baseline-v2.json"
 MEASURE_TIMEOUT_S = 300.0
 
 
@@ -84,24 +87,158 @@ def _measure(backend: str) -> int | None:
         return int(json.loads(result.read_text())["rss_bytes"])
 
 
+# ---- the framework's first-use costs, for the analytic lifetime peak ----
+#
+# A device pays the framework's first use of each kernel family (library code paged in, oneDNN primitives and
+# JIT kernels, thread pool) during the model's first forward, and most of it stays resident. The verified runtime
+# counts it (planner.verify takes its baseline before anything runs), so the analytic runtime adds it: measured
+# once per machine, library versions, dtype, scheme and kernel families, on a tiny model with those families,
+# in a fresh process that does what a verification worker does, and cached beside the framework baseline.
+
+FIRST_USE_VERSION = "first-use v1"
+# Layer class names (any module in the model) -> the kernel family a forward through it uses.
+_FAMILY_MARKERS = (("rnn", ("LSTM", "GRU", "RNN")), ("attention", ("Attention", "Transformer")),
+                   ("norm", ("Norm",)), ("embedding", ("Embedding",)), ("linear", ("Linear", "Conv1D")),
+                   ("conv", ("Conv",)))
+# The recipe fields that choose kernels (pruning and its sparse storage do not: a sparse artifact loads dense).
+_KERNEL_FIELDS = ("dtype", "quantize", "bits", "group_size", "mapping")
+
+
+def layer_families(type_names: set[str]) -> tuple[str, ...]:
+    """The kernel families of a model from its module class names: transformers' Conv1D is a matmul (linear),
+    other Conv* are convolutions; attention also covers fused transformer layers."""
+    families = set()
+    for name in type_names:
+        for family, markers in _FAMILY_MARKERS:
+            if any(marker in name for marker in markers) and not (family == "conv" and name == "Conv1D"):
+                families.add(family)
+                break
+    return tuple(sorted(families))
+
+
+def first_use_key(recipe_json: dict[str, Any], families: tuple[str, ...]) -> str:
+    kernel = ",".join(f"{name}={recipe_json.get(name)}" for name in _KERNEL_FIELDS)
+    return "|".join([cache_key("torch"), FIRST_USE_VERSION, kernel, "+".join(families)])
+
+
+def first_use_costs(recipe_json: dict[str, Any], families: tuple[str, ...], measure: bool = True
+                    ) -> dict[str, int] | None:
+    """{"first_forward": bytes, "steady": bytes}: what a first forward through these kernel families adds at its
+    peak, and what stays resident for later forwards, at the recipe's dtype and scheme. Cached, else measured now
+    in a child (a few seconds, once) unless measure is off; None when unknown."""
+    kernel_recipe = {name: recipe_json.get(name) for name in _KERNEL_FIELDS}
+    key = first_use_key(kernel_recipe, families)
+    path = cache_dir() / CACHE_FILE
+    cached = _read_cache(path)
+    known = cached.get(key)
+    if isinstance(known, dict) and all(isinstance(known.get(name), int) for name in ("first_forward", "steady")):
+        return known
+    if not measure:
+        return None
+    measured = _measure_first_use(kernel_recipe, families)
+    if measured is not None:
+        _write_cache(path, {**_read_cache(path), key: measured})
+    return measured
+
+
+def _measure_first_use(kernel_recipe: dict[str, Any], families: tuple[str, ...]) -> dict[str, int] | None:
+    from planner.isolation import run_isolated
+    from planner.verify import MEASUREMENT_ENV
+
+    with tempfile.TemporaryDirectory(prefix="planner-first-use-") as folder:
+        job, result = Path(folder) / "job.json", Path(folder) / "result.json"
+        job.write_text(json.dumps({"recipe": dict(kernel_recipe, name="first-use"), "families": list(families)}))
+        outcome = run_isolated([sys.executable, "-m", "planner.baseline", "first-use", str(job), str(result)],
+                               timeout_s=MEASURE_TIMEOUT_S, memory_cap_bytes=None,
+                               env=dict(os.environ, **MEASUREMENT_ENV))
+        if outcome.returncode != 0 or not result.exists():
+            return None
+        data = json.loads(result.read_text())
+        return {"first_forward": int(data["first_forward"]), "steady": int(data["steady"])}
+
+
+def first_use_model(families: tuple[str, ...]) -> tuple[Any, tuple[Any, ...]]:
+    """A tiny model that runs each kernel family once, and its inputs (float32; the recipe casts them)."""
+    import torch
+    from torch import nn
+
+    width = 128  # int4 needs in_features divisible by its group (128) and out_features by 16
+
+    class FirstUse(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding = nn.Embedding(64, width) if "embedding" in families else None
+            self.linear = nn.Linear(width, width) if "linear" in families or "attention" in families else None
+            self.norm = nn.LayerNorm(width) if "norm" in families else None
+            self.conv = nn.Conv2d(3, 8, 3, padding=1) if "conv" in families else None
+            self.batch_norm = nn.BatchNorm2d(8) if "conv" in families and "norm" in families else None
+            self.rnn = nn.LSTM(16, 16, batch_first=True) if "rnn" in families else None
+
+        def forward(self, ids: Any, hidden: Any, image: Any, sequence: Any) -> list[Any]:
+            outputs = []
+            if self.embedding is not None:
+                hidden = hidden + self.embedding(ids)
+            if self.norm is not None:
+                hidden = self.norm(hidden)
+            if self.linear is not None:
+                hidden = self.linear(hidden)
+            if "attention" in families:
+                heads = hidden.view(1, 8, 2, width // 2).transpose(1, 2)
+                attended = nn.functional.scaled_dot_product_attention(heads, heads, heads, is_causal=True)
+                hidden = nn.functional.gelu(attended.transpose(1, 2).reshape(1, 8, width), approximate="tanh")
+                hidden = hidden.softmax(-1)
+            outputs.append(hidden)
+            if self.conv is not None:
+                image = nn.functional.relu(self.conv(image))
+                outputs.append(self.batch_norm(image) if self.batch_norm is not None else image)
+            if self.rnn is not None:
+                outputs.append(self.rnn(sequence)[0])
+            return outputs
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = (torch.randint(0, 64, (1, 8), generator=generator), torch.randn(1, 8, width, generator=generator),
+              torch.randn(1, 3, 16, 16, generator=generator), torch.randn(1, 4, 16, generator=generator))
+    return FirstUse().eval(), inputs
+
+
+def first_use_extras(baseline: int, first_peak: int, warm_peak: int, warm_growth: int) -> dict[str, int]:
+    """From the tiny model's measurement: what its first forward added at its peak beyond the warm forward's own
+    growth (its activations), and what the first forward left resident (the warm run starts from it)."""
+    return {"first_forward": max(0, first_peak - baseline - warm_growth),
+            "steady": max(0, warm_peak - baseline - warm_growth)}
+
+
+def measure_first_use_here(job: dict[str, Any]) -> dict[str, int]:
+    """In this fresh process: the worker's imports, the tiny model with the recipe applied, then its first and
+    warm forwards from a baseline taken as planner.verify takes its own."""
+    import torch
+
+    from planner.recipes import Recipe, apply_recipe
+    from planner.verify import _proc_status_kib, measure_runs, release_freed_memory, reset_peak, worker_imports
+
+    worker_imports()
+    recipe = Recipe.from_json(job["recipe"])
+    model, inputs = first_use_model(tuple(job["families"]))
+    model, _notes = apply_recipe(model, recipe)
+    inputs = tuple(t.to(recipe.torch_dtype) if t.is_floating_point() else t for t in inputs)
+    release_freed_memory()
+    reset_peak()
+    baseline = _proc_status_kib("VmRSS")
+    with torch.inference_mode():
+        measured = measure_runs(lambda: model(*inputs))
+    return first_use_extras(baseline, measured.first_peak, measured.warm_peak, measured.warm_growth)
+
+
 def measure_here(backend: str) -> int:
-    """In this fresh process: the worker's imports and warm-up, then the resident set."""
+    """In this fresh process: the worker's imports (and nothing run), then the resident set."""
     from planner.verify import _proc_status_kib, release_freed_memory
 
     if backend == "torch":
-        import torch
+        from planner.verify import worker_imports
 
-        from planner.recipes import import_tensor_types
-        from planner.verify import _warm_up
-
-        import_tensor_types()
-        _warm_up(torch.float32)
+        worker_imports()
     elif backend == "onnxruntime":
-        import onnxruntime
-
-        from planner.onnx_verify import _warm_up as warm_up_onnxruntime
-
-        warm_up_onnxruntime(onnxruntime)
+        import onnxruntime  # noqa: F401
     else:
         raise ValueError(f"unknown backend {backend!r}")
     release_freed_memory()
@@ -112,4 +249,8 @@ if __name__ == "__main__":
     from planner import quiet_library_noise
 
     quiet_library_noise()
-    Path(sys.argv[2]).write_text(json.dumps({"rss_bytes": measure_here(sys.argv[1])}))
+    if sys.argv[1] == "first-use":  # python -m planner.baseline first-use JOB.json RESULT.json
+        figures = measure_first_use_here(json.loads(Path(sys.argv[2]).read_text()))
+        Path(sys.argv[3]).write_text(json.dumps(figures))
+    else:
+        Path(sys.argv[2]).write_text(json.dumps({"rss_bytes": measure_here(sys.argv[1])}))

@@ -35,6 +35,9 @@ from planner.units import format_bytes, relative_difference
 from planner.verify import MEASUREMENT_ENV, release_freed_memory, return_freed_memory_promptly
 
 REFERENCE = "fp32"
+# The measured runtime figures of a row (planner.verify.LifetimePeaks.fields).
+VERIFIED_RUNTIME_KEYS = ("verified_runtime_bytes", "verified_load_peak_bytes", "verified_first_forward_peak_bytes",
+                         "verified_steady_peak_bytes")
 # Below this, a runtime difference is allocator and framework noise rather than a modelling error.
 RESOLUTION_BYTES = 2 * 1000**2
 # A float32 output this small (random-init models with tiny weights) makes SQNR meaningless.
@@ -384,7 +387,10 @@ def _analytic_figures(row: dict[str, Any], footprint: Footprint) -> dict[str, An
                 "analytic_activation_bytes": footprint.activation_bytes,
                 "analytic_runtime_bytes": footprint.runtime_bytes,
                 "analytic_transient_bytes": footprint.transient_bytes, "analytic_input_bytes": footprint.input_bytes,
-                "analytic_output_bytes": footprint.output_bytes}
+                "analytic_output_bytes": footprint.output_bytes,
+                "analytic_load_peak_bytes": footprint.load_peak_bytes,
+                "analytic_first_forward_peak_bytes": footprint.first_forward_peak_bytes,
+                "analytic_steady_peak_bytes": footprint.steady_peak_bytes}
     if row["status"] == "unsupported" and not row.get("analytic_is_what_if", True):
         return dict.fromkeys(analytic)
     return analytic
@@ -513,7 +519,9 @@ def _set_figures(row: dict[str, Any], analytic: dict[str, Any], verified_disk: i
     verified = row.get("status") == "verified"
     row.update(analytic)
     row["verified_disk_bytes"] = verified_disk if verified else None
-    row["verified_runtime_bytes"] = row.get("verified_runtime_bytes") if verified else None
+    # verified_runtime_bytes is the lifetime peak: the largest of the load, first-forward and steady peaks
+    for key in VERIFIED_RUNTIME_KEYS:
+        row[key] = row.get(key) if verified else None
     row["disk_diff"] = relative_difference(row.get("analytic_disk_bytes"), row["verified_disk_bytes"])
     row["runtime_diff"] = relative_difference(row.get("analytic_runtime_bytes"), row["verified_runtime_bytes"])
     if not verified:
