@@ -178,6 +178,8 @@ def print_table(result: Any, console: Any) -> None:
     for _, row in shown.iterrows():
         if row["note"]:
             console.print(f"  [bold]{row['recipe']}[/] ({row['backend']}): {row['note']}", highlight=False)
+    for warning in getattr(result, "warnings", []):
+        console.print(f"[bold yellow]warning[/]: {warning}", highlight=False, markup=True)
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:

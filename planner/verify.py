@@ -111,6 +111,10 @@ def compare_outputs(reference: list[Any], candidate: list[Any]) -> dict[str, flo
 
     if len(reference) != len(candidate) or any(r.shape != c.shape for r, c in zip(reference, candidate, strict=True)):
         raise RuntimeError("the recipe changed the model's output structure or shapes")
+    if not reference_is_finite(reference):
+        # No error can be measured against NaN/inf: every quality figure is unknown, not a number.
+        return {"sqnr_db": None, "max_abs_error": None, "top1_agreement": None, "reference_max_abs": None,
+                "reference_finite": False}
     signal = noise = 0.0
     max_abs = 0.0
     for ref, out in zip(reference, candidate, strict=True):
@@ -132,7 +136,15 @@ def compare_outputs(reference: list[Any], candidate: list[Any]) -> dict[str, flo
         index = next(i for i, r in enumerate(reference) if r is logits)
         top1 = float((logits.argmax(-1) == candidate[index].argmax(-1)).to(torch.float64).mean())
     reference_max = max((float(r.abs().max()) for r in reference if r.numel()), default=0.0)
-    return {"sqnr_db": sqnr, "max_abs_error": max_abs, "top1_agreement": top1, "reference_max_abs": reference_max}
+    return {"sqnr_db": sqnr, "max_abs_error": max_abs, "top1_agreement": top1, "reference_max_abs": reference_max,
+            "reference_finite": True}
+
+
+def reference_is_finite(reference: list[Any]) -> bool:
+    """Every value of every floating reference output is finite (no NaN, no inf)."""
+    import torch
+
+    return all(bool(torch.isfinite(tensor).all()) for tensor in reference)
 
 
 @dataclass
