@@ -193,8 +193,12 @@ class _LivenessTracker(TorchDispatchMode):
             self.scratch_applied[packet] = max(measured.transient, self.scratch_applied.get(packet, 0))
 
     def _first_call(self, signature: str, measured: Any) -> None:
-        """Hook for what a kernel keeps after its first call (training adds it; an inference measurement runs a
-        forward before its baseline, so there it is part of the baseline)."""
+        """What a kernel keeps after its first call at these shapes (oneDNN primitives and JIT code, scratchpads),
+        once per call signature and never freed: planner.verify's baseline comes before the first forward, so the
+        verified runtime (the lifetime peak) holds it too. Training overrides this (planner.training)."""
+        if signature not in self.scratch_calls and measured.kept:
+            self.live_bytes += measured.kept
+            self._note_peak(self.live_bytes)
 
     def _grow_outputs(self, out: Any, measured: Any) -> None:
         """Outputs the meta kernel makes smaller than the real one: the resident difference lives as long as the
