@@ -317,6 +317,9 @@ def analytic_footprint(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], 
         footprint.notes.append(f"measured kernel workspace added: {added}")
     footprint.activation_bytes = report.peak_bytes
     _add_first_use(footprint, meta_model, recipe, measure_scratch)
+    # What kernels keep after their first call at these shapes stays for every later forward.
+    footprint.first_forward_extra_bytes += report.kept_bytes
+    footprint.steady_extra_bytes += report.kept_bytes
     footprint.transient_bytes = report.transient_bytes
     footprint.output_bytes = report.output_bytes
     footprint.input_bytes = sum(t.numel() * t.element_size() for t in cast_inputs(inputs, recipe.torch_dtype))
