@@ -41,7 +41,6 @@ ROW_FIELDS = [
     "analytic_load_peak_bytes", "analytic_first_forward_peak_bytes", "analytic_steady_peak_bytes",
 ]
 PLAN_FILES = ("plan.csv", "plan.md", "plan.json", "plan.png", "layers.csv")
-LOCK_FILE = ".planner.lock"  # in --out and --export: one plan at a time writes there
 MANIFEST = "manifest.json"
 # The keys every manifest the planner wrote has: --force replaces an export folder only if it holds one.
 MANIFEST_KEYS = {"recipe", "backend", "files", "sha256", "how_to_load"}
@@ -269,48 +268,42 @@ def directory_lock(directory: Path, flag: str) -> Iterator[None]:
     """Hold an exclusive lock on DIRECTORY for a whole plan, so a second plan on the same --out or --export fails
     at once (naming the first one's pid) instead of silently replacing its results later.
 
-    The lock is fcntl.flock on DIRECTORY/.planner.lock: the kernel releases it when the process ends, however it
-    ends. The file is removed when the plan ends, so a finished plan leaves only its results."""
+    The lock is fcntl.flock on the directory itself: no lock file to leave behind when a plan is killed, and the
+    kernel releases it when the process ends, however it ends."""
     check_output_path(directory, flag)
     _make_directory(directory, flag)
-    lock_path = directory / LOCK_FILE
-    handle = _take_lock(lock_path, directory, flag)
+    try:
+        handle = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as error:
+        raise PlannerError(f"cannot lock {flag} directory {directory} ({error.strerror or error}); check it is a "
+                           "directory you can read") from error
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = lock_holder(os.fstat(handle).st_ino)
+        os.close(handle)
+        raise PlannerError(f"{flag} directory {directory} is in use by another plan (pid {holder or 'unknown'}): "
+                           f"wait for it to finish, or choose another {flag} directory") from None
     try:
         yield
     finally:
-        lock_path.unlink(missing_ok=True)  # while still holding it: a waiting opener then sees a stale inode
         os.close(handle)
 
 
-def _take_lock(lock_path: Path, directory: Path, flag: str) -> int:
-    """An open descriptor of the lock file, locked by this process; the pid written into it for the next one."""
-    for _ in range(3):  # the holder may remove the file between our open and our flock: open the new one
-        try:
-            # O_NOFOLLOW: a symlink planted as the lock file must not make us create or truncate a file elsewhere.
-            handle = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        except OSError as error:
-            raise PlannerError(f"cannot lock {flag} directory {directory} ({lock_path.name}: "
-                               f"{error.strerror or error}); check it is a directory you can write") from error
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(handle, 32, 0).decode(errors="replace").strip()
-            os.close(handle)
-            raise PlannerError(f"{flag} directory {directory} is in use by another plan "
-                               f"(pid {holder if holder.isdigit() else 'unknown'}): wait for it to finish, "
-                               f"or choose another {flag} directory") from None
-        try:
-            current = os.stat(lock_path, follow_symlinks=False)
-        except FileNotFoundError:
-            current = None
-        opened = os.fstat(handle)
-        if current is not None and (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino):
-            os.ftruncate(handle, 0)
-            os.pwrite(handle, f"{os.getpid()}\n".encode(), 0)
-            return handle
-        os.close(handle)  # we locked a file its holder had just removed: try the current one
-    raise PlannerError(f"{flag} directory {directory}: another plan keeps taking and releasing its lock; "
-                       "try again")
+def lock_holder(inode: int, locks_table: str = "/proc/locks") -> int | None:
+    """The pid holding a flock on the file with this inode, from the kernel's lock table (None if unknown)."""
+    try:
+        with open(locks_table) as table:
+            for line in table:
+                # "1: FLOCK  ADVISORY  WRITE 12345 fd:01:1234567 0 EOF" (a "->" marks a waiter)
+                fields = line.split()
+                if "->" in fields or len(fields) < 6 or fields[1] != "FLOCK":
+                    continue
+                if fields[5].rsplit(":", 1)[-1] == str(inode) and fields[4].isdigit():
+                    return int(fields[4])
+    except OSError:
+        return None
+    return None
 
 
 def is_planner_folder(folder: Path) -> bool:

@@ -277,10 +277,6 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         reference = torch.load(job["reference"], weights_only=True)
         result.update(compare_outputs(reference, outputs))
     result["output_shapes"] = [list(t.shape) for t in outputs]
-    if job.get("eval"):
-        from planner.evalhook import run_eval
-
-        result.update(run_eval(job["eval"], model))
     return result
 
 

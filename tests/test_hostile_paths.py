@@ -20,7 +20,7 @@ from planner.cli import main
 from planner.errors import PlannerError
 from planner.recipes import MAX_LAYER_ENTRIES, MAX_RECIPE_FILE_BYTES, check_recipe_name, load_recipe_file
 
-PLAN = ["plan", "zoo:simplenet", "--budget", "1MB", "--backend", "torch"]
+PLAN = ["plan", "zoo:simplenet", "--budget", "50MB", "--backend", "torch"]
 
 
 def snapshot(root: Path) -> dict[str, tuple[bytes | None, int]]:
@@ -184,22 +184,22 @@ def test_a_second_plan_on_a_locked_out_fails_at_once_naming_the_first(tmp_path: 
     finally:
         holder.kill()
         holder.wait()
-    assert sorted(p.name for p in out.iterdir()) == [report.LOCK_FILE]  # the killed holder's; nothing else
+    assert list(out.iterdir()) == []  # the lock is on the directory itself: a killed holder leaves no file
     with report.directory_lock(out, "--out"):  # the kernel released the dead holder's lock
         with pytest.raises(PlannerError, match=f"pid {os.getpid()}"):
             with report.directory_lock(out, "--out"):
                 pass
-    assert not (out / report.LOCK_FILE).exists()
+    assert list(out.iterdir()) == []
 
 
-def test_lock_file_symlink_is_not_followed(tmp_path: Path, victim: Path, capsys: pytest.CaptureFixture) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / report.LOCK_FILE).symlink_to(victim / "precious.pt")
-    before = snapshot(victim)
-    assert main([*PLAN, "--out", str(out)]) == 2
-    assert "cannot lock" in error_line(capsys)
-    assert snapshot(victim) == before
+def test_lock_holder_is_read_from_the_kernels_lock_table(tmp_path: Path) -> None:
+    table = tmp_path / "locks"
+    table.write_text("1: POSIX  ADVISORY  WRITE 11 fd:01:42 0 EOF\n"
+                     "2: FLOCK  ADVISORY  WRITE 4321 fd:01:42 0 EOF\n"
+                     "2: -> FLOCK  ADVISORY  WRITE 99 fd:01:42 0 EOF\n")
+    assert report.lock_holder(42, str(table)) == 4321
+    assert report.lock_holder(43, str(table)) is None
+    assert report.lock_holder(42, str(tmp_path / "missing")) is None
 
 
 # ---- item 3: recipe files ----
@@ -288,7 +288,7 @@ def test_markup_in_paths_is_printed_as_text(tmp_path: Path, capsys: pytest.Captu
     folder.mkdir()
     (folder / "b].py").write_text(FACTORY)
     out = tmp_path / "out[/bold]"
-    assert main(["plan", f"{folder / 'b].py'}:build", "--budget", "1MB", "--backend", "torch", "--recipes", "fp32",
+    assert main(["plan", f"{folder / 'b].py'}:build", "--budget", "50MB", "--backend", "torch", "--recipes", "fp32",
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "odd[/b].py" in printed and f"wrote {out / 'plan.json'}" in printed
