@@ -31,7 +31,9 @@ def _library_noise(line: str) -> bool:
 def simplenet_plan(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path, Path]:
     root = tmp_path_factory.mktemp("plan")
     out, export = root / "out", root / "export"
-    done = planner("plan", "zoo:simplenet", "--budget", "5MB", "--backend", "torch", "--recipes",
+    # 50 MB: everything fits. The lifetime peak counts the framework's first-use costs (about 4.5 MB here), so
+    # SimpleNet's 22 kB of weights no longer sit far below 5 MB.
+    done = planner("plan", "zoo:simplenet", "--budget", "50MB", "--backend", "torch", "--recipes",
                    "fp32,bf16,int8-dynamic,int8-weight-only,fp8-dynamic,int4-g128,prune50",
                    "--out", str(out), "--export", str(export), "--export-all")
     return done, out, export
@@ -41,8 +43,8 @@ def test_plan_writes_a_stable_json(simplenet_plan: tuple) -> None:
     done, out, _ = simplenet_plan
     assert done.returncode == 0, done.stdout + done.stderr
     plan = json.loads((out / "plan.json").read_text())
-    assert plan["model"] == "zoo:simplenet" and plan["budget_bytes"] == 5_000_000 and plan["budget_on"] == "runtime"
-    assert plan["pick"] == "fp32" and plan["pick_backend"] == "torch"  # everything fits 5 MB; fp32 loses nothing
+    assert plan["model"] == "zoo:simplenet" and plan["budget_bytes"] == 50_000_000 and plan["budget_on"] == "runtime"
+    assert plan["pick"] == "fp32" and plan["pick_backend"] == "torch"  # everything fits; fp32 loses nothing
     rows = {row["recipe"]: row for row in plan["rows"]}
     required = {"recipe", "status", "analytic_disk_bytes", "verified_disk_bytes", "analytic_runtime_bytes",
                 "verified_runtime_bytes", "sqnr_db", "latency_ms", "fits", "note"}
