@@ -78,7 +78,6 @@ class ActivationReport:
     scratch_calls: list[str] = field(default_factory=list)  # kernels with hidden workspace met (planner.scratch)
     scratch_applied: dict[str, int] = field(default_factory=dict)  # op -> largest measured workspace added
     scratch_missing: list[str] = field(default_factory=list)  # ops whose workspace at these shapes is unmeasured
-    kept_bytes: int = 0  # what kernels keep resident after their first call at these shapes (planner.scratch)
 
 
 @dataclass
@@ -148,7 +147,6 @@ class _LivenessTracker(TorchDispatchMode):
         self.serial: dict[int, int] = {}      # storage key -> serial of the allocation now holding it
         self._next_serial = 0
         self.live_bytes = 0
-        self.kept_bytes = 0  # what kernels keep after their first call (see _first_call)
         self.peak_bytes = 0
         self.peak_module = ""
         self.stack: list[_Frame] = []
@@ -195,12 +193,8 @@ class _LivenessTracker(TorchDispatchMode):
             self.scratch_applied[packet] = max(measured.transient, self.scratch_applied.get(packet, 0))
 
     def _first_call(self, signature: str, measured: Any) -> None:
-        """What a kernel keeps after its first call at these shapes (oneDNN primitives and JIT code, scratchpads),
-        once per call signature and never freed: planner.verify's baseline comes before the first forward, so the
-        verified runtime (the lifetime peak) holds it too. Training overrides this (planner.training)."""
-        if signature not in self.scratch_calls and measured.kept:
-            # Not an activation (a warm forward does not allocate it): reported on its own, see kept_bytes.
-            self.kept_bytes += measured.kept
+        """Hook for what a kernel keeps after its first call (training adds it; an inference measurement runs a
+        forward before its baseline, so there it is part of the baseline)."""
 
     def _grow_outputs(self, out: Any, measured: Any) -> None:
         """Outputs the meta kernel makes smaller than the real one: the resident difference lives as long as the
@@ -459,7 +453,6 @@ def activation_peak(model: nn.Module, inputs: tuple[torch.Tensor, ...], *,
         scratch_calls=list(tracker.scratch_calls),
         scratch_applied=dict(tracker.scratch_applied),
         scratch_missing=sorted(tracker.scratch_missing),
-        kept_bytes=tracker.kept_bytes,
     )
 
 

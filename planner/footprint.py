@@ -49,40 +49,12 @@ class Footprint:
     pruned_layers: int = 0
     notes: list[str] = field(default_factory=list)
     unsupported: str | None = None  # why the recipe cannot apply to this model (set by planner.pruning)
-    # First-use costs of the framework's kernels at this dtype and scheme (planner.baseline.first_use_costs):
-    # what the first forward adds at its peak, and what stays resident for every later forward.
-    first_forward_extra_bytes: int = 0
-    steady_extra_bytes: int = 0
-    load_transient_bytes: int = 0  # what loading the artifact holds beyond the weights at its peak
-
-    @property
-    def steady_peak_bytes(self) -> int | None:
-        """A warm forward's peak: weights, activations, and what the first forward left resident."""
-        if self.activation_bytes is None:
-            return None
-        return self.weight_bytes + self.activation_bytes + self.steady_extra_bytes
-
-    @property
-    def first_forward_peak_bytes(self) -> int | None:
-        if self.activation_bytes is None:
-            return None
-        return self.weight_bytes + self.activation_bytes + self.first_forward_extra_bytes
-
-    @property
-    def load_peak_bytes(self) -> int:
-        return self.weight_bytes + self.load_transient_bytes
 
     @property
     def runtime_bytes(self) -> int | None:
-        """The lifetime peak (load, first forward, steady forward), what planner.verify measures."""
-        return lifetime_peak(self.load_peak_bytes, self.first_forward_peak_bytes, self.steady_peak_bytes)
-
-
-def lifetime_peak(load: int | None, first_forward: int | None, steady: int | None) -> int | None:
-    """The largest phase peak; None while a forward's figure is unknown (a load alone is not a lifetime)."""
-    if first_forward is None or steady is None:
-        return None
-    return max(first_forward, steady, load or 0)
+        if self.activation_bytes is None:
+            return None
+        return self.weight_bytes + self.activation_bytes
 
 
 def tensor_bytes_after(tensor: torch.Tensor, recipe: Recipe) -> int:
@@ -316,10 +288,6 @@ def analytic_footprint(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], 
                           for op, nbytes in sorted(report.scratch_applied.items()))
         footprint.notes.append(f"measured kernel workspace added: {added}")
     footprint.activation_bytes = report.peak_bytes
-    _add_first_use(footprint, meta_model, recipe, measure_scratch)
-    # What kernels keep after their first call at these shapes stays for every later forward.
-    footprint.first_forward_extra_bytes += report.kept_bytes
-    footprint.steady_extra_bytes += report.kept_bytes
     footprint.transient_bytes = report.transient_bytes
     footprint.output_bytes = report.output_bytes
     footprint.input_bytes = sum(t.numel() * t.element_size() for t in cast_inputs(inputs, recipe.torch_dtype))
@@ -327,23 +295,3 @@ def analytic_footprint(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], 
     if unmeasured:
         footprint.notes.append(f"fused kernels hide workspace: {', '.join(unmeasured)}")
     return footprint
-
-
-def _add_first_use(footprint: Footprint, meta_model: nn.Module, recipe: Recipe, measure: bool) -> None:
-    """The framework's first-use costs at this dtype, scheme and kernel families (planner.baseline), so the
-    analytic runtime targets the lifetime peak that planner.verify measures."""
-    from planner.baseline import first_use_costs, layer_families
-
-    # A TorchScript module's class is RecursiveScriptModule; original_name is the scripted class's name.
-    names = {getattr(module, "original_name", type(module).__name__) for module in meta_model.modules()}
-    try:
-        costs = first_use_costs(recipe.to_json(), layer_families(names), measure=measure)
-    except Exception as error:  # the weights and activations still stand; the note says what is missing
-        footprint.notes.append(f"framework first-use costs not measured ({type(error).__name__})")
-        return
-    if costs is None:
-        footprint.notes.append("framework first-use costs not measured: the runtime misses the first forward's "
-                               "kernel initialisation")
-        return
-    footprint.first_forward_extra_bytes = costs["first_forward"]
-    footprint.steady_extra_bytes = costs["steady"]

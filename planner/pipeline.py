@@ -35,13 +35,6 @@ from planner.units import format_bytes, relative_difference
 from planner.verify import MEASUREMENT_ENV, release_freed_memory, return_freed_memory_promptly
 
 REFERENCE = "fp32"
-# The measured runtime figures of a row (planner.verify.LifetimePeaks.fields).
-VERIFIED_RUNTIME_KEYS = ("verified_runtime_bytes", "verified_load_peak_bytes", "verified_first_forward_peak_bytes",
-                         "verified_steady_peak_bytes")
-# Figures a worker may write as "inf"/"nan" strings (strict JSON has neither).
-QUALITY_KEYS = ("sqnr_db", "max_abs_error", "top1_agreement", "reference_max_abs")
-NOT_FINITE_NOTE = ("the float32 reference output is not finite (NaN/inf), so no quality figure can be computed; "
-                   "check the weights and the input")
 # Below this, a runtime difference is allocator and framework noise rather than a modelling error.
 RESOLUTION_BYTES = 2 * 1000**2
 # A float32 output this small (random-init models with tiny weights) makes SQNR meaningless.
@@ -78,7 +71,6 @@ class PlanResult:
     input_shapes: list[list[int]]
     input_note: str | None = None
     pick_backend: str | None = None
-    warnings: list[str] = field(default_factory=list)  # printed after the table
 
     def row(self, recipe: str, backend: str = "torch") -> dict[str, Any] | None:
         return next((r for r in self.rows if r["recipe"] == recipe and r.get("backend") == backend), None)
@@ -142,9 +134,8 @@ def run_worker(job: dict[str, Any], workdir: Path, name: str, options: PlanOptio
     if result is None or "error" in result or outcome.returncode != 0:
         reason = result["error"] if result and "error" in result else describe_exit(outcome)
         return {"status": "failed", "note": f"verification failed: {reason}"}
-    for key in QUALITY_KEYS:
-        if isinstance(result.get(key), str):
-            result[key] = float(result[key])  # "inf" / "nan" in JSON (planner.verify._json_safe)
+    if isinstance(result.get("sqnr_db"), str):
+        result["sqnr_db"] = float(result["sqnr_db"])  # "inf" in JSON
     return dict(result, status="verified")
 
 
@@ -189,9 +180,7 @@ def explain(row: dict[str, Any], analytic_notes: list[str], source_kind: str, re
         return "; ".join(note for note in notes if note)
     notes += analytic_notes
     if row.get("status") == "verified":
-        if reference.get("reference_finite") is False:
-            notes.append(NOT_FINITE_NOTE)
-        elif (reference.get("reference_max_abs") or 0.0) < TINY_OUTPUT:
+        if (reference.get("reference_max_abs") or 0.0) < TINY_OUTPUT:
             notes.append(f"the float32 output is nearly zero (max |y| {reference.get('reference_max_abs', 0):.1e}): "
                          "SQNR and top-1 say little; check the model's initialisation or example input")
         slowdown = (row.get("latency_ms") or 0) / (reference.get("latency_ms") or math.inf)
@@ -313,14 +302,7 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
     return PlanResult(model=source.spec, budget_bytes=options.budget_bytes, budget_on=options.budget_on,
                       rows=ranked, pick=chosen["recipe"] if chosen else None, footprints=footprints, workdir=workdir,
                       input_shapes=[list(t.shape) for t in inputs], input_note=source.input_note,
-                      pick_backend=chosen.get("backend") if chosen else None, warnings=plan_warnings(rows))
-
-
-def plan_warnings(rows: list[dict[str, Any]]) -> list[str]:
-    """Plan-wide verdicts for the lines after the table."""
-    if any(row.get("reference_finite") is False for row in rows):
-        return [f"{NOT_FINITE_NOTE}; memory, disk and latency figures are measured, quality columns are empty"]
-    return []
+                      pick_backend=chosen.get("backend") if chosen else None)
 
 
 def _onnx_analytic_disk(meta_model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], recipes: list[Recipe],
@@ -427,10 +409,7 @@ def _analytic_figures(row: dict[str, Any], footprint: Footprint) -> dict[str, An
                 "analytic_activation_bytes": footprint.activation_bytes,
                 "analytic_runtime_bytes": footprint.runtime_bytes,
                 "analytic_transient_bytes": footprint.transient_bytes, "analytic_input_bytes": footprint.input_bytes,
-                "analytic_output_bytes": footprint.output_bytes,
-                "analytic_load_peak_bytes": footprint.load_peak_bytes,
-                "analytic_first_forward_peak_bytes": footprint.first_forward_peak_bytes,
-                "analytic_steady_peak_bytes": footprint.steady_peak_bytes}
+                "analytic_output_bytes": footprint.output_bytes}
     if row["status"] == "unsupported" and not row.get("analytic_is_what_if", True):
         return dict.fromkeys(analytic)
     return analytic
@@ -559,9 +538,7 @@ def _set_figures(row: dict[str, Any], analytic: dict[str, Any], verified_disk: i
     verified = row.get("status") == "verified"
     row.update(analytic)
     row["verified_disk_bytes"] = verified_disk if verified else None
-    # verified_runtime_bytes is the lifetime peak: the largest of the load, first-forward and steady peaks
-    for key in VERIFIED_RUNTIME_KEYS:
-        row[key] = row.get(key) if verified else None
+    row["verified_runtime_bytes"] = row.get("verified_runtime_bytes") if verified else None
     row["disk_diff"] = relative_difference(row.get("analytic_disk_bytes"), row["verified_disk_bytes"])
     row["runtime_diff"] = relative_difference(row.get("analytic_runtime_bytes"), row["verified_runtime_bytes"])
     if not verified:

@@ -35,10 +35,6 @@ ROW_FIELDS = [
     # runtime terms, each its own column (see terms_frame)
     "analytic_transient_bytes", "analytic_input_bytes", "analytic_output_bytes", "framework_bytes",
     "eval_score",  # --eval: the user's quality function on the reloaded model (torch rows)
-    # The lifetime phases (bytes over the worker's baseline). verified_runtime_bytes is the largest of the three
-    # verified peaks (the lifetime peak: load + first + second forward); analytic_runtime_bytes models the same.
-    "verified_load_peak_bytes", "verified_first_forward_peak_bytes", "verified_steady_peak_bytes",
-    "analytic_load_peak_bytes", "analytic_first_forward_peak_bytes", "analytic_steady_peak_bytes",
 ]
 PLAN_FILES = ("plan.csv", "plan.md", "plan.json", "plan.png", "layers.csv")
 MANIFEST = "manifest.json"
@@ -117,19 +113,14 @@ TERM_COLUMNS = {
     "weights": "analytic_weight_bytes", "weights (verified)": "verified_weight_resident_bytes",
     "activation peak": "analytic_activation_bytes", "activations (verified)": "verified_activation_bytes",
     "of which transient": "analytic_transient_bytes", "outputs": "analytic_output_bytes",
-    "inputs": "analytic_input_bytes",
-    # the three lifetime phases the runtime figure is the largest of (verified; analytic where not verified)
-    "load peak": "load_peak_bytes", "first fwd peak": "first_forward_peak_bytes",
-    "steady peak": "steady_peak_bytes",
-    "framework": "framework_bytes",
+    "inputs": "analytic_input_bytes", "framework": "framework_bytes",
 }
 
 
 def terms_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """The runtime terms behind each row's peak, for the terminal and plan.md: weights, activations (of which
     transient copies such as a dequantized weight), the inputs (held by the caller, not in the runtime
-    figure), the peaks of the three lifetime phases (load, first forward, steady forward; the runtime figure is
-    the largest), and the framework's own baseline, measured once per machine; then the whole process."""
+    figure), and the framework's own baseline, measured once per machine; then the whole process."""
     def device(row: pd.Series) -> Any:
         runtime = row["verified_runtime_bytes"]
         if runtime is None or pd.isna(runtime):
@@ -139,17 +130,10 @@ def terms_frame(frame: pd.DataFrame) -> pd.DataFrame:
             return None
         return runtime + framework
 
-    def column(key: str) -> pd.Series:
-        if key in frame:
-            return frame[key]
-        # a lifetime phase: the verified figure where there is one, else the analytic one
-        verified, analytic = frame[f"verified_{key}"], frame[f"analytic_{key}"]
-        return verified.where(verified.notna(), analytic)
-
     return pd.DataFrame({
         "recipe": frame["recipe"],
         "backend": frame["backend"].map(lambda b: "ort" if b == "onnxruntime" else b),
-        **{label: column(key).map(format_bytes) for label, key in TERM_COLUMNS.items()},
+        **{label: frame[key].map(format_bytes) for label, key in TERM_COLUMNS.items()},
         "device total": frame.apply(device, axis=1).map(format_bytes),
     })
 
@@ -198,8 +182,6 @@ def print_table(result: Any, console: Any) -> None:
         if row["note"]:
             console.print(f"  [bold]{escape(row['recipe'])}[/] ({escape(row['backend'])}): {escape(row['note'])}",
                           highlight=False)
-    for warning in getattr(result, "warnings", []):
-        console.print(f"[bold yellow]warning[/]: {escape(warning)}", highlight=False)
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:

@@ -3,22 +3,17 @@
 The parent (planner.pipeline) starts `python -m planner.verify JOB.json RESULT.json` once per recipe,
 so no recipe shares allocator state, imported kernels or cached pages with another. The process:
 
-1. imports torch (and torchao's tensor types where the recipe quantizes), builds the model's structure without
-   weights (meta; this imports the model's own code, e.g. transformers) and loads the example input;
-2. takes the baseline: VmRSS right there, with nothing run (no warm-up: a device pays the framework's first-use
-   costs, thread pool, oneDNN kernels, library code paged in, during the model's first forward, so they are
-   the model's too). planner.baseline measures the same state without a model (the framework column);
-3. loads the artifact: load peak = VmHWM - baseline (a loader's transient copies included);
-4. runs the example input once from a reset high-water mark: first-forward peak = VmHWM - baseline (lazy
-   initialisation and first-use code pages included);
-5. runs it again from a reset high-water mark: steady peak = VmHWM - baseline;
-   verified runtime = lifetime peak = max(load, first-forward, steady peak), what a device must survive, the same
-   figure as VmHWM - baseline over load + two forwards with no reset (scripts/measure_lifetime.py checks it);
-6. times further forwards (median) and compares the warm run's outputs with the fp32 reference.
+1. imports torch (and torchao), warms the framework up on a tiny forward, builds the model's
+   structure without weights (meta), and loads the example input;
+2. resets the resident-memory high-water mark (/proc/self/clear_refs) and takes the baseline;
+3. loads the artifact (resident weights = growth of RSS without file-backed pages after load, see
+   private_resident_bytes) and runs the example input once (first-run lazy initialisation is reported on its own);
+4. resets the high-water mark and runs it again: activation peak = peak - RSS before that forward;
+   verified runtime = resident weights + activation peak;
+5. times further forwards (median) and compares the first outputs with the fp32 reference.
 
-Nothing is freed or trimmed between the phases beyond what the model's own code frees, so the phases add up as
-they would in a deployment. glibc is told to hand large freed blocks straight back to the OS
-(MALLOC_MMAP_THRESHOLD_), so the high-water mark is what was alive at once, not what the allocator kept cached.
+glibc is told to hand large freed blocks straight back to the OS (MALLOC_MMAP_THRESHOLD_), so the
+high-water mark is what was alive at once, not what the allocator kept cached.
 """
 
 from __future__ import annotations
@@ -111,10 +106,6 @@ def compare_outputs(reference: list[Any], candidate: list[Any]) -> dict[str, flo
 
     if len(reference) != len(candidate) or any(r.shape != c.shape for r, c in zip(reference, candidate, strict=True)):
         raise RuntimeError("the recipe changed the model's output structure or shapes")
-    if not reference_is_finite(reference):
-        # No error can be measured against NaN/inf: every quality figure is unknown, not a number.
-        return {"sqnr_db": None, "max_abs_error": None, "top1_agreement": None, "reference_max_abs": None,
-                "reference_finite": False}
     signal = noise = 0.0
     max_abs = 0.0
     for ref, out in zip(reference, candidate, strict=True):
@@ -136,23 +127,15 @@ def compare_outputs(reference: list[Any], candidate: list[Any]) -> dict[str, flo
         index = next(i for i, r in enumerate(reference) if r is logits)
         top1 = float((logits.argmax(-1) == candidate[index].argmax(-1)).to(torch.float64).mean())
     reference_max = max((float(r.abs().max()) for r in reference if r.numel()), default=0.0)
-    return {"sqnr_db": sqnr, "max_abs_error": max_abs, "top1_agreement": top1, "reference_max_abs": reference_max,
-            "reference_finite": True}
-
-
-def reference_is_finite(reference: list[Any]) -> bool:
-    """Every value of every floating reference output is finite (no NaN, no inf)."""
-    import torch
-
-    return all(bool(torch.isfinite(tensor).all()) for tensor in reference)
+    return {"sqnr_db": sqnr, "max_abs_error": max_abs, "top1_agreement": top1, "reference_max_abs": reference_max}
 
 
 @dataclass
 class RunMeasurement:
-    output: Any  # what the warm run returned (the first run's output is dropped at once, as a caller would)
+    first_output: Any  # what the first run returned
     first_ms: float
-    first_peak: int  # VmHWM of the first run, from a high-water mark reset just before it
-    warm_peak: int  # VmHWM of the warm (second) run, from a reset high-water mark
+    first_peak: int  # VmHWM after the first run (lazy initialisation included)
+    warm_peak: int  # VmHWM of the warm run, from a reset high-water mark
     warm_growth: int  # warm_peak minus the resident memory just before the warm run
     latency_ms: float  # median of the warm runs
     runs: int
@@ -161,42 +144,18 @@ class RunMeasurement:
         return {"first_forward_ms": self.first_ms, "latency_ms": self.latency_ms, "latency_runs": self.runs}
 
 
-@dataclass(frozen=True)
-class LifetimePeaks:
-    """Peak resident growth over the worker's baseline in each phase of a deployment's life."""
-
-    load: int  # while the artifact is loaded (the loader's transient copies included)
-    first_forward: int  # during the first forward (lazy initialisation, first-use code pages)
-    steady: int  # during the second, warm forward
-
-    @property
-    def lifetime(self) -> int:
-        """What a device must survive: the largest of the three."""
-        return max(self.load, self.first_forward, self.steady)
-
-    def fields(self) -> dict[str, int]:
-        return {"verified_runtime_bytes": self.lifetime, "verified_load_peak_bytes": self.load,
-                "verified_first_forward_peak_bytes": self.first_forward, "verified_steady_peak_bytes": self.steady}
-
-
-def lifetime_peaks(baseline: int, load_hwm: int, measured: RunMeasurement) -> LifetimePeaks:
-    """The three phase peaks from absolute high-water marks (each read after its own reset) and the baseline."""
-    return LifetimePeaks(load_hwm - baseline, measured.first_peak - baseline, measured.warm_peak - baseline)
-
-
 def measure_runs(run: Callable[[], Any]) -> RunMeasurement:
-    """Run once from a reset high-water mark (first-use costs included), then again from a reset mark (the warm
-    peak), then repeat for a latency median within LATENCY_BUDGET_S. Nothing is freed or trimmed in between, as in
-    a deployment. Shared by the torch and ONNX workers."""
-    reset_peak()
+    """Run once (first-use costs included), then again from a reset high-water mark (the warm peak),
+    then repeat for a latency median within LATENCY_BUDGET_S. Shared by the torch and ONNX workers."""
     started = time.perf_counter()
-    run()  # dropped: holding it would add an output's bytes to the warm peak that no deployment pays
+    first_output = run()
     first_ms = (time.perf_counter() - started) * 1000
     first_peak = _proc_status_kib("VmHWM")
+    release_freed_memory()
     reset_peak()
     before_warm = _proc_status_kib("VmRSS")
     started = time.perf_counter()
-    output = run()
+    run()
     latencies = [(time.perf_counter() - started) * 1000]
     warm_peak = _proc_status_kib("VmHWM")
     budget_end = time.perf_counter() + LATENCY_BUDGET_S
@@ -204,30 +163,38 @@ def measure_runs(run: Callable[[], Any]) -> RunMeasurement:
         started = time.perf_counter()
         run()
         latencies.append((time.perf_counter() - started) * 1000)
-    return RunMeasurement(output, first_ms, first_peak, warm_peak, warm_peak - before_warm,
+    return RunMeasurement(first_output, first_ms, first_peak, warm_peak, warm_peak - before_warm,
                           statistics.median(latencies), len(latencies))
 
 
-def worker_imports() -> None:
-    """What every torch verification worker imports before its baseline, and planner.baseline before its figure:
-    torch and torchao's tensor types (the int4 prototype's included), whatever the recipe, so every row's
-    baseline, and the framework column, hold the same libraries."""
-    from planner.recipes import import_tensor_types
+def _warm_up(dtype: Any) -> None:
+    # First-use costs of the framework (thread pool, oneDNN primitives) belong to the baseline.
+    import torch
 
-    import_tensor_types()
+    with torch.inference_mode():
+        x = torch.randn(4, 64, dtype=dtype)
+        torch.nn.functional.linear(x, torch.randn(32, 64, dtype=dtype))
+        image = torch.randn(1, 3, 16, 16, dtype=dtype)
+        torch.nn.functional.conv2d(image, torch.randn(8, 3, 3, 3, dtype=dtype), padding=1)
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
+    from planner import sparse
     from planner.artifact import load_weights_into, set_eval, weightless_structure
     from planner.pruning import unpack_artifact_state
     from planner.recipes import DTYPES
     from planner.sources import ModelSource
 
-    worker_imports()
+    if job.get("needs_torchao"):
+        from planner.recipes import import_tensor_types
+
+        import_tensor_types()
     dtype = DTYPES[job["dtype"]]
     torch.manual_seed(0)
+    _warm_up(dtype)
+    sparse.warm_up()  # a sparse artifact is densified at load: its ops' first use belongs to the baseline
     source = ModelSource.from_json(job["source"])
     model = weightless_structure(source, job["artifact_format"])
     if model is not None and job.get("recipe"):
@@ -236,7 +203,6 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         linearize_conv1d(model, Recipe.from_json(job["recipe"]))  # the structure the recipe saved
     inputs = torch.load(job["inputs"], weights_only=True)
     inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
-    # The structure's build may have made and dropped a real copy (non-persistent buffers): gone before the baseline.
     release_freed_memory()
     exact_peak = reset_peak()
     baseline = _proc_status_kib("VmRSS")
@@ -251,19 +217,17 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         del state
     set_eval(model)
     load_s = time.perf_counter() - started
-    load_hwm = _proc_status_kib("VmHWM")
     loaded = _proc_status_kib("VmRSS")
     weights = private_resident_bytes() - private_baseline
 
     with torch.inference_mode():
         measured = measure_runs(lambda: model(*inputs))
-    outputs = [t.float() for t in floating_tensors(measured.output)]
+    outputs = [t.float() for t in floating_tensors(measured.first_output)]
     result: dict[str, Any] = {
-        # verified_runtime_bytes: the lifetime peak, max of the load, first-forward and steady peaks
-        **lifetime_peaks(baseline, load_hwm, measured).fields(),
-        "verified_weight_resident_bytes": weights,  # anonymous resident growth of the load (no file pages)
-        "verified_activation_bytes": measured.warm_growth,  # peak growth of the warm forward over its start
-        # What the first forward needed beyond a warm one (framework lazy init and first-use code pages).
+        "verified_runtime_bytes": weights + measured.warm_growth,
+        "verified_weight_resident_bytes": weights,
+        "verified_activation_bytes": measured.warm_growth,
+        # What the first forward needed beyond a warm one (framework lazy init); reported, not ranked.
         "verified_first_run_extra_bytes": max(0, measured.first_peak - loaded - measured.warm_growth),
         "baseline_rss_bytes": baseline,
         "peak_is_exact": exact_peak,
