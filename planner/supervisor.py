@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from planner import isolation
+from planner.watchdog import live_processes
 
 SUPERVISED_COMMANDS = frozenset({"plan", "inspect"})
 DEFAULT_TIMEOUT_S = 900.0
@@ -253,19 +254,7 @@ def _reap(child_pid: int) -> int | None:
 
 def _our_children() -> list[int]:
     """Live processes whose parent is the supervisor: the child, and orphans of the run reparented here."""
-    me = str(os.getpid())
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[1] == me and fields[0] != "Z":
-            found.append(int(entry.name))
-    return found
+    return live_processes(1, str(os.getpid()))
 
 
 def _kill_group(pgid: int, number: int = signal.SIGKILL) -> None:

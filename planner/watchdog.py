@@ -15,8 +15,9 @@ import time
 KILL_FOR_S = 10.0  # processes may still be forking while we kill: repeat until the session is empty
 
 
-def session_members(session: str) -> list[int]:
-    """Live processes whose session id (field 6 of /proc/PID/stat) is SESSION."""
+def live_processes(field: int, value: str) -> list[int]:
+    """Live processes (not zombies, not this one) whose /proc/PID/stat field FIELD (counted after the command
+    name: 1 the parent pid, 3 the session id) is VALUE."""
     found = []
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == os.getpid():
@@ -26,9 +27,14 @@ def session_members(session: str) -> list[int]:
                 fields = stat.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if fields[3] == session and fields[0] != "Z":
+        if fields[field] == value and fields[0] != "Z":
             found.append(int(name))
     return found
+
+
+def session_members(session: str) -> list[int]:
+    """Live processes whose session id is SESSION."""
+    return live_processes(3, session)
 
 
 def main(argv: list[str]) -> int:
