@@ -101,7 +101,7 @@ def _storages(tensor: torch.Tensor) -> list[torch.UntypedStorage]:
         return []
 
 
-def _storage_keys(tree: Any) -> dict[int, int]:
+def storage_keys(tree: Any) -> dict[int, int]:
     """Storage key -> nbytes for every tensor in a pytree; views of one storage count once."""
     keys: dict[int, int] = {}
     for leaf in pytree.tree_leaves(tree):
@@ -130,7 +130,7 @@ def _has_python_decomposition(func: torch._ops.OpOverload) -> bool:
         func.name(), "CompositeImplicitAutograd")
 
 
-class _LivenessTracker(TorchDispatchMode):
+class LivenessTracker(TorchDispatchMode):
     """Tracks live bytes of storages created by ops during the forward."""
 
     def __init__(self, preexisting: set[int], scratch: dict[str, Any] | None = None) -> None:
@@ -167,7 +167,7 @@ class _LivenessTracker(TorchDispatchMode):
             packet = str(func.overloadpacket)
             if packet in _FUSED_OPS or func.namespace not in ("aten", "prim", "prims"):
                 self.fused_ops.add(packet)
-        self._record_outputs(out, _storage_keys((args, kwargs)))
+        self._record_outputs(out, storage_keys((args, kwargs)))
         self._add_scratch(func, args, kwargs, out)
         return out
 
@@ -282,7 +282,7 @@ class _LivenessTracker(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def _module_hooks(model: nn.Module, tracker: _LivenessTracker,
+def _module_hooks(model: nn.Module, tracker: LivenessTracker,
                   per_module: dict[str, ModuleActivation]) -> Iterator[None]:
     """Global forward hooks that keep the tracker's module stack and fill per-module numbers."""
     names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
@@ -294,7 +294,7 @@ def _module_hooks(model: nn.Module, tracker: _LivenessTracker,
 
     def post(module: nn.Module, _inputs: Any, output: Any) -> None:
         frame = tracker.stack.pop()
-        outputs = _storage_keys(output)
+        outputs = storage_keys(output)
         output_serials = {tracker.serial[key] for key in outputs if key in tracker.serial}
         entry = per_module.setdefault(frame.name, ModuleActivation())
         entry.calls += 1
@@ -330,7 +330,7 @@ def _signature(module: nn.Module, args: tuple) -> tuple[Any, ...]:
 
 
 @contextlib.contextmanager
-def _memoized_layers(model: nn.Module, tracker: _LivenessTracker) -> Iterator[None]:
+def _memoized_layers(model: nn.Module, tracker: LivenessTracker) -> Iterator[None]:
     """Quantized leaf layers of one signature (type, weight layout, input shapes) allocate identically, so the
     first call of a signature runs and the others replay its peak, scratch and output. Running torchao's
     subclass dispatch on fake tensors for each of a 7B Llama's 225 layers took seconds."""
@@ -371,11 +371,11 @@ def _memoized_layers(model: nn.Module, tracker: _LivenessTracker) -> Iterator[No
             del module.forward  # the class's forward again
 
 
-def _fake_on(tensor: torch.Tensor, mode: Any, device: str) -> torch.Tensor:
+def fake_on(tensor: torch.Tensor, mode: Any, device: str) -> torch.Tensor:
     """A storage-less copy of `tensor` that claims to live on `device` (subclasses keep their layout); with mode
     None, a plain tensor on `device` (meta)."""
     if is_traceable_wrapper_subclass(tensor):
-        return transform_subclass(tensor, lambda _name, inner: _fake_on(inner, mode, device))
+        return transform_subclass(tensor, lambda _name, inner: fake_on(inner, mode, device))
     with mode if mode is not None else contextlib.nullcontext():
         return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=device)
 
@@ -387,8 +387,8 @@ def fake_state(model: nn.Module, inputs: tuple[torch.Tensor, ...], device: str
     from torch._subclasses.fake_tensor import FakeTensorMode  # import late: it is heavy
 
     fake_mode = FakeTensorMode()
-    state = {name: _fake_on(t, fake_mode, device) for name, t in _state(model).items()}
-    return fake_mode, state, tuple(_fake_on(t, fake_mode, device) for t in inputs)
+    state = {name: fake_on(t, fake_mode, device) for name, t in _state(model).items()}
+    return fake_mode, state, tuple(fake_on(t, fake_mode, device) for t in inputs)
 
 
 def fake_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...], device: str = "cpu") -> Any:
@@ -428,8 +428,8 @@ def activation_peak(model: nn.Module, inputs: tuple[torch.Tensor, ...], *,
     if simulate_device is not None and _on_meta([*state.values(), *inputs]):
         fake_mode, state, inputs = fake_state(model, inputs, simulate_device)
 
-    preexisting = set(_storage_keys((state, inputs)))
-    tracker = _LivenessTracker(preexisting, scratch)
+    preexisting = set(storage_keys((state, inputs)))
+    tracker = LivenessTracker(preexisting, scratch)
     per_module: dict[str, ModuleActivation] = {}
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
@@ -445,7 +445,7 @@ def activation_peak(model: nn.Module, inputs: tuple[torch.Tensor, ...], *,
             tracker.detach()
     return ActivationReport(
         peak_bytes=tracker.peak_bytes,
-        output_bytes=sum(_storage_keys(output).values()),
+        output_bytes=sum(storage_keys(output).values()),
         peak_module=tracker.peak_module,
         per_module=per_module,
         fused_ops=sorted(tracker.fused_ops),

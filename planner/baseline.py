@@ -72,7 +72,7 @@ def _write_cache(path: Path, data: dict[str, Any]) -> None:
 
 def _measure(backend: str) -> int | None:
     from planner.isolation import run_isolated
-    from planner.verify import MEASUREMENT_ENV
+    from planner.measure import MEASUREMENT_ENV
 
     with tempfile.TemporaryDirectory(prefix="planner-baseline-") as folder:
         result = Path(folder) / "baseline.json"
@@ -86,26 +86,26 @@ def _measure(backend: str) -> int | None:
 
 def measure_here(backend: str) -> int:
     """In this fresh process: the worker's imports and warm-up, then the resident set."""
-    from planner.verify import _proc_status_kib, release_freed_memory
+    from planner.measure import proc_status_bytes, release_freed_memory
 
     if backend == "torch":
         import torch
 
         from planner.recipes import import_tensor_types
-        from planner.verify import _warm_up
+        from planner.verify import warm_up
 
         import_tensor_types()
-        _warm_up(torch.float32)
+        warm_up(torch.float32)
     elif backend == "onnxruntime":
         import onnxruntime
 
-        from planner.onnx_verify import _warm_up as warm_up_onnxruntime
+        from planner.onnx_verify import warm_up as warm_up_onnxruntime
 
         warm_up_onnxruntime(onnxruntime)
     else:
         raise ValueError(f"unknown backend {backend!r}")
     release_freed_memory()
-    return _proc_status_kib("VmRSS")
+    return proc_status_bytes("VmRSS")
 
 
 if __name__ == "__main__":

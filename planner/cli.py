@@ -371,7 +371,8 @@ def _inspect_training(model: str, recipes: str, batch_size: str | None, optimize
     from planner.recipes import default_recipes, load_recipe_file, select_recipes
     from planner.report import plain
     from planner.sources import resolve_source
-    from planner.training import SGD_MOMENTUM, training_row
+    from planner.train_verify import training_row
+    from planner.training import SGD_MOMENTUM
 
     chosen = select_recipes(load_recipe_file(recipe_file) if recipe_file else default_recipes(), recipes)
     report_stage("loading the model")

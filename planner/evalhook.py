@@ -26,9 +26,9 @@ from planner.errors import PlannerError
 def resolve_eval_spec(spec: str) -> str:
     """Check that the spec names an importable function now (PlannerError if not), and return it in a form
     a worker with another working directory can import (an absolute file path, or module:fn)."""
-    from planner.sources import _split_factory
+    from planner.sources import split_function_spec
 
-    parts = _split_factory(spec)
+    parts = split_function_spec(spec)
     if parts is None:
         raise PlannerError(f"--eval {spec}: name a function as module:fn or file.py:fn, e.g. my_eval.py:accuracy")
     target, attr = parts
@@ -42,15 +42,10 @@ def resolve_eval_spec(spec: str) -> str:
 
 
 def load_eval(spec: str) -> Callable[[Any], Any]:
-    from planner.sources import _get_factory, _import_package_module, _import_py_file
+    from planner.sources import import_function
 
     target, attr = spec.rsplit(":", 1)
-    display = f"--eval {spec}"
-    if target.endswith(".py"):
-        module = _import_py_file(Path(target), display)
-    else:
-        module = _import_package_module(target, None, display)
-    return _get_factory(module, attr, display)
+    return import_function(target, attr, f"--eval {spec}")
 
 
 def run_eval(spec: str, model: Any) -> dict[str, Any]:
@@ -107,6 +102,6 @@ def run_eval_job(job: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from planner.verify import worker_main
+    from planner.worker import worker_main
 
     sys.exit(worker_main(sys.argv[1:], run_eval_job))

@@ -229,11 +229,11 @@ def _quantize_like_cpu(module: nn.Module, config: Any) -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torchao.quantization import quantize_
 
-    from planner.activations import _fake_on
+    from planner.activations import fake_on
 
     fake_mode = FakeTensorMode()
     weight = module.weight
-    module.weight = nn.Parameter(_fake_on(weight, fake_mode, "cpu"), requires_grad=False)
+    module.weight = nn.Parameter(fake_on(weight, fake_mode, "cpu"), requires_grad=False)
     try:
         with fake_mode:
             quantize_(module, config, filter_fn=lambda candidate, _name: candidate is module)
@@ -241,7 +241,7 @@ def _quantize_like_cpu(module: nn.Module, config: Any) -> None:
     finally:
         module.weight = weight
     if is_traceable_wrapper_subclass(quantized):
-        module.weight = nn.Parameter(_fake_on(quantized, None, "meta"), requires_grad=False)
+        module.weight = nn.Parameter(fake_on(quantized, None, "meta"), requires_grad=False)
 
 
 def cast_inputs(inputs: tuple[torch.Tensor, ...], dtype: torch.dtype, device: str | None = None

@@ -25,9 +25,13 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from planner.measure import MEASUREMENT_ENV
+from planner.safe_io import path_inside
+from planner.workdirs import WORKDIR_PREFIX, make_workdir, remove_stale_workdirs
 
 POLL_S = 0.02
 # Set by planner.supervisor for the planner process it watches: where to write the current stage.
@@ -132,9 +136,7 @@ _load_libc()
 def plan_workdir() -> Path:
     """The plan's work directory: inside the supervisor's when supervised (removed with it, whatever
     happens to this process); otherwise a fresh one that records its owner, after removing those left by
-    planners that died (planner.supervisor.remove_stale_workdirs)."""
-    from planner.supervisor import WORKDIR_PREFIX, make_workdir, remove_stale_workdirs
-
+    planners that died (planner.workdirs.remove_stale_workdirs)."""
     root = os.environ.get(WORKDIR_ENV)
     if root:
         return Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX, dir=Path(root) / "tmp"))
@@ -357,3 +359,42 @@ def describe_exit(outcome: Outcome) -> str:
     if lines:
         return lines[-1][:300]
     return f"the worker exited with status {code} without a result (os._exit or exit in the model's code?)"
+
+
+# ---- the worker protocol, parent side (the child side is planner.worker) ------------------------------------
+
+class WorkerLimits(Protocol):
+    """What run_worker needs of a plan's options: planner.pipeline.PlanOptions has both."""
+
+    @property
+    def timeout_s(self) -> float: ...
+
+    @property
+    def memory_cap_bytes(self) -> int | None: ...
+
+
+@dataclass(frozen=True)
+class Limits:
+    """WorkerLimits for a worker started outside a plan (kernel scratch, a training step)."""
+
+    timeout_s: float
+    memory_cap_bytes: int | None = field(default_factory=default_memory_cap)
+
+
+def run_worker(job: dict[str, Any], workdir: Path, name: str, limits: WorkerLimits,
+               worker: str = "planner.verify") -> dict[str, Any]:
+    """Run `python -m WORKER JOB RESULT` isolated; the result with status verified, or failed with the reason."""
+    job_path, result_path = path_inside(workdir, f"{name}.job.json"), path_inside(workdir, f"{name}.result.json")
+    job_path.write_text(json.dumps(job))
+    scratch = workdir / "tmp"  # the worker's temporaries: removed with the work directory
+    scratch.mkdir(exist_ok=True)
+    outcome = run_module_isolated(worker, [str(job_path), str(result_path)], timeout_s=limits.timeout_s,
+                                  memory_cap_bytes=limits.memory_cap_bytes, env=dict(os.environ, **MEASUREMENT_ENV),
+                                  scratch_dir=scratch)
+    result = json.loads(result_path.read_text()) if result_path.exists() and not outcome.failure else None
+    if result is None or "error" in result or outcome.returncode != 0:
+        reason = result["error"] if result and "error" in result else describe_exit(outcome)
+        return {"status": "failed", "note": f"verification failed: {reason}"}
+    if isinstance(result.get("sqnr_db"), str):
+        result["sqnr_db"] = float(result["sqnr_db"])  # "inf" in JSON
+    return dict(result, status="verified")

@@ -1,7 +1,8 @@
 """The mixed-precision stage of a plan: sensitivity → search → one verified `mixed:<budget>` row per budget.
 
 Runs after the uniform rows, on the same float32 reference and inputs, and verifies each chosen recipe with
-the same routine as every other row (pipeline._torch_row), so the rows compare in one table.
+the same routine as every other row (the torch row builder planner.pipeline hands to mixed_rows), so the rows
+compare in one table.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from torch import nn
 from planner import mixed, rank
 from planner.errors import PlannerError
 from planner.footprint import Footprint, analytic_footprint, weight_footprint
+from planner.isolation import run_worker
 from planner.mixed import CANDIDATES, FrontPoint, Option
 from planner.recipes import MIXED_PREFIX, LayerOverride, Recipe, check_recipe_name, layer_decision
+from planner.rows import set_figures
 from planner.sources import ModelSource
 from planner.units import format_bytes, parse_size
 
@@ -137,8 +140,6 @@ def _sensitivities(source: ModelSource, meta_model: nn.Module, layers: dict[str,
                    ) -> tuple[dict[str, dict[str, float | None]], float, str]:
     """Run the sensitivity worker isolated; returns the table, the base model's noise power (0 for float32) and a
     note on inputs, caching and time."""
-    from planner.pipeline import run_worker
-
     inputs_path = workdir / "inputs.pt"
     note = RANDOM_INPUTS_WARNING
     if options.calibration:
@@ -177,11 +178,9 @@ class SensitivityFailed(Exception):
 
 def _unsupported_row(name: str, backend: str, reason: str, budget_on: str, status: str = "unsupported"
                      ) -> dict[str, Any]:
-    from planner.pipeline import _set_figures
-
     row: dict[str, Any] = {"recipe": name, "backend": backend, "status": status, "note": reason,
                            "touches": "per-layer precision (mixed)"}
-    _set_figures(row, {}, None)
+    set_figures(row, {}, None)
     row.update(fits=False, artifact=None)
     return row
 
@@ -266,11 +265,11 @@ def _joint_curve(searches: list[Search]) -> list[list[float]]:
     return curve
 
 
-def mixed_rows(source: ModelSource, fp32_path: Path, reference: dict[str, Any], workdir: Path, fmt: str,
-               options: Any, footprints: dict[str, Footprint], report: Callable[[str], None]) -> list[dict[str, Any]]:
-    """One verified row per --mixed budget (and an unsupported ONNX Runtime row where that backend runs)."""
-    from planner.pipeline import _torch_row
-
+def mixed_rows(source: ModelSource, fp32_path: Path, workdir: Path, options: Any, footprints: dict[str, Footprint],
+               report: Callable[[str], None], verify: Callable[[Recipe, Footprint], dict[str, Any]]
+               ) -> list[dict[str, Any]]:
+    """One verified row per --mixed budget (and an unsupported ONNX Runtime row where that backend runs).
+    `verify(recipe, footprint)` applies, saves and verifies a recipe into a row, as for every uniform recipe."""
     names = [mixed_name(text) for text in options.mixed_budgets]
     rows: list[dict[str, Any]] = []
     if "onnxruntime" in options.backends:
@@ -321,7 +320,7 @@ def mixed_rows(source: ModelSource, fp32_path: Path, reference: dict[str, Any], 
         if search.thinned:
             footprint.notes.append(f"trade-off curve thinned to {mixed.MAX_FRONT_POINTS} points: optimum not exact")
         footprints[name] = footprint
-        row = _torch_row(source, recipe, footprint, fp32_path, reference, workdir, fmt, options, report)
+        row = verify(recipe, footprint)
         verified = row.get("sqnr_db")
         if row["status"] == "verified" and verified is not None and math.isfinite(verified):
             row["note"] += f"; verified SQNR {verified - predicted:+.1f} dB from predicted"

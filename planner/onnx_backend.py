@@ -585,6 +585,6 @@ def build_job(job: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from planner.verify import worker_main
+    from planner.worker import worker_main
 
     sys.exit(worker_main(sys.argv[1:], build_job))

@@ -11,10 +11,10 @@ The ONNX counterpart of planner.verify, with the same measurements and result ke
    arena keeps the first run's activation memory, so the warm peak is taken from the baseline:
    verified runtime = warm peak - baseline, activations = runtime - weights;
 5. times further runs (median) and only then imports torch to compare the floating outputs with the float32
-   torch reference (planner.verify.compare_outputs), so torch is not in the measured process state.
+   torch reference (planner.measure.compare_outputs), so torch is not in the measured process state.
 
 The job is JSON: {"artifact": ".onnx path", "inputs": ".npz (input_0, input_1, ...) or torch.save'd tuple",
-"reference": "torch.save'd list of float32 tensors"}. Run it with planner.verify.MEASUREMENT_ENV, as the parent
+"reference": "torch.save'd list of float32 tensors"}. Run it with planner.measure.MEASUREMENT_ENV, as the parent
 does for planner.verify, so freed blocks go back to the OS and the high-water mark means what was alive at once.
 """
 
@@ -26,13 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from planner.verify import (
-    _proc_status_kib,
-    compare_outputs,
-    measure_runs,
-    release_freed_memory,
-    reset_peak,
-)
+from planner.measure import compare_outputs, measure_runs, proc_status_bytes, release_freed_memory, reset_peak
+from planner.worker import worker_main
 
 FLOAT_ELEMENT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)")
 
@@ -60,7 +55,7 @@ def load_inputs(path: str) -> list[Any]:
     return [tensor.numpy() for tensor in torch.load(path, weights_only=True)]
 
 
-def _warm_up(ort: Any) -> None:
+def warm_up(ort: Any) -> None:
     # The first session of a process creates ORT's environment (logging, thread pool factory, kernel registry):
     # a cost of the runtime, not of the model, so it belongs to the baseline.
     import numpy as np
@@ -86,7 +81,7 @@ def _feeds(session: Any, inputs: list[Any]) -> dict[str, Any]:
 
 
 def _floating(session: Any, outputs: list[Any]) -> list[Any]:
-    # The graph's outputs in pytree order; integer ones are dropped, as planner.verify.floating_tensors does.
+    # The graph's outputs in pytree order; integer ones are dropped, as planner.measure.floating_tensors does.
     return [value for value, meta in zip(outputs, session.get_outputs(), strict=True)
             if meta.type in FLOAT_ELEMENT_TYPES]
 
@@ -95,17 +90,17 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)  # constant-folding notices on stderr are not errors
-    _warm_up(ort)
+    warm_up(ort)
     inputs = load_inputs(job["inputs"])
     release_freed_memory()
     exact_peak = reset_peak()
-    baseline = _proc_status_kib("VmRSS")
+    baseline = proc_status_bytes("VmRSS")
 
     started = time.perf_counter()
     session = ort.InferenceSession(job["artifact"], providers=["CPUExecutionProvider"])
     load_s = time.perf_counter() - started
-    loaded = _proc_status_kib("VmRSS")
-    load_peak = _proc_status_kib("VmHWM")
+    loaded = proc_status_bytes("VmRSS")
+    load_peak = proc_status_bytes("VmHWM")
     feeds = _feeds(session, inputs)
 
     measured = measure_runs(functools.partial(session.run, None, feeds))
@@ -138,6 +133,4 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from planner.verify import worker_main
-
     sys.exit(worker_main(sys.argv[1:], run_job))

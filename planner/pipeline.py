@@ -8,12 +8,9 @@ subprocess under a timeout and a memory cap (planner.isolation).
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,38 +22,21 @@ from planner.artifact import load_reference
 from planner.baseline import framework_baseline
 from planner.errors import PlannerError
 from planner.footprint import Footprint
-from planner.isolation import default_memory_cap, describe_exit, plan_workdir, report_stage, run_module_isolated
+from planner.isolation import plan_workdir, report_stage, run_worker
+from planner.measure import release_freed_memory, return_freed_memory_promptly
 from planner.pages import MappedReference
 from planner.pruning import artifact_state, prune_channels, pruning_footprint, resolve_recipe
 from planner.recipes import PruneThresholds, Recipe, UnsupportedRecipe, apply_recipe, check_layer_overrides
+from planner.rows import (
+    REFERENCE,
+    PlanOptions,
+    analytic_figures,
+    explain,
+    keep_or_drop,
+    set_figures,
+)
 from planner.safe_io import path_inside
 from planner.sources import ModelSource
-from planner.units import format_bytes, relative_difference
-from planner.verify import MEASUREMENT_ENV, release_freed_memory, return_freed_memory_promptly
-
-REFERENCE = "fp32"
-# Below this, a runtime difference is allocator and framework noise rather than a modelling error.
-RESOLUTION_BYTES = 2 * 1000**2
-# A float32 output this small (random-init models with tiny weights) makes SQNR meaningless.
-TINY_OUTPUT = 1e-4
-# A recipe this many times slower than float32 deserves a word in the note.
-SLOW_FACTOR = 5
-
-
-@dataclass
-class PlanOptions:
-    budget_bytes: int
-    budget_on: str = "runtime"
-    timeout_s: float = 900.0
-    memory_cap_bytes: int | None = field(default_factory=default_memory_cap)
-    backends: tuple[str, ...] = ("torch",)
-    keep_all_artifacts: bool = False  # otherwise only those that fit the budget survive verification
-    framework_bytes: dict[str, int | None] = field(default_factory=dict)  # per backend, set by run_plan
-    mixed_budgets: tuple[str, ...] = ()  # a verified mixed:<budget> row for each (planner.mixed_plan)
-    calibration: str | None = None  # real inputs for the mixed-precision sensitivity pass
-    mixed_dtype: str = "auto"  # the mixed recipes' float layers and activations: float32, bfloat16 or auto (both)
-    eval_spec: str | None = None  # --eval module:fn, the user's quality function (planner.evalhook)
-    analytic_only: bool = False  # rank the analytic figures alone: nothing is materialized or verified
 
 
 @dataclass
@@ -120,25 +100,6 @@ def _save(model: torch.nn.Module, path: Path, fmt: str, recipe: Recipe | None = 
     temporary.replace(path)
 
 
-def run_worker(job: dict[str, Any], workdir: Path, name: str, options: PlanOptions,
-                worker: str = "planner.verify") -> dict[str, Any]:
-    """Run `python -m WORKER JOB RESULT` isolated; the result with status verified, or failed with the reason."""
-    job_path, result_path = path_inside(workdir, f"{name}.job.json"), path_inside(workdir, f"{name}.result.json")
-    job_path.write_text(json.dumps(job))
-    scratch = workdir / "tmp"  # the worker's temporaries: removed with the work directory
-    scratch.mkdir(exist_ok=True)
-    outcome = run_module_isolated(worker, [str(job_path), str(result_path)], timeout_s=options.timeout_s,
-                                  memory_cap_bytes=options.memory_cap_bytes, env=dict(os.environ, **MEASUREMENT_ENV),
-                                  scratch_dir=scratch)
-    result = json.loads(result_path.read_text()) if result_path.exists() and not outcome.failure else None
-    if result is None or "error" in result or outcome.returncode != 0:
-        reason = result["error"] if result and "error" in result else describe_exit(outcome)
-        return {"status": "failed", "note": f"verification failed: {reason}"}
-    if isinstance(result.get("sqnr_db"), str):
-        result["sqnr_db"] = float(result["sqnr_db"])  # "inf" in JSON
-    return dict(result, status="verified")
-
-
 def _with_eval(result: dict[str, Any], job: dict[str, Any], workdir: Path, name: str, options: PlanOptions,
                progress: Callable[[str], None]) -> dict[str, Any]:
     """Add --eval's figure to a verified row. It runs in its own worker (planner.evalhook) after the
@@ -168,40 +129,6 @@ def _job(source: ModelSource, recipe: Recipe, artifact: Path, workdir: Path, sav
         "needs_torchao": recipe.quantizes,
         "recipe": recipe.to_json(),
     }
-
-
-def explain(row: dict[str, Any], analytic_notes: list[str], source_kind: str, reference: dict[str, Any],
-            has_convolutions: bool = False) -> str:
-    """The note column: what the recipe did, and why analytic and verified figures differ where they do."""
-    notes = [row.pop("note", "")] if row.get("note") else []
-    notes.append(row.pop("eval_error", ""))
-    if row.get("status") == "unsupported":  # say why it did not run, not what it would have done
-        notes += [note for note in analytic_notes if "left in" in note]
-        return "; ".join(note for note in notes if note)
-    notes += analytic_notes
-    if row.get("status") == "verified":
-        if (reference.get("reference_max_abs") or 0.0) < TINY_OUTPUT:
-            notes.append(f"the float32 output is nearly zero (max |y| {reference.get('reference_max_abs', 0):.1e}): "
-                         "SQNR and top-1 say little; check the model's initialisation or example input")
-        slowdown = (row.get("latency_ms") or 0) / (reference.get("latency_ms") or math.inf)
-        if slowdown >= SLOW_FACTOR:
-            notes.append(f"{slowdown:.0f}× slower than float32 on this machine")
-    diff = row.get("runtime_diff")
-    if diff is not None and abs(diff) > 0.05:
-        gap = abs((row.get("analytic_runtime_bytes") or 0) - (row.get("verified_runtime_bytes") or 0))
-        if gap < RESOLUTION_BYTES:
-            notes.append(f"runtime gap {format_bytes(gap)} is below the {format_bytes(RESOLUTION_BYTES)} "
-                         "resolution of resident-memory measurement (allocator and kernel workspaces)")
-        elif source_kind == "torchscript":
-            notes.append(f"runtime differs by {format_bytes(gap)}: TorchScript's interpreter keeps graph executor "
-                         "state the trace does not model")
-        elif has_convolutions and diff < 0:
-            # measured on MobileNetV2: oneDNN reorders a convolution's input or output into its own layout
-            notes.append(f"runtime differs by {format_bytes(gap)}: likely convolution scratch (oneDNN layout "
-                         "reorders, about one feature map per convolution) that the trace does not see")
-        else:
-            notes.append(f"runtime differs by {format_bytes(gap)}: not explained by the model (see README caveats)")
-    return "; ".join(note for note in notes if note)
 
 
 def _forward_error(model: torch.nn.Module, forward: Callable[[], Any]) -> str | None:
@@ -363,7 +290,10 @@ def _verify_recipes(source: ModelSource, recipes: list[Recipe], footprints: dict
     if options.mixed_budgets:
         from planner.mixed_plan import mixed_rows
 
-        rows += mixed_rows(source, fp32_path, reference, workdir, fmt, options, footprints, report)
+        def verify_mixed(recipe: Recipe, footprint: Footprint) -> dict[str, Any]:
+            return _torch_row(source, recipe, footprint, fp32_path, reference, workdir, fmt, options, report)
+
+        rows += mixed_rows(source, fp32_path, workdir, options, footprints, report, verify_mixed)
     if "onnxruntime" in options.backends:
         onnx_base: Path | None = None
         for recipe in recipes:
@@ -389,10 +319,10 @@ def _torch_row(source: ModelSource, recipe: Recipe, footprint: Footprint, fp32_p
         result = _apply_and_verify(source, recipe, fp32_path, artifact, workdir, fmt, options, report,
                                    prune_thresholds)
     row.update(result)
-    _set_figures(row, _analytic_figures(row, footprint), artifact.stat().st_size if artifact.exists() else None)
+    set_figures(row, analytic_figures(row, footprint), artifact.stat().st_size if artifact.exists() else None)
     has_convolutions = any(layer.type.startswith("Conv") for layer in footprint.layers)
     row["note"] = explain(row, footprint.notes, source.kind, reference, has_convolutions)
-    return _keep_or_drop(row, [artifact], options, keep_anyway=artifact == fp32_path)
+    return keep_or_drop(row, [artifact], options, keep_anyway=artifact == fp32_path)
 
 
 def _unsupported_result(recipe: Recipe, source: ModelSource, footprint: Footprint) -> dict[str, Any] | None:
@@ -404,42 +334,16 @@ def _unsupported_result(recipe: Recipe, source: ModelSource, footprint: Footprin
     return {"status": "unsupported", "note": reason, "analytic_is_what_if": what_if}
 
 
-def _analytic_figures(row: dict[str, Any], footprint: Footprint) -> dict[str, Any]:
-    analytic = {"analytic_disk_bytes": footprint.disk_bytes, "analytic_weight_bytes": footprint.weight_bytes,
-                "analytic_activation_bytes": footprint.activation_bytes,
-                "analytic_runtime_bytes": footprint.runtime_bytes,
-                "analytic_transient_bytes": footprint.transient_bytes, "analytic_input_bytes": footprint.input_bytes,
-                "analytic_output_bytes": footprint.output_bytes}
-    if row["status"] == "unsupported" and not row.get("analytic_is_what_if", True):
-        return dict.fromkeys(analytic)
-    return analytic
-
-
 def _estimated_row(source: ModelSource, recipe: Recipe, footprint: Footprint, options: PlanOptions
                    ) -> dict[str, Any]:
     """A row of `plan --analytic-only`: the analytic figures, ranked as they are; nothing measured."""
     row: dict[str, Any] = {"recipe": recipe.name, "backend": "torch", "touches": recipe.touches(),
                            "pruned_share": max(recipe.prune, recipe.channels, recipe.params)}
     row.update(_unsupported_result(recipe, source, footprint) or {"status": "estimated"})
-    _set_figures(row, _analytic_figures(row, footprint), None)
+    set_figures(row, analytic_figures(row, footprint), None)
     has_convolutions = any(layer.type.startswith("Conv") for layer in footprint.layers)
     row["note"] = explain(row, footprint.notes, source.kind, {}, has_convolutions)
-    return _keep_or_drop(row, [], options)
-
-
-def _keep_or_drop(row: dict[str, Any], files: list[Path], options: PlanOptions, keep_anyway: bool = False
-                  ) -> dict[str, Any]:
-    """Decide fits, and delete the artifact unless it may be exported (it can be gigabytes)."""
-    row["framework_bytes"] = options.framework_bytes.get(row["backend"])
-    row["fits"] = rank.fits(row, options.budget_bytes, options.budget_on)
-    row["artifact"] = None
-    if row["status"] == "verified" and files and files[0].exists():
-        if keep_anyway or options.keep_all_artifacts or row["fits"]:
-            row["artifact"] = str(files[0])
-        else:
-            for path in files:
-                path.unlink(missing_ok=True)
-    return row
+    return keep_or_drop(row, [], options)
 
 
 def _onnx_row(source: ModelSource, recipe: Recipe, analytic_disk: int | None, fp32_path: Path,
@@ -473,11 +377,11 @@ def _onnx_row(source: ModelSource, recipe: Recipe, analytic_disk: int | None, fp
             result["note"] = "; ".join(filter(None, [*notes, result.get("note", "")]))
     row.update(result)
     verified = row["status"] == "verified" and artifact is not None
-    _set_figures(row, {"analytic_disk_bytes": analytic_disk}, onnx_file_bytes(artifact) if verified else None)
+    set_figures(row, {"analytic_disk_bytes": analytic_disk}, onnx_file_bytes(artifact) if verified else None)
     row["note"] = explain(row, ["runtime measured only: ONNX Runtime's arena allocator is not modelled"]
                           if verified else [], source.kind, reference)
     files = [artifact, artifact.with_name(external_data_name(artifact))] if artifact else [workdir / "none"]
-    return _keep_or_drop(row, files, options, keep_anyway=artifact == onnx_base), onnx_base
+    return keep_or_drop(row, files, options, keep_anyway=artifact == onnx_base), onnx_base
 
 
 def onnx_touches(recipe: Recipe) -> str:
@@ -530,19 +434,3 @@ def _apply_and_verify(source: ModelSource, recipe: Recipe, fp32_path: Path, arti
     result = _with_eval(run_worker(job, workdir, recipe.name, options), job, workdir, recipe.name, options, progress)
     result["note"] = "; ".join(filter(None, [*notes, result.get("note", "")]))
     return result
-
-
-def _set_figures(row: dict[str, Any], analytic: dict[str, Any], verified_disk: int | None) -> None:
-    """Analytic figures beside their verified twins and the relative differences; a row that was not
-    verified keeps no measurement (one shape for the torch and the ONNX Runtime rows)."""
-    verified = row.get("status") == "verified"
-    row.update(analytic)
-    row["verified_disk_bytes"] = verified_disk if verified else None
-    row["verified_runtime_bytes"] = row.get("verified_runtime_bytes") if verified else None
-    row["disk_diff"] = relative_difference(row.get("analytic_disk_bytes"), row["verified_disk_bytes"])
-    row["runtime_diff"] = relative_difference(row.get("analytic_runtime_bytes"), row["verified_runtime_bytes"])
-    if not verified:
-        for key in ("sqnr_db", "max_abs_error", "top1_agreement", "latency_ms"):
-            row[key] = None
-    elif row.get("sqnr_db") is not None and math.isnan(row["sqnr_db"]):
-        row["sqnr_db"] = None

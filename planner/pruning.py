@@ -54,7 +54,7 @@ def _importance(weightless: bool) -> Any:
 
 
 def _tensors(output: Any) -> list[torch.Tensor]:
-    from planner.verify import floating_tensors
+    from planner.measure import floating_tensors
 
     return floating_tensors(output)
 

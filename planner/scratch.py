@@ -42,7 +42,9 @@ from typing import Any
 
 import torch
 
-from planner.verify import _proc_status_kib, release_freed_memory, reset_peak, worker_main
+from planner.isolation import Limits, run_worker
+from planner.measure import proc_status_bytes, release_freed_memory, reset_peak
+from planner.worker import worker_main
 
 # Under inference_mode the composite ops reach the tracker undecomposed (no autograd key runs their
 # decomposition), so inference meets conv2d and lstm where training meets convolution and mkldnn_rnn_layer.
@@ -136,11 +138,9 @@ def scratch_bytes(signatures: list[str], timeout_s: float = 600.0) -> tuple[dict
     missing = [signature for signature in dict.fromkeys(signatures) if signature not in known]  # trace order
     failure = None
     if missing:
-        from planner.pipeline import PlanOptions, run_worker
-
         with tempfile.TemporaryDirectory(prefix="planner-scratch-") as workdir:
             result = run_worker({"signatures": missing}, Path(workdir), "scratch",
-                                PlanOptions(budget_bytes=0, timeout_s=timeout_s), worker="planner.scratch")
+                                Limits(timeout_s), worker="planner.scratch")
         if result.get("status") == "verified":
             measured = {key: _scratch(value) for key, value in result["scratch"].items()}
             _store(measured)
@@ -257,7 +257,7 @@ def _measure_call(func: torch._ops.OpOverload, args: list[Any], kwargs: dict[str
     inputs = _tensors((args, kwargs))
     release_freed_memory()
     inputs_before = _per_storage(inputs)
-    before_first = _proc_status_kib("VmRSS")
+    before_first = proc_status_bytes("VmRSS")
     first_output = func(*args, **kwargs)
     output_resident = tuple(_per_storage(_tensors(first_output)))
     input_growth = tuple(max(0, after - before) for after, before in zip(_per_storage(inputs), inputs_before,
@@ -265,10 +265,10 @@ def _measure_call(func: torch._ops.OpOverload, args: list[Any], kwargs: dict[str
     del first_output
     release_freed_memory()
     # What stays once the outputs are gone, less the inputs' newly touched pages (they go with the inputs).
-    kept = _proc_status_kib("VmRSS") - before_first - sum(input_growth)
+    kept = proc_status_bytes("VmRSS") - before_first - sum(input_growth)
     reset_peak()
     output = func(*args, **kwargs)
-    transient = _proc_status_kib("VmHWM") - _proc_status_kib("VmRSS")  # the peak beyond what is live after it
+    transient = proc_status_bytes("VmHWM") - proc_status_bytes("VmRSS")  # the peak beyond what is live after it
     return Scratch(transient if transient > NOISE_BYTES else 0, kept if kept > NOISE_BYTES else 0,
                    _output_sizes(output), output_resident,
                    tuple(growth if growth > NOISE_BYTES else 0 for growth in input_growth))

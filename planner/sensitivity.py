@@ -79,7 +79,7 @@ def load_calibration(path: Path, example: tuple[torch.Tensor, ...]) -> tuple[tor
 
 
 def _floating_outputs(output: Any) -> list[torch.Tensor]:
-    from planner.verify import floating_tensors
+    from planner.measure import floating_tensors
 
     return [t.float() for t in floating_tensors(output)]
 
@@ -99,7 +99,7 @@ def _quantized_copy(module: nn.Module, config: Any) -> nn.Module:
 def layer_sqnrs(model: nn.Module, inputs: tuple[torch.Tensor, ...], reference: list[torch.Tensor],
                 layers: list[str], config: Any) -> dict[str, float | None]:
     """Output SQNR with each listed layer alone quantized by `config` (one forward per layer)."""
-    from planner.verify import compare_outputs
+    from planner.measure import compare_outputs
 
     sqnrs: dict[str, float | None] = {}
     for fqn in layers:
@@ -140,8 +140,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     base_sqnr: float | None = math.inf
     if dtype != "float32":
         from planner.footprint import cast_inputs
+        from planner.measure import compare_outputs
         from planner.recipes import DTYPES
-        from planner.verify import compare_outputs
 
         model = model.to(DTYPES[dtype])
         inputs = cast_inputs(inputs, DTYPES[dtype])
@@ -188,6 +188,6 @@ def _number(value: Any) -> float | None:
 
 
 if __name__ == "__main__":
-    from planner.verify import worker_main
+    from planner.worker import worker_main
 
     sys.exit(worker_main(sys.argv[1:], run_job))

@@ -475,6 +475,16 @@ def _import_package_module(module_name: str, root: str | None, display: str) -> 
     raise AssertionError("unreachable")
 
 
+def import_function(target: str, attr: str, display: str) -> Callable[..., Any]:
+    """The function `attr` of a Python file (`target` ends in .py) or an importable module, with the same checks
+    and messages as a model factory (used for --eval's function too)."""
+    if target.endswith(".py"):
+        module = _import_py_file(Path(target), display)
+    else:
+        module = _import_package_module(target, None, display)
+    return _get_factory(module, attr, display)
+
+
 def _package_root(module: ModuleType, module_name: str) -> str | None:
     """The sys.path entry the module was found under, so a subprocess with another cwd can import it too."""
     file = getattr(module, "__file__", None)
@@ -958,7 +968,7 @@ def _zoo_source(spec: str) -> str:
     return name
 
 
-def _split_factory(spec: str) -> tuple[str, str] | None:
+def split_function_spec(spec: str) -> tuple[str, str] | None:
     """('models.py', 'build') or ('pkg.mod', 'build') when the spec names a factory, else None."""
     if ":" not in spec:
         return None
@@ -1032,7 +1042,7 @@ def resolve_source(spec: str, *, weights: str | None = None, trust_code: bool = 
         hf_folder.check_folder(folder, spec, trust_code)
         source = ModelSource(spec=spec, kind="hf", path=str(folder), **options)
         source.build("meta")  # a config transformers cannot build fails now, before any work
-    elif (factory := _split_factory(spec)) is not None and not _is_file(spec):
+    elif (factory := split_function_spec(spec)) is not None and not _is_file(spec):
         target, _ = factory
         source = ModelSource(spec=spec, kind="factory", path=_factory_path(target, spec), **options)
         # Import and call now, so a broken factory fails before any work starts.

@@ -33,13 +33,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from planner import isolation
 from planner.watchdog import live_processes
+from planner.workdirs import make_workdir, remove_stale_workdirs
 
 SUPERVISED_COMMANDS = frozenset({"plan", "inspect"})
 DEFAULT_TIMEOUT_S = 900.0
@@ -50,8 +50,6 @@ ORPHAN_GRACE_S = 3.0
 # A verification worker has its own timeout; if the child does not come back this long after it, it is stuck.
 WORKER_SLACK_S = 60.0
 POLL_S = 0.05
-WORKDIR_PREFIX = "planner-"
-OWNER_FILE = "owner"
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -105,61 +103,6 @@ def limits_from_argv(argv: list[str]) -> Limits:
         except PlannerError:
             pass
     return Limits(timeout_s, cap if cap and cap > 0 else None)
-
-
-# ---- work directories -------------------------------------------------------------------------------------
-
-def _process_start_ticks(pid: int) -> str | None:
-    """Field 22 of /proc/PID/stat: with the pid, it names one process even after the pid is reused."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text.rsplit(")", 1)[1].split()[19]
-
-
-def owner_record() -> str:
-    pid = os.getpid()
-    return f"{pid} {_process_start_ticks(pid)}"
-
-
-def owner_alive(record: str) -> bool:
-    try:
-        pid_text, ticks = record.split()
-        pid = int(pid_text)
-    except ValueError:
-        return True  # not ours to judge: leave it
-    return _process_start_ticks(pid) == ticks
-
-
-def make_workdir(root: Path | None = None) -> Path:
-    """A private work directory that records its owner, so a later start can tell it was abandoned."""
-    workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX, dir=root))
-    (workdir / OWNER_FILE).write_text(owner_record())
-    (workdir / "tmp").mkdir()
-    return workdir
-
-
-def remove_stale_workdirs(root: Path | None = None) -> list[Path]:
-    """Work directories whose owner process is gone (a planner killed with kill -9 along with its
-    children). Only directories with our owner file are touched, and only ours (same uid)."""
-    removed = []
-    base = Path(root or tempfile.gettempdir())
-    try:
-        candidates = list(base.glob(WORKDIR_PREFIX + "*"))
-    except OSError:
-        return removed
-    for candidate in candidates:
-        try:
-            if candidate.is_symlink() or not candidate.is_dir() or candidate.stat().st_uid != os.getuid():
-                continue
-            record = (candidate / OWNER_FILE).read_text()
-        except OSError:
-            continue
-        if not owner_alive(record):
-            shutil.rmtree(candidate, ignore_errors=True)
-            removed.append(candidate)
-    return removed
 
 
 def child_env(workdir: Path) -> dict[str, str]:
@@ -218,7 +161,7 @@ def describe_death(status: int, stage: str) -> str:
 
 # ---- the supervisor ---------------------------------------------------------------------------------------
 
-class _Signals:
+class Signals:
     """The first SIGINT/SIGTERM/SIGHUP received (they all mean: stop, clean up)."""
 
     def __init__(self) -> None:
@@ -315,29 +258,11 @@ def _stop_watchdog(watchdog: tuple[int, int] | None) -> None:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def console_main() -> None:
-    """The `planner` console script. The stop signals are caught before anything heavy is imported (typer,
-    rich, torch), so an early Ctrl-C ends the run as an interrupt, not as a traceback from an import."""
-    received = _Signals()
-    previous = {number: signal.signal(number, received) for number in STOP_SIGNALS}
-    args = sys.argv[1:]
-    if wants_supervisor(args):
-        sys.exit(supervise(args, received))
-    for number, handler in previous.items():
-        signal.signal(number, handler)
-    if received.received is not None:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    from planner.cli import entry_point
-
-    entry_point()
-
-
-def supervise(argv: list[str], received: _Signals | None = None) -> int:
+def supervise(argv: list[str], received: Signals | None = None) -> int:
     """Run `planner ARGV` as a watched child; its exit code, or 2 with one line when it died unfinished."""
     from planner.errors import PlannerError
 
-    received = received or _Signals()
+    received = received or Signals()
     previous = {number: signal.signal(number, received) for number in STOP_SIGNALS}
     try:
         limits = limits_from_argv(argv)
@@ -379,7 +304,7 @@ def _report(verdict: str, status: int | None, workdir: Path) -> int:
     return 2
 
 
-def _watch(child: subprocess.Popen[bytes], workdir: Path, limits: Limits, received: _Signals
+def _watch(child: subprocess.Popen[bytes], workdir: Path, limits: Limits, received: Signals
            ) -> tuple[str, int | None]:
     """Poll the child until it exits. Returns ("finished", its exit code), ("interrupted", None) or
     (the one-line reason it was stopped or died, None)."""

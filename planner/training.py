@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from planner.activations import _LivenessTracker, _storage_keys, fake_state
+from planner.activations import LivenessTracker, fake_state, storage_keys
 from planner.errors import PlannerError
 from planner.footprint import cast_inputs
 from planner.recipes import Recipe
@@ -47,7 +47,6 @@ LEARNING_RATE = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
 STEP_SCALAR_BYTES = 4  # Adam's per-parameter `step` count is a float32 0-d tensor on CPU
 TRACED_STEPS = 2
 PHASES = ("zero_grad", "forward", "backward", "optimizer step")
-LAZY_INIT_NOTE_BYTES = 1000**2  # a model's first-forward initialisation above this is said in the note
 
 
 def check_mode(mode: str) -> str:
@@ -100,7 +99,7 @@ def make_optimizer(name: str, params: list[torch.Tensor], foreach: bool | None =
 
 def training_loss(output: Any) -> torch.Tensor:
     """Sum over the floating outputs of their mean (see the module docstring)."""
-    from planner.verify import floating_tensors
+    from planner.measure import floating_tensors
 
     tensors = floating_tensors(output)
     if not tensors:
@@ -151,7 +150,7 @@ class TrainingReport:
         return f"step {step + 1} {self.step_peak_phases[step]}"
 
 
-class _PhasedTracker(_LivenessTracker):
+class _PhasedTracker(LivenessTracker):
     """The liveness tracker, also keeping the peak of the current step and the phase it happened in, and adding
     the measured scratch of kernels with hidden workspace (planner.scratch) on top of what is live after them."""
 
@@ -203,15 +202,15 @@ def _trace_training(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], opt
     model = copy.deepcopy(meta_model).to(dtype).train()
     fake_mode, state, fake_inputs = fake_state(model, cast_inputs(inputs, dtype, "meta"), "cpu")
     trainable = [state[name].requires_grad_(True) for name, p in model.named_parameters() if p.requires_grad]
-    param_bytes = sum(_storage_keys([state[name] for name, _ in model.named_parameters()]).values())
-    preexisting = set(_storage_keys((state, fake_inputs)))
+    param_bytes = sum(storage_keys([state[name] for name, _ in model.named_parameters()]).values())
+    preexisting = set(storage_keys((state, fake_inputs)))
     tracker = _PhasedTracker(preexisting, scratch)
     saved: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         # Saved parameters, inputs and views of them are not new memory; a storage saved twice counts once.
         # The tracker's size, not the fake storage's: it includes what a meta kernel left out (see _grow_outputs).
-        saved.update({key: tracker.live.get(key, nbytes) for key, nbytes in _storage_keys(tensor).items()
+        saved.update({key: tracker.live.get(key, nbytes) for key, nbytes in storage_keys(tensor).items()
                       if key not in preexisting})
         return tensor
 
@@ -220,7 +219,7 @@ def _trace_training(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], opt
     def on_phase(phase: str) -> None:
         tracker.phase = phase
         if phase == "optimizer step":  # backward is done: the gradients of the first step
-            grads.setdefault("bytes", sum(_storage_keys([p.grad for p in trainable if p.grad is not None]).values()))
+            grads.setdefault("bytes", sum(storage_keys([p.grad for p in trainable if p.grad is not None]).values()))
 
     step_peaks: list[int] = []
     step_phases: list[str] = []
@@ -237,7 +236,7 @@ def _trace_training(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], opt
                 step_phases.append(tracker.window_phase)
                 saved_bytes = sum(saved.values())
                 saved.clear()
-            state_bytes = sum(_storage_keys(list(optim.state.values())).values())
+            state_bytes = sum(storage_keys(list(optim.state.values())).values())
     finally:
         tracker.detach()
     # profiler.* are the optimizer's record_function markers; SCRATCH_OPS have their workspace measured.
@@ -248,57 +247,3 @@ def _trace_training(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], opt
         saved_activation_bytes=saved_bytes, step_peaks=step_peaks, step_peak_phases=step_phases, foreach=foreach,
         fused_ops=hidden, scratch_applied=tracker.scratch_applied, kept_scratch_bytes=tracker.kept_bytes
     ), list(tracker.scratch_calls)
-
-
-def training_row(source: Any, recipe: Recipe, batch: int, optimizer: str, verify: bool,
-                 timeout_s: float = 900.0) -> dict[str, Any]:
-    """One row of `planner inspect --mode train`: the analytic figures and, with verify, the measured steps.
-
-    `source` is a planner.sources.ModelSource whose batch size is already `batch`.
-    """
-    row: dict[str, Any] = {"batch": batch, "recipe": recipe.name, "optimizer": optimizer}
-    reason = not_trainable_reason(recipe)
-    if reason:
-        return dict(row, note=reason)
-    try:
-        report = training_footprint(source.build("meta"), source.example_inputs(), optimizer, recipe.torch_dtype)
-    except PlannerError:
-        raise
-    except Exception as error:  # a model whose training step cannot be traced weightless still gets a row
-        return dict(row, note=f"not traced ({type(error).__name__}: {str(error)[:160]})")
-    notes = []
-    if report.scratch_applied or report.kept_scratch_bytes:
-        from planner.units import format_bytes
-
-        parts = [f"{op} up to {format_bytes(nbytes)}" for op, nbytes in sorted(report.scratch_applied.items())]
-        if report.kept_scratch_bytes:
-            parts.append(f"kept after first use {format_bytes(report.kept_scratch_bytes)}")
-        notes.append("measured kernel scratch added (cached per machine): " + ", ".join(parts))
-    if report.scratch_failure:
-        notes.append(f"kernel scratch not measured: {report.scratch_failure}")
-    if report.fused_ops:
-        notes.append(f"fused kernels hide workspace (not counted): {', '.join(report.fused_ops)}")
-    row.update({
-        "params": report.param_bytes, "grads": report.grad_bytes, "optimizer state": report.optimizer_state_bytes,
-        "saved activations": report.saved_activation_bytes,
-        **{f"step {i + 1} peak": peak for i, peak in enumerate(report.step_peaks)},
-        "peak in": report.peak_phase,
-    })
-    if verify:
-        from planner.train_verify import measure_training
-        from planner.units import relative_difference
-
-        measured = measure_training(source.to_json(), recipe.dtype, optimizer, len(report.step_peaks),
-                                    timeout_s=timeout_s)
-        if measured.step_peaks is None:
-            notes.append(f"measurement failed: {measured.failure}")
-        elif measured.first_forward_kept_bytes > LAZY_INIT_NOTE_BYTES:
-            from planner.units import format_bytes
-
-            notes.append(f"the model's first forward left {format_bytes(measured.first_forward_kept_bytes)} resident "
-                         "(lazy initialisation): in the measured baseline, not in the steps")
-        for i, peak in enumerate(measured.step_peaks or []):
-            row[f"measured step {i + 1}"] = peak
-            row[f"diff step {i + 1}"] = relative_difference(report.step_peaks[i], peak)
-    row["note"] = "; ".join(notes)
-    return row

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from planner.activations import ActivationReport, activation_peak
-from planner.verify import MEASUREMENT_ENV
+from planner.measure import MEASUREMENT_ENV
 from planner.zoo import ZOO
 
 MiB = 2**20
@@ -131,7 +131,7 @@ def test_convnet_measured_within_ten_percent() -> None:
     assert abs(measured - predicted) <= 0.10 * predicted, (predicted, measured)
 
 
-# An independent measurement for the test (the verifier's own is planner.verify.measure_runs).
+# An independent measurement for the test (the verifier's own is planner.measure.measure_runs).
 _MEASURE_SCRIPT = """
 import ctypes, gc, json, sys
 import torch

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
+from planner.measure import private_resident_bytes, proc_status_bytes
 from planner.scratch import _build, resident_bytes
-from planner.verify import _proc_status_kib, private_resident_bytes
 
 MiB = 2**20
 
@@ -25,10 +25,10 @@ def test_private_resident_bytes_leave_out_pages_mapped_from_files(tmp_path: Path
     """A library's code paged in on first use is file-backed: VmRSS grows, the weights figure must not."""
     path = tmp_path / "blob"
     path.write_bytes(os.urandom(16 * MiB))
-    rss, private = _proc_status_kib("VmRSS"), private_resident_bytes()
+    rss, private = proc_status_bytes("VmRSS"), private_resident_bytes()
     with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
         assert sum(mapped[offset] for offset in range(0, len(mapped), mmap.PAGESIZE)) >= 0  # touch every page
-        rss_growth, private_growth = _proc_status_kib("VmRSS") - rss, private_resident_bytes() - private
+        rss_growth, private_growth = proc_status_bytes("VmRSS") - rss, private_resident_bytes() - private
     assert rss_growth > 12 * MiB and private_growth < 2 * MiB
 
 

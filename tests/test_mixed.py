@@ -179,7 +179,7 @@ def test_analytic_and_applied_per_layer_layout_are_identical(tmp_path: Path) -> 
 def test_sensitivity_is_the_error_of_the_model_with_that_layer_alone_quantized_and_is_cached(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from planner import sensitivity
-    from planner.verify import compare_outputs
+    from planner.measure import compare_outputs
 
     monkeypatch.setenv("PLANNER_CACHE_DIR", str(tmp_path / "cache"))
     source = resolve_source(MLP)
@@ -252,7 +252,7 @@ def test_plan_mixed_fits_is_verified_and_beats_uniform_int4(tmp_path: Path) -> N
 
 def test_bfloat16_base_sensitivity_includes_the_base_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from planner import sensitivity
-    from planner.verify import compare_outputs
+    from planner.measure import compare_outputs
 
     monkeypatch.setenv("PLANNER_CACHE_DIR", str(tmp_path / "cache"))
     model, inputs = mlp()

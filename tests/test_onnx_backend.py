@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from planner import onnx_backend as backend
+from planner.isolation import Limits, run_worker
+from planner.measure import compare_outputs, floating_tensors
 from planner.onnx_verify import make_job, save_inputs_npz
-from planner.pipeline import PlanOptions, run_worker
 from planner.recipes import Recipe, UnsupportedRecipe, default_recipes
-from planner.verify import compare_outputs, floating_tensors
 from planner.zoo import ZOO
 
 RECIPES = {recipe.name: recipe for recipe in default_recipes()}
@@ -185,7 +185,7 @@ def test_worker_end_to_end(artifacts: Artifacts, tmp_path: Path) -> None:
     save_inputs_npz(artifacts.inputs("tinylm"), tmp_path / "inputs.npz")
     torch.save(artifacts.reference("tinylm"), tmp_path / "reference.pt")
     job = make_job(path, tmp_path / "inputs.npz", tmp_path / "reference.pt")
-    options = PlanOptions(budget_bytes=1, timeout_s=120)
+    options = Limits(timeout_s=120)
     result = run_worker(job, tmp_path, "onnx", options, worker="planner.onnx_verify")
     assert result["status"] == "verified", result
     for key in ("verified_runtime_bytes", "verified_weight_resident_bytes", "verified_activation_bytes",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from planner import supervisor
+from planner import supervisor, workdirs
 from planner.cli import main
 
 # Misbehaves on request. HOSTILE_MODE: how; HOSTILE_WHERE: in the planner process or in a verification worker
@@ -307,12 +307,12 @@ def test_eval_still_scores(run: dict, capsys: pytest.CaptureFixture) -> None:
 def test_stale_work_directories_are_removed(tmp_path: Path) -> None:
     dead = tmp_path / "planner-dead"
     dead.mkdir()
-    (dead / supervisor.OWNER_FILE).write_text("999999999 12345")  # no such process
+    (dead / workdirs.OWNER_FILE).write_text("999999999 12345")  # no such process
     (dead / "artifact.pt").write_bytes(b"x")
-    alive = supervisor.make_workdir(tmp_path)  # owned by this process
+    alive = workdirs.make_workdir(tmp_path)  # owned by this process
     foreign = tmp_path / "planner-foreign"  # not ours to judge: no owner record
     foreign.mkdir()
-    assert supervisor.remove_stale_workdirs(tmp_path) == [dead]
+    assert workdirs.remove_stale_workdirs(tmp_path) == [dead]
     assert not dead.exists() and alive.exists() and foreign.exists()
 
 

@@ -117,7 +117,7 @@ def test_convolution_scratch_is_measured_once_and_cached(tmp_path: Path, monkeyp
     def no_child(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("a cached figure was measured again")
 
-    monkeypatch.setattr("planner.pipeline.run_worker", no_child)
+    monkeypatch.setattr("planner.scratch.run_worker", no_child)
     again = training_footprint(model, inputs, "sgd")
     assert again.step_peaks == corrected.step_peaks
 
