@@ -66,7 +66,7 @@ One training step = `optimizer.zero_grad(set_to_none=True)`, forward, loss = sum
 measured figure is the peak resident memory of a real step in a fresh process (planner.train_verify): resident
 parameters + (peak RSS during the step - baseline RSS), steps 1 (creates the optimizer state) and 2 (steady state).
 The baseline is taken after imports, a tiny warm-up of the framework's kernels (convolution, attention, LSTM, one
-optimizer step), model load, optimizer construction and one forward without autograd: as in planner.verify,
+optimizer step), model load, optimizer construction and one forward without autograd: as in the torch worker,
 first-use initialisation is kept out of the step and reported (`first_forward_kept_bytes` in the CSV). Each estimate
 is compared with the larger of the two steps; error = (estimate - measured) / measured.
 

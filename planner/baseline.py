@@ -18,6 +18,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from planner.runtimes.onnxruntime import worker as onnxruntime_worker
+from planner.runtimes.torch_cpu import worker as torch_worker
+
+# Each runtime's worker warm-up (light modules: the libraries are imported inside, in the measured process).
+WARM_UPS = {"torch": torch_worker.warm_up_framework, "onnxruntime": onnxruntime_worker.warm_up_framework}
 BACKEND_LIBRARIES = {"torch": ("torch", "torchao"), "onnxruntime": ("onnxruntime", "onnx", "numpy")}
 CACHE_FILE = "framework-baseline.json"
 MEASURE_TIMEOUT_S = 300.0
@@ -88,22 +93,9 @@ def measure_here(backend: str) -> int:
     """In this fresh process: the worker's imports and warm-up, then the resident set."""
     from planner.measure import proc_status_bytes, release_freed_memory
 
-    if backend == "torch":
-        import torch
-
-        from planner.recipes import import_tensor_types
-        from planner.verify import warm_up
-
-        import_tensor_types()
-        warm_up(torch.float32)
-    elif backend == "onnxruntime":
-        import onnxruntime
-
-        from planner.onnx_verify import warm_up as warm_up_onnxruntime
-
-        warm_up_onnxruntime(onnxruntime)
-    else:
+    if backend not in WARM_UPS:
         raise ValueError(f"unknown backend {backend!r}")
+    WARM_UPS[backend]()
     release_freed_memory()
     return proc_status_bytes("VmRSS")
 

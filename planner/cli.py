@@ -213,21 +213,20 @@ def _check_analytic_only(backend: str | None, mixed: bool, export: Path | None, 
                            "drop --analytic-only to verify, or drop those options")
 
 
-BACKENDS = ("torch", "onnxruntime")
-
-
 def parse_backends(text: str | None) -> tuple[str, ...]:
-    """--backend: torch and/or onnxruntime; by default both where onnxruntime can be imported."""
-    import importlib.util
+    """--backend: registered runtimes (torch, onnxruntime); by default each whose package is installed."""
+    from planner.runtimes.registry import OPTIONAL_PACKAGES, RUNTIMES, available
 
     if text is None:
-        return BACKENDS if importlib.util.find_spec("onnxruntime") else ("torch",)
+        return tuple(name for name in RUNTIMES if available(name))
     chosen = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
-    unknown = [name for name in chosen if name not in BACKENDS]
+    unknown = [name for name in chosen if name not in RUNTIMES]
     if unknown or not chosen:
-        raise PlannerError(f"--backend {text!r}: use torch, onnxruntime or torch,onnxruntime")
-    if "onnxruntime" in chosen and not importlib.util.find_spec("onnxruntime"):
-        raise PlannerError("--backend onnxruntime: onnxruntime is not installed (pip install onnxruntime)")
+        raise PlannerError(f"--backend {text!r}: use {', '.join(RUNTIMES)} or {','.join(RUNTIMES)}")
+    missing = next((name for name in chosen if not available(name)), None)
+    if missing is not None:
+        package = OPTIONAL_PACKAGES[missing]
+        raise PlannerError(f"--backend {missing}: {package} is not installed (pip install {package})")
     return chosen
 
 

@@ -194,8 +194,9 @@ def run_isolated(argv: list[str], *, timeout_s: float, memory_cap_bytes: int | N
 
 
 FORKSERVER_PRELOAD = ["planner.preload"]
-# Workers started from the fork server. Not planner.onnx_verify: an ONNX Runtime measurement has no torch in it.
-PRELOADED_WORKERS = frozenset({"planner.verify", "planner.onnx_backend", "planner.evalhook"})
+# Workers started from the fork server. Not the ONNX Runtime worker: an ONNX Runtime measurement has no torch in it.
+PRELOADED_WORKERS = frozenset({"planner.runtimes.torch_cpu.worker", "planner.runtimes.onnxruntime.export",
+                               "planner.evalhook"})
 _forkserver: Any = None
 
 
@@ -382,7 +383,7 @@ class Limits:
 
 
 def run_worker(job: dict[str, Any], workdir: Path, name: str, limits: WorkerLimits,
-               worker: str = "planner.verify") -> dict[str, Any]:
+               *, worker: str) -> dict[str, Any]:
     """Run `python -m WORKER JOB RESULT` isolated; the result with status verified, or failed with the reason."""
     job_path, result_path = path_inside(workdir, f"{name}.job.json"), path_inside(workdir, f"{name}.result.json")
     job_path.write_text(json.dumps(job))

@@ -11,5 +11,5 @@ import torchao.prototype.quantization.int4  # noqa: E402, F401
 
 import planner.artifact  # noqa: E402, F401
 import planner.recipes  # noqa: E402, F401
+import planner.runtimes.torch_cpu.worker  # noqa: E402, F401
 import planner.sources  # noqa: E402, F401
-import planner.verify  # noqa: E402, F401

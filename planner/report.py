@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from planner.errors import PlannerError
+from planner.runtimes.registry import create
 from planner.safe_io import MAX_PATH_CHARS, path_inside, read_text_capped
 from planner.units import format_bytes
 
@@ -489,7 +490,8 @@ def export_artifacts(result: Any, picks: list[tuple[str, str]], directory: Path,
 
 def _stage_export(staging: Path, artifact: Path, backend: str, name: str, row: dict[str, Any], model: str,
                   recipe_table: dict[str, Any], source_json: dict[str, Any]) -> None:
-    files = _artifact_files(artifact, backend)
+    runtime = create(backend)
+    files = runtime.export_files(artifact)
     for path in files:
         shutil.copyfile(path, staging / path.name)
     model_file = staging / files[0].name
@@ -505,7 +507,7 @@ def _stage_export(staging: Path, artifact: Path, backend: str, name: str, row: d
         "bytes": sum((staging / path.name).stat().st_size for path in files),
         "verification": {key: _json_value(row.get(key)) for key in ROW_FIELDS},
         "environment": environment(),
-        "how_to_load": _how_to_load(model_file.name, backend, artifact.suffix),
+        "how_to_load": runtime.how_to_load(model_file.name, artifact.suffix),
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     os.chmod(staging, 0o755)  # mkdtemp makes it 0700; an exported folder is an ordinary folder
@@ -525,21 +527,3 @@ def _move_into_place(staging: Path, target: Path, directory: Path) -> None:
     target.rename(old)
     staging.rename(target)
     shutil.rmtree(aside)  # a real directory we created inside DIRECTORY, holding the folder we just moved
-
-
-def _artifact_files(artifact: Path, backend: str) -> list[Path]:
-    if backend != "onnxruntime":
-        return [artifact]
-    from planner.onnx_backend import external_data_name
-
-    data = artifact.with_name(external_data_name(artifact))
-    return [artifact, data] if data.exists() else [artifact]
-
-
-def _how_to_load(file: str, backend: str, suffix: str) -> str:
-    if backend == "onnxruntime":
-        return f"onnxruntime.InferenceSession('{file}') (keep any .data file beside it)"
-    if suffix == ".ts":
-        return f"torch.jit.load('{file}')"
-    return (f"import torchao; model = <build the model>; model.load_state_dict(torch.load('{file}', "
-            "weights_only=True), assign=True)  # or planner.artifact.load_artifact(this folder)")

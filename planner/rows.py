@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from planner import rank
-from planner.footprint import Footprint
 from planner.isolation import default_memory_cap
 from planner.units import format_bytes, relative_difference
 
@@ -71,17 +70,6 @@ def explain(row: dict[str, Any], analytic_notes: list[str], source_kind: str, re
         else:
             notes.append(f"runtime differs by {format_bytes(gap)}: not explained by the model (see README caveats)")
     return "; ".join(note for note in notes if note)
-
-
-def analytic_figures(row: dict[str, Any], footprint: Footprint) -> dict[str, Any]:
-    analytic = {"analytic_disk_bytes": footprint.disk_bytes, "analytic_weight_bytes": footprint.weight_bytes,
-                "analytic_activation_bytes": footprint.activation_bytes,
-                "analytic_runtime_bytes": footprint.runtime_bytes,
-                "analytic_transient_bytes": footprint.transient_bytes, "analytic_input_bytes": footprint.input_bytes,
-                "analytic_output_bytes": footprint.output_bytes}
-    if row["status"] == "unsupported" and not row.get("analytic_is_what_if", True):
-        return dict.fromkeys(analytic)
-    return analytic
 
 
 def keep_or_drop(row: dict[str, Any], files: list[Path], options: PlanOptions, keep_anyway: bool = False

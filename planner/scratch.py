@@ -12,7 +12,7 @@ tiny warm-up of each kernel family (the library's own first-use costs are not th
   `zoo:convnet` at batch 8). The calls are measured in the order the trace first meets them, so each figure is
   the growth on top of the calls before, as in a real step; the trace adds each backward call's kept bytes once,
   at its first use, and never frees them (a forward call's are part of the baseline: the measured twin runs one
-  forward before it, like planner.verify);
+  forward before it, like the torch worker);
 - input growth: pages of an input that the first call touched for the first time (counted with mincore(2)). oneDNN's
   LSTM forward allocates a 66 MB workspace and writes a third of it; its backward writes another 18 MB into it.
   Those pages live as long as the workspace, not forever: counting them as kept double counted them in every later

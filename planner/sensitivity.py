@@ -1,6 +1,6 @@
 """Per-layer sensitivity: the whole model's output SQNR when only one layer takes one precision.
 
-Runs as an isolated worker (`python -m planner.sensitivity JOB RESULT`, like planner.verify) on the float32
+Runs as an isolated worker (`python -m planner.sensitivity JOB RESULT`, like the torch worker) on the float32
 reference memory-mapped from disk. Each layer is quantized on a shallow copy that shares the original's
 parameters (quantize_ replaces the copy's weight, never the original's), swapped into the model for one
 forward and swapped back: the model is never copied, and each layer's weight is quantized once per precision.

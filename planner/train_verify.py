@@ -2,16 +2,16 @@
 `planner inspect --mode train` that sets them beside the analytic figures (training_row).
 
 The parent starts `python -m planner.train_verify JOB.json RESULT.json` once per (batch, dtype, optimizer), with the
-same malloc settings as planner.verify (freed blocks go straight back to the OS). The process:
+same malloc settings as the torch worker (freed blocks go straight back to the OS). The process:
 
 1. imports torch, warms the framework up with two tiny training steps of the same optimizer and a tiny backward
    through convolution, attention and LSTM (thread pools, oneDNN initialisation, autograd engine: first-use
-   costs of the framework, which planner.verify also keeps in the baseline), and builds the example input;
+   costs of the framework, which the torch worker also keeps in the baseline), and builds the example input;
 2. builds the model with real (random or given) weights and constructs the optimizer (no state yet: torch creates
    it in the first step): resident parameters = RSS growth;
 3. runs one forward without autograd and takes the baseline RSS. What that forward leaves resident is the model's
    own lazy initialisation (transformers imports code on its first forward, kernels pick implementations): like
-   planner.verify, it is kept out of the steps and reported (first_forward_kept_bytes);
+   the torch worker, it is kept out of the steps and reported (first_forward_kept_bytes);
 4. runs TRACED_STEPS training steps (planner.training.train_step, the very function the analytic trace runs),
    each from a reset high-water mark (/proc/self/clear_refs): step k's peak = parameters + VmHWM - baseline.
 

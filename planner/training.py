@@ -163,7 +163,7 @@ class _PhasedTracker(LivenessTracker):
 
     def _first_call(self, signature: str, measured: Scratch) -> None:
         # What a forward kernel keeps after its first use is in the baseline (the measured twin, like
-        # planner.verify, runs one forward first); backward kernels first run inside the step.
+        # the torch worker, runs one forward first); backward kernels first run inside the step.
         if signature not in self.scratch_calls and measured.kept and self.phase != "forward":
             self.live_bytes += measured.kept
             self.kept_bytes += measured.kept

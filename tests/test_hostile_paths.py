@@ -320,12 +320,12 @@ def test_a_write_failure_midway_keeps_the_previous_results(tmp_path: Path, monke
 def test_full_disk_outside_the_planners_own_writes_is_one_line(monkeypatch: pytest.MonkeyPatch,
                                                                 capsys: pytest.CaptureFixture) -> None:
     """torch's writer reports a full disk as 'basic_ios::clear' (exit 3 before): now one line, exit 2."""
-    import planner.pipeline
+    import planner.runtimes.torch_cpu.runtime
 
     def full(*_: object, **__: object) -> None:
         raise RuntimeError("basic_ios::clear: iostream error")
 
-    monkeypatch.setattr(planner.pipeline, "_save", full)
+    monkeypatch.setattr(planner.runtimes.torch_cpu.runtime, "save_artifact", full)
     assert main([*PLAN, "--recipes", "fp32"]) == 2
     assert "disk is probably full" in error_line(capsys)
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-from planner import onnx_backend as backend
 from planner.isolation import Limits, run_worker
 from planner.measure import compare_outputs, floating_tensors
-from planner.onnx_verify import make_job, save_inputs_npz
 from planner.recipes import Recipe, UnsupportedRecipe, default_recipes
+from planner.runtimes.onnxruntime import export as backend
+from planner.runtimes.onnxruntime.worker import make_job, save_inputs_npz
 from planner.zoo import ZOO
 
 RECIPES = {recipe.name: recipe for recipe in default_recipes()}
@@ -186,7 +186,7 @@ def test_worker_end_to_end(artifacts: Artifacts, tmp_path: Path) -> None:
     torch.save(artifacts.reference("tinylm"), tmp_path / "reference.pt")
     job = make_job(path, tmp_path / "inputs.npz", tmp_path / "reference.pt")
     options = Limits(timeout_s=120)
-    result = run_worker(job, tmp_path, "onnx", options, worker="planner.onnx_verify")
+    result = run_worker(job, tmp_path, "onnx", options, worker="planner.runtimes.onnxruntime.worker")
     assert result["status"] == "verified", result
     for key in ("verified_runtime_bytes", "verified_weight_resident_bytes", "verified_activation_bytes",
                 "latency_ms", "sqnr_db", "max_abs_error", "top1_agreement", "output_shapes"):
@@ -199,7 +199,7 @@ def test_worker_end_to_end(artifacts: Artifacts, tmp_path: Path) -> None:
 def test_worker_reports_errors(tmp_path: Path) -> None:
     job = make_job(tmp_path / "missing.onnx", tmp_path / "inputs.npz", tmp_path / "reference.pt")
     (tmp_path / "job.json").write_text(json.dumps(job))
-    done = subprocess.run([sys.executable, "-m", "planner.onnx_verify", str(tmp_path / "job.json"),
+    done = subprocess.run([sys.executable, "-m", "planner.runtimes.onnxruntime.worker", str(tmp_path / "job.json"),
                            str(tmp_path / "result.json")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     error = json.loads((tmp_path / "result.json").read_text())["error"]

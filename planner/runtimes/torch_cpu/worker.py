@@ -1,7 +1,7 @@
 """The torch verification worker: one artifact in a fresh process, loaded, run and measured.
 
-The parent (planner.pipeline) starts `python -m planner.verify JOB.json RESULT.json` once per recipe,
-so no recipe shares allocator state, imported kernels or cached pages with another. The process:
+The parent (planner.runtimes.torch_cpu.runtime) starts `python -m planner.runtimes.torch_cpu.worker JOB RESULT`
+once per recipe, so no recipe shares allocator state, imported kernels or cached pages with another. The process:
 
 1. imports torch (and torchao), warms the framework up on a tiny forward, builds the model's
    structure without weights (meta), and loads the example input;
@@ -44,6 +44,17 @@ def warm_up(dtype: Any) -> None:
         torch.nn.functional.linear(x, torch.randn(32, 64, dtype=dtype))
         image = torch.randn(1, 3, 16, 16, dtype=dtype)
         torch.nn.functional.conv2d(image, torch.randn(8, 3, 3, 3, dtype=dtype), padding=1)
+
+
+def warm_up_framework() -> None:
+    """What a worker does before its baseline, for the framework baseline (planner.baseline): torchao's tensor
+    types imported, the framework warmed up in float32."""
+    import torch
+
+    from planner.recipes import import_tensor_types
+
+    import_tensor_types()
+    warm_up(torch.float32)
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,8 @@
-"""Verification of one ONNX artifact in a fresh process: `python -m planner.onnx_verify JOB.json RESULT.json`.
+"""Verification of one ONNX artifact in a fresh process:
+`python -m planner.runtimes.onnxruntime.worker JOB.json RESULT.json`.
 
-The ONNX counterpart of planner.verify, with the same measurements and result keys so a row can show either:
+The ONNX counterpart of planner.runtimes.torch_cpu.worker, with the same measurements and result keys so a row
+can show either:
 
 1. imports onnxruntime, creates and runs a tiny session once (the runtime's global state, allocator and
    kernel registry belong to the baseline), loads the example inputs;
@@ -15,7 +17,7 @@ The ONNX counterpart of planner.verify, with the same measurements and result ke
 
 The job is JSON: {"artifact": ".onnx path", "inputs": ".npz (input_0, input_1, ...) or torch.save'd tuple",
 "reference": "torch.save'd list of float32 tensors"}. Run it with planner.measure.MEASUREMENT_ENV, as the parent
-does for planner.verify, so freed blocks go back to the OS and the high-water mark means what was alive at once.
+does for the torch worker, so freed blocks go back to the OS and the high-water mark means what was alive at once.
 """
 
 from __future__ import annotations
@@ -71,6 +73,13 @@ def warm_up(ort: Any) -> None:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     session.run(None, {"x": np.ones((4, 64), dtype=np.float32)})
     del session, model, graph, onnx
+
+
+def warm_up_framework() -> None:
+    """What a worker does before its baseline, for the framework baseline (planner.baseline)."""
+    import onnxruntime
+
+    warm_up(onnxruntime)
 
 
 def _feeds(session: Any, inputs: list[Any]) -> dict[str, Any]:

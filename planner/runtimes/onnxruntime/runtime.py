@@ -1,0 +1,122 @@
+"""ONNX Runtime on the CPU: the float32 model exported once, each recipe realized with ONNX Runtime's own
+quantizers (quantize_dynamic for int8, MatMulNBits for int4), built and verified in fresh processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from planner.footprint import Footprint
+from planner.isolation import run_worker
+from planner.pruning import pruned_meta_model
+from planner.recipes import Recipe
+from planner.rows import REFERENCE
+from planner.runtimes.base import Artifact, BuildFailed, PlanContext, Runtime
+from planner.runtimes.onnxruntime.export import (
+    analytic_onnx_bytes,
+    external_data_name,
+    onnx_file_bytes,
+    onnx_recipe_support,
+)
+from planner.runtimes.onnxruntime.worker import make_job, warm_up_framework
+from planner.sources import ModelSource
+
+BUILD_WORKER = "planner.runtimes.onnxruntime.export"
+VERIFY_WORKER = "planner.runtimes.onnxruntime.worker"
+ARENA_NOTE = "runtime measured only: ONNX Runtime's arena allocator is not modelled"
+
+
+def onnx_touches(recipe: Recipe) -> str:
+    parts = [f"prunes {recipe.prune:.0%} of Linear/Conv weights before export"] if recipe.prune else []
+    if recipe.channels:
+        parts.append(f"removes {recipe.channels:.0%} of channels/neurons (torch-pruning) before export")
+    if recipe.quantize == "int8-dynamic":
+        parts.append("onnxruntime quantize_dynamic on MatMul (Linear) weights")
+    elif recipe.quantize == "int4-weight-only":
+        parts.append(f"onnxruntime MatMulNBits 4-bit, block {recipe.group_size}, on MatMul/Gemm (Linear) weights")
+    parts.append("float16 initializers" if recipe.dtype == "float16" else "everything else float32")
+    return "; ".join(parts)
+
+
+class OnnxRuntime(Runtime):
+    name = "onnxruntime"
+
+    def __init__(self) -> None:
+        self.disk: dict[str, int | None] = {}  # analytic ONNX file bytes per recipe (describe)
+        self.float_base: Path | None = None  # the float32 export, built once and shared by every recipe
+
+    def touches(self, recipe: Recipe) -> str:
+        return onnx_touches(recipe)
+
+    def unsupported(self, recipe: Recipe, source: ModelSource, footprint: Footprint) -> str | None:
+        if source.kind == "torchscript":
+            return "the ONNX exporter does not take TorchScript modules; give a factory (file.py:build) or a .pt2"
+        return onnx_recipe_support(recipe) or footprint.unsupported
+
+    def describe(self, meta_model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], recipes: list[Recipe],
+                 footprints: dict[str, Footprint]) -> None:
+        for recipe in recipes:
+            try:
+                if onnx_recipe_support(recipe) or footprints[recipe.name].unsupported:
+                    self.disk[recipe.name] = None
+                    continue
+                model = pruned_meta_model(meta_model, inputs, recipe)[0] if recipe.channels else meta_model
+                self.disk[recipe.name] = analytic_onnx_bytes(model, recipe)
+            except Exception:  # an architecture the ONNX size model does not know: verified figures still come
+                self.disk[recipe.name] = None
+
+    def analytic(self, recipe: Recipe, footprint: Footprint) -> dict[str, Any]:
+        return {"analytic_disk_bytes": self.disk.get(recipe.name)}
+
+    def analytic_notes(self, footprint: Footprint, verified: bool) -> list[str]:
+        return [ARENA_NOTE] if verified else []
+
+    def build(self, recipe: Recipe, context: PlanContext) -> Artifact:
+        notes: list[str] = []
+        if self.float_base is None and not recipe.changes_weights:
+            self.float_base = self._build(Recipe(REFERENCE, dtype="float32"), context, notes)
+        if recipe.name == REFERENCE and self.float_base is not None:
+            return Artifact(self._files(self.float_base), notes=notes, shared=True)
+        artifact = self._build(recipe, context, notes)
+        if artifact is None:
+            raise BuildFailed("failed", "; ".join(notes))
+        return Artifact(self._files(artifact), notes=notes)
+
+    def _build(self, recipe: Recipe, context: PlanContext, notes: list[str]) -> Path | None:
+        """Build one ONNX artifact in an isolated process; None (and the reason in notes) when it fails."""
+        workdir = context.workdir
+        job = {"source": context.source.to_json(), "recipe": recipe.to_json(), "fp32": str(context.fp32_path),
+               "fp32_onnx": str(self.float_base) if self.float_base else None, "inputs": str(workdir / "inputs.pt"),
+               "workdir": str(workdir)}
+        built = run_worker(job, workdir, f"{recipe.name}.onnx-build", context.options, worker=BUILD_WORKER)
+        if built["status"] != "verified":
+            notes.append(built.get("note", "").replace("verification failed", "ONNX build failed"))
+            return None
+        notes += built.get("notes", [])
+        return Path(built["artifact"])
+
+    @staticmethod
+    def _files(artifact: Path) -> list[Path]:
+        return [artifact, artifact.with_name(external_data_name(artifact))]
+
+    def measure(self, artifact: Artifact, recipe: Recipe, context: PlanContext) -> dict[str, Any]:
+        workdir = context.workdir
+        job = make_job(artifact.files[0], workdir / "inputs.pt", workdir / "reference.pt")
+        result = run_worker(job, workdir, f"{recipe.name}.onnx", context.options, worker=VERIFY_WORKER)
+        result["note"] = "; ".join(filter(None, [*artifact.notes, result.get("note", "")]))
+        return result
+
+    def warm_up(self) -> None:
+        warm_up_framework()
+
+    def disk_bytes(self, artifact: Artifact) -> int:
+        return onnx_file_bytes(artifact.files[0])
+
+    def export_files(self, artifact: Path) -> list[Path]:
+        data = artifact.with_name(external_data_name(artifact))
+        return [artifact, data] if data.exists() else [artifact]
+
+    def how_to_load(self, file: str, suffix: str) -> str:
+        return f"onnxruntime.InferenceSession('{file}') (keep any .data file beside it)"

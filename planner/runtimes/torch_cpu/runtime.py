@@ -1,0 +1,192 @@
+"""PyTorch eager on the CPU: recipes applied with torchao to a copy of the float32 reference, saved as a state
+dict (or TorchScript), and verified in a fresh process (planner.runtimes.torch_cpu.worker). The analytic figures
+are the footprint's (planner.footprint): this is the runtime the analytic model describes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from planner.artifact import load_reference
+from planner.errors import PlannerError
+from planner.footprint import Footprint
+from planner.isolation import run_worker
+from planner.measure import release_freed_memory
+from planner.pages import MappedReference
+from planner.pruning import artifact_state, prune_channels
+from planner.recipes import PruneThresholds, Recipe, UnsupportedRecipe, apply_recipe
+from planner.rows import REFERENCE, PlanOptions
+from planner.runtimes.base import Artifact, BuildFailed, PlanContext, Runtime
+from planner.runtimes.torch_cpu.worker import warm_up_framework
+from planner.safe_io import path_inside
+from planner.sources import ModelSource
+
+WORKER = "planner.runtimes.torch_cpu.worker"
+
+
+def artifact_format(source: ModelSource) -> str:
+    return "torchscript" if source.kind == "torchscript" else "state_dict"
+
+
+def save_artifact(model: torch.nn.Module, path: Path, fmt: str, recipe: Recipe | None = None,
+                  structure: dict[str, Any] | None = None) -> None:
+    """Write the model (a recipe's state dict with its packed pruning, or TorchScript) atomically."""
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    if fmt == "torchscript":
+        torch.jit.save(model, str(temporary))
+    else:
+        torch.save(artifact_state(model, recipe, structure) if recipe else model.state_dict(), temporary)
+    temporary.replace(path)
+
+
+def materialize_reference(source: ModelSource, workdir: Path) -> Path:
+    """Build the float32 model with its real weights, save it (every runtime builds from this file) and the
+    example inputs (after the real build: a factory's example input made on meta now has its real values)."""
+    fmt = artifact_format(source)
+    fp32_path = workdir / f"{REFERENCE}{'.ts' if fmt == 'torchscript' else '.pt'}"
+    model = source.build("cpu")
+    save_artifact(model, fp32_path, fmt)
+    del model
+    release_freed_memory()
+    torch.save(tuple(source.example_inputs()), workdir / "inputs.pt")
+    return fp32_path
+
+
+def verification_job(source: ModelSource, recipe: Recipe, artifact: Path, workdir: Path, save_reference: bool
+                     ) -> dict[str, Any]:
+    return {
+        "source": source.to_json(),
+        "dtype": recipe.dtype,
+        "artifact": str(artifact),
+        "artifact_format": artifact_format(source),
+        "inputs": str(workdir / "inputs.pt"),
+        "reference": str(workdir / "reference.pt"),
+        "save_reference": save_reference,
+        "needs_torchao": recipe.quantizes,
+        "recipe": recipe.to_json(),
+    }
+
+
+def with_eval(result: dict[str, Any], job: dict[str, Any], workdir: Path, name: str, options: PlanOptions,
+              progress: Any) -> dict[str, Any]:
+    """Add --eval's figure to a verified row. It runs in its own worker (planner.evalhook) after the
+    measurement: a function that fails, hangs or exits costs the row only its eval figure, with a note."""
+    if options.eval_spec is None or result.get("status") != "verified":
+        return result
+    from planner.evalhook import eval_job, failure_note
+
+    progress(f"running --eval on {name} in a fresh process")
+    evaluated = run_worker(eval_job(job, options.eval_spec), workdir, f"{name}.eval", options,
+                           worker="planner.evalhook")
+    if evaluated["status"] != "verified":
+        return dict(result, eval_score=None, eval_error=failure_note(options.eval_spec, evaluated.get("note", "")))
+    return dict(result, **{key: evaluated[key] for key in ("eval_score", "eval_error") if key in evaluated})
+
+
+def verify_reference(source: ModelSource, recipe: Recipe, fp32_path: Path, workdir: Path, options: PlanOptions,
+                     progress: Any) -> dict[str, Any]:
+    """Verify the float32 reference in a fresh process; it saves the outputs every other row is compared with."""
+    job = verification_job(source, recipe, fp32_path, workdir, True)
+    reference = run_worker(job, workdir, REFERENCE, options, worker=WORKER)
+    if reference["status"] != "verified":
+        raise PlannerError(f"{source.spec} does not run in float32 in a fresh process, so nothing can be compared: "
+                           f"{reference.get('note')}")
+    return with_eval(reference, job, workdir, REFERENCE, options, progress)
+
+
+class TorchCpu(Runtime):
+    name = "torch"
+
+    def __init__(self) -> None:
+        self.prune_thresholds: PruneThresholds = {}  # prune50, prune50-int8-dynamic...: searched once per plan
+
+    def touches(self, recipe: Recipe) -> str:
+        return recipe.touches()
+
+    def unsupported(self, recipe: Recipe, source: ModelSource, footprint: Footprint) -> str | None:
+        if recipe.name == REFERENCE:
+            return None  # the reference row is the reference's own verification
+        if footprint.unsupported:
+            return footprint.unsupported
+        if recipe.prune and footprint.pruned_layers == 0:
+            return f"no {'/'.join(recipe.prune_layers)} layer to prune: the row would repeat the unpruned model"
+        scheme = recipe.scheme
+        if scheme is None:
+            return None
+        if scheme.needs_cuda and not torch.cuda.is_available():
+            return f"needs CUDA: {scheme.needs_cuda}; no GPU on this machine"
+        if source.kind == "torchscript":
+            return "torchao cannot quantize a TorchScript module; give a factory (file.py:build) or a .pt2"
+        if footprint.quantized_layers == 0:
+            return f"no {'/'.join(recipe.layers)} layer it can quantize"
+        return None
+
+    def refusal(self, recipe: Recipe, footprint: Footprint, reason: str) -> dict[str, Any]:
+        # Analytic figures stay as a what-if only where the recipe would change something here.
+        what_if = ((recipe.scheme is None or footprint.quantized_layers > 0)
+                   and (not recipe.prune or footprint.pruned_layers > 0) and not footprint.unsupported)
+        return dict(super().refusal(recipe, footprint, reason), analytic_is_what_if=what_if)
+
+    def analytic(self, recipe: Recipe, footprint: Footprint) -> dict[str, Any]:
+        return {"analytic_disk_bytes": footprint.disk_bytes, "analytic_weight_bytes": footprint.weight_bytes,
+                "analytic_activation_bytes": footprint.activation_bytes,
+                "analytic_runtime_bytes": footprint.runtime_bytes,
+                "analytic_transient_bytes": footprint.transient_bytes, "analytic_input_bytes": footprint.input_bytes,
+                "analytic_output_bytes": footprint.output_bytes}
+
+    def analytic_notes(self, footprint: Footprint, verified: bool) -> list[str]:
+        return footprint.notes
+
+    def progress_label(self, recipe: Recipe) -> str:
+        return f"applying {recipe.name}"
+
+    def build(self, recipe: Recipe, context: PlanContext) -> Artifact:
+        assert context.fp32_path is not None
+        if recipe.name == REFERENCE:
+            return Artifact([context.fp32_path], shared=True, measured=context.reference)
+        source, fp32_path, workdir = context.source, context.fp32_path, context.workdir
+        artifact = path_inside(workdir, f"{recipe.name}{fp32_path.suffix}")  # a recipe name never leaves the workdir
+        try:
+            model, structure = load_reference(source, fp32_path), None
+            # The planner's own peak: release each layer's float32 pages once the recipe has its copy.
+            mapped = MappedReference(fp32_path)
+            if recipe.channels:
+                inputs = tuple(torch.load(workdir / "inputs.pt", weights_only=True))
+                structure = prune_channels(model, inputs, recipe)
+                mapped.release_unused(model)
+            model, notes = apply_recipe(model, recipe, after_layer=mapped.release_unused,
+                                        prune_thresholds=self.prune_thresholds)
+            save_artifact(model, artifact, artifact_format(source), recipe, structure)
+            del model
+            release_freed_memory()  # module graphs hold reference cycles; free this recipe's copy before the next
+        except UnsupportedRecipe as error:
+            raise BuildFailed("unsupported", str(error)) from None
+        except Exception as error:  # a recipe that breaks on this model is a row, not a crash
+            raise BuildFailed("failed", f"applying the recipe failed: {type(error).__name__}: "
+                                        f"{str(error)[:200]}") from None
+        return Artifact([artifact], notes=notes)
+
+    def measure(self, artifact: Artifact, recipe: Recipe, context: PlanContext) -> dict[str, Any]:
+        if artifact.measured is not None:
+            return artifact.measured
+        context.progress(f"verifying {recipe.name} in a fresh process")
+        job = verification_job(context.source, recipe, artifact.files[0], context.workdir, False)
+        result = with_eval(run_worker(job, context.workdir, recipe.name, context.options, worker=WORKER), job,
+                           context.workdir, recipe.name, context.options, context.progress)
+        result["note"] = "; ".join(filter(None, [*artifact.notes, result.get("note", "")]))
+        return result
+
+    def warm_up(self) -> None:
+        warm_up_framework()
+
+    def disk_bytes(self, artifact: Artifact) -> int:
+        return artifact.files[0].stat().st_size
+
+    def how_to_load(self, file: str, suffix: str) -> str:
+        if suffix == ".ts":
+            return f"torch.jit.load('{file}')"
+        return (f"import torchao; model = <build the model>; model.load_state_dict(torch.load('{file}', "
+                "weights_only=True), assign=True)  # or planner.artifact.load_artifact(this folder)")
