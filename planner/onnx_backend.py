@@ -61,7 +61,7 @@ QUANTIZED_OP_TYPES = {"int8-dynamic": ("MatMulInteger", "DynamicQuantizeMatMul")
 
 def onnx_recipe_support(recipe: Recipe) -> str | None:
     """None when the recipe maps to an ONNX Runtime CPU artifact; otherwise the reason it does not."""
-    if recipe.quantize not in (None, "int8-dynamic", "int4-weight-only"):
+    if recipe.quantize is not None and recipe.quantize not in QUANTIZED_OP_TYPES:  # the schemes realized here
         return (f"no ONNX Runtime CPU equivalent for {recipe.quantize}: onnxruntime quantizes weights to int8 with "
                 "int8 activations (int8-dynamic) or to 4-bit blocks (int4-weight-only) only")
     if recipe.dtype == "bfloat16" and recipe.quantize != "int4-weight-only":
