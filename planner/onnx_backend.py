@@ -55,15 +55,21 @@ ONNX_QUANTIZABLE_LAYERS = frozenset({"Linear", "Conv1D"})  # Conv1D exports as M
 # The quantized node kinds each scheme produces, for `count_quantized_nodes`.
 QUANTIZED_OP_TYPES = {"int8-dynamic": ("MatMulInteger", "DynamicQuantizeMatMul"),
                       "int4-weight-only": ("MatMulNBits",)}
+# torchao schemes onnxruntime has no CPU kernel for (weight-only int8 and intx, float8); any other scheme without
+# an entry above is one this backend has not mapped yet, and its row says that instead.
+NO_ONNX_EQUIVALENT = frozenset({"int8-weight-only", "intx-weight-only", "fp8-weight-only", "fp8-dynamic"})
 
 
 # ---- which recipes have an ONNX Runtime equivalent ----
 
 def onnx_recipe_support(recipe: Recipe) -> str | None:
     """None when the recipe maps to an ONNX Runtime CPU artifact; otherwise the reason it does not."""
-    if recipe.quantize is not None and recipe.quantize not in QUANTIZED_OP_TYPES:  # the schemes realized here
+    if recipe.quantize in NO_ONNX_EQUIVALENT:
         return (f"no ONNX Runtime CPU equivalent for {recipe.quantize}: onnxruntime quantizes weights to int8 with "
                 "int8 activations (int8-dynamic) or to 4-bit blocks (int4-weight-only) only")
+    if recipe.quantize is not None and recipe.quantize not in QUANTIZED_OP_TYPES:  # a scheme not mapped here yet
+        return (f"{recipe.quantize} is not realized on ONNX Runtime here: the ONNX path maps only int8-dynamic "
+                "(quantize_dynamic) and int4-weight-only (MatMulNBits)")
     if recipe.dtype == "bfloat16" and recipe.quantize != "int4-weight-only":
         return "no ONNX Runtime CPU equivalent: bfloat16 has almost no CPU kernels in ONNX Runtime"
     if recipe.quantize is None:
