@@ -432,7 +432,6 @@ def list_recipes(
     debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
 ) -> None:
     """The recipe set: what each does, which layers it touches, whether it runs here."""
-    import torch
     from rich.table import Table
 
     from planner.recipes import default_recipes, load_recipe_file
@@ -444,7 +443,8 @@ def list_recipes(
         table.add_column(column, overflow="fold")
     for recipe in available:
         scheme = recipe.scheme
-        runs = "no: " + scheme.needs_cuda if scheme and scheme.needs_cuda and not torch.cuda.is_available() else "yes"
+        missing = scheme.missing_kernel() if scheme else None
+        runs = "no: " + missing if missing else "yes"
         table.add_row(*map(plain, (recipe.name, recipe.touches(), runs, recipe.description)))
     console.print(table)
 

@@ -262,7 +262,7 @@ def analytic_footprint(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], 
     from planner.units import format_bytes
 
     footprint = weight_footprint(meta_model, recipe)
-    if recipe.scheme is not None and recipe.scheme.needs_cuda and not torch.cuda.is_available():
+    if recipe.scheme is not None and recipe.scheme.missing_kernel():
         footprint.notes.append("activations not traced: the scheme has no CPU kernel")
         return footprint
     try:

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from planner.recipes import LayerOverride, Recipe
+from planner.schemes import SCHEMES
 
 # The precisions a layer may take. Only what really runs and is measured here: per-layer bf16 would need the
 # activations cast around each layer (the model's activation dtype is global), so it is not offered. The
@@ -143,10 +144,10 @@ def recipe_toml(recipe: Recipe, header: Sequence[str], layer_comments: dict[str,
             lines.append(f"# {layer_comments[override.fqn]}")
         lines += ["[[recipe.layer]]", f"fqn = {_toml_string(override.fqn)}",
                   f"quantize = {_toml_string(override.quantize or 'none')}"]
-        if override.quantize in ("int4-weight-only", "intx-weight-only"):
-            lines.append(f"group_size = {override.group_size}")
-        if override.quantize == "intx-weight-only":
-            lines += [f"bits = {override.bits}", f"mapping = {_toml_string(override.mapping)}"]
+        if override.quantize:  # only the keys its scheme reads, in the scheme's order
+            for key in SCHEMES[override.quantize].settings_keys:
+                value = getattr(override, key)
+                lines.append(f"{key} = {_toml_string(value) if isinstance(value, str) else value}")
     return "\n".join(lines) + "\n"
 
 

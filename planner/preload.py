@@ -7,9 +7,11 @@ quiet_library_noise()
 
 import torch  # noqa: E402, F401
 import torchao  # noqa: E402, F401
-import torchao.prototype.quantization.int4  # noqa: E402, F401
 
 import planner.artifact  # noqa: E402, F401
 import planner.recipes  # noqa: E402, F401
 import planner.runtimes.torch_cpu.worker  # noqa: E402, F401
 import planner.sources  # noqa: E402, F401
+from planner.schemes import import_tensor_types  # noqa: E402
+
+import_tensor_types()  # every scheme's tensor modules (the prototype int4 among them)

@@ -147,8 +147,8 @@ def _scalar_attributes(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def _round_to(recipe: Recipe) -> int | None:
-    # torchao's CPU int4 kernel needs out_features % 16 == 0; keep pruned widths packable.
-    return 16 if recipe.quantize == "int4-weight-only" else None
+    # Some schemes need widths of a multiple (torchao's CPU int4 kernel: out_features % 16): keep them quantizable.
+    return recipe.scheme.width_multiple if recipe.scheme else None
 
 
 def prune_channels(model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe,

@@ -1,9 +1,9 @@
-"""Recipes as data: TOML files in recipes/, one handler per quantization scheme.
+"""Recipes as data: TOML files in recipes/, each naming at most one quantization scheme (planner.schemes).
 
 A recipe is a dtype for the floating tensors, optionally magnitude pruning, optionally a torchao
-weight quantization scheme applied to the layer types it names. Each scheme knows its exact
-stored layout (so the analytic footprint needs no weights), which layers it can take, and
-whether it needs CUDA. Applying a recipe uses torchao's `quantize_` with the same layer filter
+weight quantization scheme applied to the layer types it names. Each scheme (one file in
+planner/schemes/) knows its exact stored layout (so the analytic footprint needs no weights), which
+layers it can take, and whether it needs CUDA. Applying a recipe uses torchao's `quantize_` with the same layer filter
 the footprint uses, so the analytic and the verified figures describe the same model.
 """
 
@@ -24,6 +24,10 @@ from torch import nn
 
 from planner.errors import PlannerError
 from planner.safe_io import check_name, read_text_capped
+from planner.schemes import SCHEMES, Scheme, TensorLayout
+from planner.schemes import import_tensor_types as import_tensor_types
+
+__all__ = ["SCHEMES", "Scheme", "TensorLayout"]  # re-exported: the scheme objects live in planner.schemes
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -34,114 +38,6 @@ DTYPES: dict[str, torch.dtype] = {
 DEFAULT_RECIPES_FILE = Path(__file__).resolve().parent.parent / "recipes" / "default.toml"
 
 
-@dataclass(frozen=True)
-class TensorLayout:
-    """Bytes of one quantized weight as torchao stores it: payload plus scales and zero-points."""
-
-    payload_bytes: int
-    scale_bytes: int
-    storages: int  # tensors written to disk for this weight (each costs container overhead)
-
-    @property
-    def total_bytes(self) -> int:
-        return self.payload_bytes + self.scale_bytes
-
-
-@dataclass(frozen=True)
-class Scheme:
-    """One torchao weight-quantization scheme: config, layout arithmetic, constraints."""
-
-    name: str
-    summary: str
-    make_config: Callable[[Recipe], Any]
-    layout: Callable[[int, int, Recipe], TensorLayout]  # (out_features, in_features, recipe)
-    why_not: Callable[[int, int, Recipe], str | None] = lambda out_f, in_f, recipe: None
-    needs_cuda: str | None = None  # reason, when the scheme has no CPU kernel
-    weightless_ok: bool = True  # quantize_ works on the meta device
-    caveat: str = ""  # said in every row that uses the scheme
-
-
-def _int8_per_row(out_f: int, in_f: int, recipe: Recipe) -> TensorLayout:
-    # Int8Tensor: int8 qdata, fp32 scale and int8 zero point per output row.
-    return TensorLayout(out_f * in_f, out_f * 4 + out_f, storages=3)
-
-
-def _intx_per_group(out_f: int, in_f: int, recipe: Recipe) -> TensorLayout:
-    # IntxUnpackedToInt8Tensor keeps one int8 byte per value whatever the bit width; scales
-    # follow the model dtype, zero points are int8, one per group.
-    groups = out_f * (in_f // recipe.group_size)
-    return TensorLayout(out_f * in_f, groups * (recipe.dtype_bytes + 1), storages=3)
-
-
-def _int4_packed(out_f: int, in_f: int, recipe: Recipe) -> TensorLayout:
-    # Int4OpaqueTensor: two values per uint8, a scale and a zero per group in the model dtype (measured:
-    # bfloat16 in a bf16 model, float32 in a float32 one).
-    groups = out_f * (in_f // recipe.group_size)
-    return TensorLayout(out_f * in_f // 2, groups * 2 * recipe.dtype_bytes, storages=2)
-
-
-def _fp8_per_row(out_f: int, in_f: int, recipe: Recipe) -> TensorLayout:
-    return TensorLayout(out_f * in_f, out_f * 4, storages=2)
-
-
-def _group_divides(out_f: int, in_f: int, recipe: Recipe) -> str | None:
-    if in_f % recipe.group_size:
-        return f"in_features {in_f} not divisible by group {recipe.group_size}"
-    return None
-
-
-def _int4_packed_why_not(out_f: int, in_f: int, recipe: Recipe) -> str | None:
-    # The CPU int4 pack kernel needs N % 16 == 0; torchao silently skips K % group != 0.
-    if out_f % 16:
-        return f"out_features {out_f} not divisible by 16"
-    return _group_divides(out_f, in_f, recipe)
-
-
-def _torchao() -> Any:
-    import torchao.quantization as quantization
-
-    return quantization
-
-
-def _int4_packed_config(recipe: Recipe) -> Any:
-    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
-
-    return PrototypeInt4WeightOnlyConfig(group_size=recipe.group_size)
-
-
-def _intx_config(recipe: Recipe) -> Any:
-    from torchao.quantization.granularity import PerGroup
-    from torchao.quantization.quant_primitives import MappingType
-
-    return _torchao().IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{recipe.bits}"),
-                                           granularity=PerGroup(recipe.group_size),
-                                           mapping_type=MappingType[recipe.mapping.upper()])
-
-
-SCHEMES: dict[str, Scheme] = {
-    scheme.name: scheme
-    for scheme in [
-        Scheme("int8-dynamic", "torchao Int8DynamicActivationInt8WeightConfig: int8 weights per row, "
-               "activations quantized to int8 on the fly",
-               lambda recipe: _torchao().Int8DynamicActivationInt8WeightConfig(), _int8_per_row),
-        Scheme("int8-weight-only", "torchao Int8WeightOnlyConfig: int8 weights per row, dequantized "
-               "to the compute dtype inside each matmul",
-               lambda recipe: _torchao().Int8WeightOnlyConfig(), _int8_per_row),
-        Scheme("int4-weight-only", "torchao PrototypeInt4WeightOnlyConfig: real 4-bit packing "
-               "(Int4OpaqueTensor), bf16 scale and zero per group",
-               _int4_packed_config, _int4_packed, _int4_packed_why_not, weightless_ok=False),
-        Scheme("intx-weight-only", "torchao IntxWeightOnlyConfig: low-bit values stored unpacked, one int8 "
-               "byte each (an int4 file is int8-sized)",
-               _intx_config, _intx_per_group, _group_divides,
-               caveat="low-bit values stored unpacked, one byte each: the file is int8-sized"),
-        Scheme("fp8-weight-only", "torchao Float8WeightOnlyConfig: float8 e4m3 weights per row",
-               lambda recipe: _torchao().Float8WeightOnlyConfig(), _fp8_per_row),
-        Scheme("fp8-dynamic", "torchao Float8DynamicActivationFloat8WeightConfig: float8 weights and "
-               "activations",
-               lambda recipe: _torchao().Float8DynamicActivationFloat8WeightConfig(), _fp8_per_row,
-               needs_cuda="float8 dynamic activation kernels need CUDA (sm89+)"),
-    ]
-}
 # Conv1D is transformers' transposed linear (GPT-2): pruning is layout-agnostic, so it is included.
 PRUNABLE_DEFAULT = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D")
 # Quantized by default: torchao's Linear, and transformers' Conv1D (GPT-2's every projection), which the
@@ -175,12 +71,7 @@ class LayerOverride:
 
     @property
     def label(self) -> str:
-        if self.quantize is None:
-            return "float"
-        if self.quantize in ("int4-weight-only", "intx-weight-only"):
-            prefix = "int4" if self.quantize == "int4-weight-only" else f"intx{self.bits}"
-            return f"{prefix}-g{self.group_size}"
-        return self.quantize
+        return "float" if self.quantize is None else SCHEMES[self.quantize].label(self)
 
     def to_json(self) -> dict[str, Any]:
         return {"fqn": self.fqn, "quantize": self.quantize or "none", "bits": self.bits,
@@ -317,7 +208,7 @@ def recipe_from_table(table: dict[str, Any], where: str, *, is_layer: bool = Fal
     quantize = table.get("quantize")
     if quantize is not None and quantize not in SCHEMES:
         raise PlannerError(f"{label}: quantize {quantize!r} is not one of {', '.join(SCHEMES)}")
-    bits = table.get("bits", 4 if quantize == "intx-weight-only" else 8)
+    bits = table.get("bits", SCHEMES[quantize].default_bits if quantize else 8)
     if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
         raise PlannerError(f"{label}: bits must be an integer from 1 to 8")
     group_size = table.get("group_size", 128)
@@ -554,8 +445,9 @@ def quantize_per_layer(model: nn.Module, recipe: Recipe, weightless: bool = Fals
             continue
         scheme = layer_recipe.scheme
         assert scheme is not None
-        if scheme.needs_cuda and not torch.cuda.is_available():
-            raise UnsupportedRecipe(f"layer {fqn} needs CUDA: {scheme.needs_cuda}")
+        missing = scheme.missing_kernel()
+        if missing:
+            raise UnsupportedRecipe(f"layer {fqn} needs CUDA: {missing}")
         if weightless and not scheme.weightless_ok:
             skipped.append(fqn)
             continue
@@ -602,14 +494,12 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, after_layer: Callable[[nn.
     if recipe.layer_overrides:
         quantize_per_layer(model, recipe, after_layer=after_layer)
     elif scheme is not None:
-        if scheme.needs_cuda and not torch.cuda.is_available():
-            raise UnsupportedRecipe(f"needs CUDA: {scheme.needs_cuda}")
-        from torchao.quantization import quantize_
-
-        config = scheme.make_config(recipe)
+        missing = scheme.missing_kernel()
+        if missing:
+            raise UnsupportedRecipe(f"needs CUDA: {missing}")
         chosen = layer_filter(recipe)
         for fqn in [fqn for fqn, module in model.named_modules() if chosen(module, fqn)]:
-            quantize_(model, config, filter_fn=lambda module, name, fqn=fqn: name == fqn)
+            scheme.quantize_layer(model, fqn, recipe)
             if after_layer is not None:
                 after_layer(model)
     return model, notes
@@ -624,13 +514,6 @@ def _cast_by_layer(model: nn.Module, dtype: torch.dtype, after_layer: Callable[[
         module._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
         if after_layer is not None:
             after_layer(model)
-
-
-def import_tensor_types() -> None:
-    """Import every torchao tensor subclass a recipe can produce, so weights_only loading accepts them
-    (the prototype int4 tensor registers itself as a safe global only when its module is imported)."""
-    import torchao  # noqa: F401
-    import torchao.prototype.quantization.int4  # noqa: F401
 
 
 class UnsupportedRecipe(Exception):

@@ -55,7 +55,8 @@ class Tied(nn.Module):
 
 @pytest.mark.parametrize("model_name", ["simplenet", "convnet", "tinylm", "lstm", "tied"])
 @pytest.mark.parametrize("recipe_name", ["fp32", "fp16", "bf16", "int8-dynamic", "int8-weight-only", "int4-g128",
-                                         "intx4-g32-unpacked", "fp8-weight-only", "prune50-int8-dynamic"])
+                                         "intx4-g32-unpacked", "fp8-weight-only", "prune50-int8-dynamic",
+                                         "8da4w-g32", "8da8w"])
 def test_analytic_disk_matches_the_saved_artifact(model_name: str, recipe_name: str) -> None:
     recipe = RECIPES[recipe_name]
     build = Tied if model_name == "tied" else ZOO[model_name].build

@@ -94,7 +94,7 @@ def _stored_bytes(tensor: torch.Tensor) -> int:
 
 
 @pytest.mark.parametrize("name", ["int8-dynamic", "int8-weight-only", "int4-g128", "intx4-g32-unpacked",
-                                  "fp8-weight-only"])
+                                  "fp8-weight-only", "8da4w-g32", "8da8w"])
 def test_layout_arithmetic_matches_torchao(name: str) -> None:
     recipe = next(r for r in default_recipes() if r.name == name)
     layer = nn.Linear(256, 96)

@@ -55,15 +55,21 @@ ONNX_QUANTIZABLE_LAYERS = frozenset({"Linear", "Conv1D"})  # Conv1D exports as M
 # The quantized node kinds each scheme produces, for `count_quantized_nodes`.
 QUANTIZED_OP_TYPES = {"int8-dynamic": ("MatMulInteger", "DynamicQuantizeMatMul"),
                       "int4-weight-only": ("MatMulNBits",)}
+# torchao schemes onnxruntime has no CPU kernel for (weight-only int8 and intx, float8); any other scheme without
+# an entry above is one this backend has not mapped yet, and its row says that instead.
+NO_ONNX_EQUIVALENT = frozenset({"int8-weight-only", "intx-weight-only", "fp8-weight-only", "fp8-dynamic"})
 
 
 # ---- which recipes have an ONNX Runtime equivalent ----
 
 def onnx_recipe_support(recipe: Recipe) -> str | None:
     """None when the recipe maps to an ONNX Runtime CPU artifact; otherwise the reason it does not."""
-    if recipe.quantize not in (None, "int8-dynamic", "int4-weight-only"):
+    if recipe.quantize in NO_ONNX_EQUIVALENT:
         return (f"no ONNX Runtime CPU equivalent for {recipe.quantize}: onnxruntime quantizes weights to int8 with "
                 "int8 activations (int8-dynamic) or to 4-bit blocks (int4-weight-only) only")
+    if recipe.quantize is not None and recipe.quantize not in QUANTIZED_OP_TYPES:  # a scheme not mapped here yet
+        return (f"{recipe.quantize} is not realized on ONNX Runtime here: the ONNX path maps only int8-dynamic "
+                "(quantize_dynamic) and int4-weight-only (MatMulNBits)")
     if recipe.dtype == "bfloat16" and recipe.quantize != "int4-weight-only":
         return "no ONNX Runtime CPU equivalent: bfloat16 has almost no CPU kernels in ONNX Runtime"
     if recipe.quantize is None:
@@ -138,7 +144,7 @@ def export_fp32(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path) 
     """Export the model as it is (float32) with the dynamo exporter.
 
     Inputs are named input_0.., outputs output_0.. in torch.export's pytree order, which is the order
-    planner.verify.floating_tensors walks a tensor/tuple/list/dict output in; the verifier keeps only the
+    planner.measure.floating_tensors walks a tensor/tuple/list/dict output in; the verifier keeps only the
     floating outputs, so integer outputs in between do not shift the comparison. Weights above
     EXTERNAL_DATA_THRESHOLD_BYTES go to one external file PATH.data; otherwise everything is in PATH.
     A transformers model is exported with its KV cache off (torch.export cannot return a DynamicCache); the
@@ -569,8 +575,9 @@ def _quantized_bytes(k: int, n: int, recipe: Recipe) -> int:
 
 
 def build_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Worker body for `python -m planner.onnx_backend JOB RESULT`: build one recipe's ONNX artifact in its own
-    process (quantize_dynamic holds several copies of the weights: a memory cap must be able to stop it)."""
+    """Worker body for `python -m planner.runtimes.onnxruntime.export JOB RESULT`: build one recipe's ONNX
+    artifact in its own process (quantize_dynamic holds several copies of the weights: a memory cap must be able
+    to stop it)."""
     from planner.artifact import load_reference
     from planner.recipes import recipe_from_table
     from planner.sources import ModelSource

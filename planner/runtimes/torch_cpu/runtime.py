@@ -116,8 +116,9 @@ class TorchCpu(Runtime):
         scheme = recipe.scheme
         if scheme is None:
             return None
-        if scheme.needs_cuda and not torch.cuda.is_available():
-            return f"needs CUDA: {scheme.needs_cuda}; no GPU on this machine"
+        missing = scheme.missing_kernel()
+        if missing:
+            return f"needs CUDA: {missing}; no GPU on this machine"
         if source.kind == "torchscript":
             return "torchao cannot quantize a TorchScript module; give a factory (file.py:build) or a .pt2"
         if footprint.quantized_layers == 0:
