@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from planner.measure import MEASUREMENT_ENV
 from planner.safe_io import path_inside
 from planner.workdirs import WORKDIR_PREFIX, make_workdir, remove_stale_workdirs
 
@@ -383,14 +382,19 @@ class Limits:
 
 
 def run_worker(job: dict[str, Any], workdir: Path, name: str, limits: WorkerLimits,
-               *, worker: str) -> dict[str, Any]:
-    """Run `python -m WORKER JOB RESULT` isolated; the result with status verified, or failed with the reason."""
+               *, worker: str, allocator_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `python -m WORKER JOB RESULT` isolated; the result with status verified, or failed with the reason.
+
+    Workers run with glibc's default allocator settings, as a user's process does, unless `allocator_env` (e.g.
+    MEASUREMENT_ENV for a probe that compares allocation patterns) says otherwise; a worker started from the fork
+    server has the server's settings, which are the defaults."""
     job_path, result_path = path_inside(workdir, f"{name}.job.json"), path_inside(workdir, f"{name}.result.json")
     job_path.write_text(json.dumps(job))
     scratch = workdir / "tmp"  # the worker's temporaries: removed with the work directory
     scratch.mkdir(exist_ok=True)
     outcome = run_module_isolated(worker, [str(job_path), str(result_path)], timeout_s=limits.timeout_s,
-                                  memory_cap_bytes=limits.memory_cap_bytes, env=dict(os.environ, **MEASUREMENT_ENV),
+                                  memory_cap_bytes=limits.memory_cap_bytes,
+                                  env=dict(os.environ, **(allocator_env or {})),
                                   scratch_dir=scratch)
     result = json.loads(result_path.read_text()) if result_path.exists() and not outcome.failure else None
     if result is None or "error" in result or outcome.returncode != 0:

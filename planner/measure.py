@@ -2,8 +2,9 @@
 
 - the process's own memory from /proc/self/status (resident set, its high-water mark, file-backed pages) and the
   high-water mark's reset (/proc/self/clear_refs);
-- glibc's handling of freed memory (MEASUREMENT_ENV for a child, return_freed_memory_promptly in this process);
-- one model's runs (measure_runs: first-use run, warm peak, latency median);
+- glibc's handling of freed memory (MEASUREMENT_ENV for a child that compares allocation patterns,
+  return_freed_memory_promptly in this process; never for a verification worker, whose figures are a user's);
+- one model's lifetime (measure_runs, lifetime_fields: load, first-forward and steady peaks, latency median);
 - output quality against the float32 reference (floating_tensors, compare_outputs).
 
 No torch import at module level: the ONNX Runtime worker measures its baseline with no torch in the process.
@@ -20,7 +21,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-# Environment for the child: fixed mmap threshold (no dynamic growth) and no trim hysteresis.
+# Environment for a child that compares one allocation pattern with another (the scratch probe): fixed mmap
+# threshold (no dynamic growth) and no trim hysteresis. Not for verification workers: their figures must be what a
+# user's own process holds, with glibc's default settings.
 MEASUREMENT_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 LATENCY_BUDGET_S = 1.0  # beyond the first and the warm run; a plan verifies every recipe, so this adds up
 LATENCY_MAX_RUNS = 20
@@ -76,11 +79,11 @@ def release_freed_memory() -> None:
 
 @dataclass
 class RunMeasurement:
-    first_output: Any  # what the first run returned
     first_ms: float
-    first_peak: int  # VmHWM after the first run (lazy initialisation included)
-    warm_peak: int  # VmHWM of the warm run, from a reset high-water mark
-    warm_growth: int  # warm_peak minus the resident memory just before the warm run
+    first_peak: int  # VmHWM over the first run, from a reset mark (first-use costs included)
+    second_peak: int  # VmHWM over the second run, from a reset mark
+    repeat_peak: int  # VmHWM over the latency runs after the second, from a reset mark (second_peak if none)
+    warm_growth: int  # second_peak minus the resident memory just before the second run
     latency_ms: float  # median of the warm runs
     runs: int
 
@@ -88,27 +91,46 @@ class RunMeasurement:
         return {"first_forward_ms": self.first_ms, "latency_ms": self.latency_ms, "latency_runs": self.runs}
 
 
-def measure_runs(run: Callable[[], Any]) -> RunMeasurement:
-    """Run once (first-use costs included), then again from a reset high-water mark (the warm peak),
-    then repeat for a latency median within LATENCY_BUDGET_S. Shared by the torch and ONNX workers."""
+def measure_runs(run: Callable[[], Any], keep_first: Callable[[Any], None]) -> RunMeasurement:
+    """The model's runs as a user's process makes them, each output dropped before the next run.
+
+    The first run's output goes to `keep_first` (which should put what it needs out of memory, e.g. on disk) and
+    is then released, so later peaks do not carry it. Each phase starts from a reset high-water mark; nothing is
+    trimmed between runs, since a user's process keeps what glibc caches. Shared by the torch and ONNX workers."""
+    reset_peak()
     started = time.perf_counter()
-    first_output = run()
+    output = run()
     first_ms = (time.perf_counter() - started) * 1000
     first_peak = proc_status_bytes("VmHWM")
-    release_freed_memory()
+    keep_first(output)
+    del output
+    gc.collect()
     reset_peak()
-    before_warm = proc_status_bytes("VmRSS")
+    before_second = proc_status_bytes("VmRSS")
     started = time.perf_counter()
     run()
     latencies = [(time.perf_counter() - started) * 1000]
-    warm_peak = proc_status_bytes("VmHWM")
+    second_peak = proc_status_bytes("VmHWM")
+    reset_peak()
     budget_end = time.perf_counter() + LATENCY_BUDGET_S
     while len(latencies) < LATENCY_MAX_RUNS and time.perf_counter() < budget_end and first_ms < 5000:
         started = time.perf_counter()
         run()
         latencies.append((time.perf_counter() - started) * 1000)
-    return RunMeasurement(first_output, first_ms, first_peak, warm_peak, warm_peak - before_warm,
+    repeat_peak = proc_status_bytes("VmHWM") if len(latencies) > 1 else second_peak
+    return RunMeasurement(first_ms, first_peak, second_peak, repeat_peak, second_peak - before_second,
                           statistics.median(latencies), len(latencies))
+
+
+def lifetime_fields(baseline: int, load_peak: int, measured: RunMeasurement) -> dict[str, int]:
+    """The peaks of load, first and second forward over the fresh process's baseline, and the largest of them
+    (the verified runtime: what a device must hold at once to load the model and run it). The latency runs' peak
+    is reported beside it: glibc's cache of freed blocks can grow it over many runs."""
+    lifetime = {"verified_load_peak_bytes": load_peak - baseline,
+                "verified_first_forward_peak_bytes": measured.first_peak - baseline,
+                "verified_steady_peak_bytes": measured.second_peak - baseline}
+    return {**lifetime, "verified_runtime_bytes": max(lifetime.values()),
+            "verified_repeat_peak_bytes": measured.repeat_peak - baseline}
 
 
 def floating_tensors(output: Any) -> list[Any]:

@@ -36,6 +36,10 @@ ROW_FIELDS = [
     # runtime terms, each its own column (see terms_frame)
     "analytic_transient_bytes", "analytic_input_bytes", "analytic_output_bytes", "framework_bytes",
     "eval_score",  # --eval: the user's quality function on the reloaded model (torch rows)
+    # the verified runtime is the largest of the first three (each over the fresh process's baseline); the
+    # latency runs' peak is beside it; the analytic runtime includes the framework's first-use cost
+    "verified_load_peak_bytes", "verified_first_forward_peak_bytes", "verified_steady_peak_bytes",
+    "verified_repeat_peak_bytes", "analytic_first_use_bytes",
 ]
 PLAN_FILES = ("plan.csv", "plan.md", "plan.json", "plan.png", "layers.csv")
 MANIFEST = "manifest.json"

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from planner.isolation import Limits, run_worker
-from planner.measure import proc_status_bytes, release_freed_memory, reset_peak
+from planner.measure import MEASUREMENT_ENV, proc_status_bytes, release_freed_memory, reset_peak
 from planner.worker import worker_main
 
 # Under inference_mode the composite ops reach the tracker undecomposed (no autograd key runs their
@@ -140,7 +140,7 @@ def scratch_bytes(signatures: list[str], timeout_s: float = 600.0) -> tuple[dict
     if missing:
         with tempfile.TemporaryDirectory(prefix="planner-scratch-") as workdir:
             result = run_worker({"signatures": missing}, Path(workdir), "scratch",
-                                Limits(timeout_s), worker="planner.scratch")
+                                Limits(timeout_s), worker="planner.scratch", allocator_env=MEASUREMENT_ENV)
         if result.get("status") == "verified":
             measured = {key: _scratch(value) for key, value in result["scratch"].items()}
             _store(measured)

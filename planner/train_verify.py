@@ -29,7 +29,7 @@ from typing import Any
 
 from planner.errors import PlannerError
 from planner.isolation import Limits, run_worker
-from planner.measure import proc_status_bytes, release_freed_memory, reset_peak
+from planner.measure import MEASUREMENT_ENV, proc_status_bytes, release_freed_memory, reset_peak
 from planner.recipes import Recipe
 from planner.training import not_trainable_reason, training_footprint
 from planner.units import format_bytes, relative_difference
@@ -111,7 +111,8 @@ def measure_training(source_json: dict[str, Any], dtype: str, optimizer: str, st
     options = Limits(timeout_s) if memory_cap_bytes is None else Limits(timeout_s, memory_cap_bytes)
     job = {"source": source_json, "dtype": dtype, "optimizer": optimizer, "steps": steps}
     with tempfile.TemporaryDirectory(prefix="planner-train-") as workdir:
-        result = run_worker(job, Path(workdir), "train", options, worker="planner.train_verify")
+        result = run_worker(job, Path(workdir), "train", options, worker="planner.train_verify",
+                            allocator_env=MEASUREMENT_ENV)
     if result.get("status") != "verified":
         return MeasuredTraining(None, None, result.get("note", "measurement failed"))
     return MeasuredTraining([step["peak_bytes"] for step in result["steps"]], result["param_resident_bytes"],

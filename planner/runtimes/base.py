@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from planner.baseline import framework_baseline
+from planner.baseline import first_use_bytes, framework_baseline
 from planner.footprint import Footprint
 from planner.recipes import Recipe
 from planner.rows import PlanOptions
@@ -106,11 +106,19 @@ class Runtime(ABC):
 
     @abstractmethod
     def warm_up(self) -> None:
-        """In a worker before its baseline: the framework's first-use costs, which belong to the baseline."""
+        """The framework's first tiny forward in a process: what planner.baseline's first-use figure measures."""
 
     def framework_baseline(self) -> int | None:
-        """Resident bytes of a warmed-up process of this runtime with no model (measured once, cached)."""
+        """Resident bytes of a process of this runtime with its libraries imported, no model (measured once,
+        cached)."""
         return framework_baseline(self.name)
+
+    def first_use_bytes(self) -> int | None:
+        """What the first forward of any model costs this runtime beyond the model (thread pools, kernel
+        libraries' pages): part of every verified runtime, so the analytic runtime adds it (measured once)."""
+        if not hasattr(self, "_first_use"):
+            self._first_use = first_use_bytes(self.name)
+        return self._first_use
 
     def disk_bytes(self, artifact: Artifact) -> int:
         """The artifact's bytes on disk."""

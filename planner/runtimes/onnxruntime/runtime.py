@@ -20,7 +20,7 @@ from planner.runtimes.onnxruntime.export import (
     onnx_file_bytes,
     onnx_recipe_support,
 )
-from planner.runtimes.onnxruntime.worker import make_job, warm_up_framework
+from planner.runtimes.onnxruntime.worker import first_tiny_forward, make_job
 from planner.sources import ModelSource
 
 BUILD_WORKER = "planner.runtimes.onnxruntime.export"
@@ -109,7 +109,7 @@ class OnnxRuntime(Runtime):
         return result
 
     def warm_up(self) -> None:
-        warm_up_framework()
+        first_tiny_forward()
 
     def disk_bytes(self, artifact: Artifact) -> int:
         return onnx_file_bytes(artifact.files[0])

@@ -4,31 +4,34 @@
 The ONNX counterpart of planner.runtimes.torch_cpu.worker, with the same measurements and result keys so a row
 can show either:
 
-1. imports onnxruntime, creates and runs a tiny session once (the runtime's global state, allocator and
-   kernel registry belong to the baseline), loads the example inputs;
+1. imports onnxruntime and loads the example inputs; nothing runs before the baseline, so the runtime's first-use
+   costs (its environment, thread pools, kernel registry) count for the model, as in a user's process;
 2. resets the resident-memory high-water mark (/proc/self/clear_refs) and takes the baseline;
-3. creates an InferenceSession (CPUExecutionProvider, default options): resident weights = RSS after - baseline
-   (this includes what ONNX Runtime keeps per session: optimized graph, pre-packed weights);
-4. runs the inputs once, then resets the high-water mark and runs them again. ONNX Runtime's default CPU
-   arena keeps the first run's activation memory, so the warm peak is taken from the baseline:
-   verified runtime = warm peak - baseline, activations = runtime - weights;
-5. times further runs (median) and only then imports torch to compare the floating outputs with the float32
-   torch reference (planner.measure.compare_outputs), so torch is not in the measured process state.
+3. creates an InferenceSession (CPUExecutionProvider, default options): load peak = high-water mark - baseline
+   (the file's tensors and ORT's copies at once); resident weights = RSS after - baseline (this includes what
+   ONNX Runtime keeps per session: optimized graph, pre-packed weights);
+4. runs the inputs once (first-forward peak), then again (steady peak), then times further runs (median); ORT's
+   default CPU arena keeps the first run's activation memory, so activations = steady peak - weights;
+5. verified runtime = the lifetime peak, the largest of the three (planner.measure.lifetime_fields); only then
+   imports torch to compare the floating outputs with the float32 torch reference
+   (planner.measure.compare_outputs), so torch is not in the measured process state.
 
 The job is JSON: {"artifact": ".onnx path", "inputs": ".npz (input_0, input_1, ...) or torch.save'd tuple",
-"reference": "torch.save'd list of float32 tensors"}. Run it with planner.measure.MEASUREMENT_ENV, as the parent
-does for the torch worker, so freed blocks go back to the OS and the high-water mark means what was alive at once.
+"reference": "torch.save'd list of float32 tensors"}. It runs with glibc's default allocator settings, as a
+user's process does.
 """
 
 from __future__ import annotations
 
 import functools
+import gc
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from planner.measure import compare_outputs, measure_runs, proc_status_bytes, release_freed_memory, reset_peak
+from planner.measure import compare_outputs, lifetime_fields, measure_runs, proc_status_bytes, reset_peak
 from planner.worker import worker_main
 
 FLOAT_ELEMENT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)")
@@ -59,7 +62,7 @@ def load_inputs(path: str) -> list[Any]:
 
 def warm_up(ort: Any) -> None:
     # The first session of a process creates ORT's environment (logging, thread pool factory, kernel registry):
-    # a cost of the runtime, not of the model, so it belongs to the baseline.
+    # planner.baseline's first-use figure for this runtime.
     import numpy as np
     import onnx
     from onnx import TensorProto, helper
@@ -75,8 +78,13 @@ def warm_up(ort: Any) -> None:
     del session, model, graph, onnx
 
 
-def warm_up_framework() -> None:
-    """What a worker does before its baseline, for the framework baseline (planner.baseline)."""
+def import_framework() -> None:
+    """What a worker imports before its baseline, for planner.baseline."""
+    import onnxruntime  # noqa: F401
+
+
+def first_tiny_forward() -> None:
+    """planner.baseline's first-use figure: the first session and run of a process."""
     import onnxruntime
 
     warm_up(onnxruntime)
@@ -96,12 +104,12 @@ def _floating(session: Any, outputs: list[Any]) -> list[Any]:
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)  # constant-folding notices on stderr are not errors
-    warm_up(ort)
     inputs = load_inputs(job["inputs"])
-    release_freed_memory()
+    gc.collect()  # no malloc_trim: the state a user's process is in after its imports
     exact_peak = reset_peak()
     baseline = proc_status_bytes("VmRSS")
 
@@ -112,17 +120,24 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     load_peak = proc_status_bytes("VmHWM")
     feeds = _feeds(session, inputs)
 
-    measured = measure_runs(functools.partial(session.run, None, feeds))
-    outputs = _floating(session, measured.first_output)
+    # The first outputs wait on disk (the worker's TMPDIR, under the plan's work directory) during the later runs.
+    with tempfile.TemporaryDirectory() as folder:
+        first_outputs = Path(folder) / "first-outputs.npz"
+        floating_outputs = functools.partial(_floating, session)
+
+        def keep_first(output: list[Any]) -> None:
+            np.savez(first_outputs, *floating_outputs(output))
+
+        measured = measure_runs(functools.partial(session.run, None, feeds), keep_first)
+        with np.load(first_outputs) as saved:
+            outputs = [saved[f"arr_{index}"] for index in range(len(saved.files))]
     weights = loaded - baseline
-    runtime = max(measured.warm_peak - baseline, weights)  # ORT's arena keeps memory between runs
+    lifetime = lifetime_fields(baseline, load_peak, measured)
     result: dict[str, Any] = {
-        "verified_runtime_bytes": runtime,
+        # Creating the session holds the file's tensors and ORT's copies at once: part of the lifetime peak.
+        **lifetime,
         "verified_weight_resident_bytes": weights,
-        "verified_activation_bytes": runtime - weights,
-        "verified_first_run_extra_bytes": max(0, measured.first_peak - measured.warm_peak),
-        # Creating the session holds the file's tensors and ORT's copies at once; reported, not ranked.
-        "verified_load_peak_bytes": load_peak - baseline,
+        "verified_activation_bytes": max(0, lifetime["verified_steady_peak_bytes"] - weights),
         "baseline_rss_bytes": baseline,
         "peak_is_exact": exact_peak,
         "load_s": load_s,

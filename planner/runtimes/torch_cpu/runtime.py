@@ -20,7 +20,7 @@ from planner.pruning import artifact_state, prune_channels
 from planner.recipes import PruneThresholds, Recipe, UnsupportedRecipe, apply_recipe
 from planner.rows import REFERENCE, PlanOptions
 from planner.runtimes.base import Artifact, BuildFailed, PlanContext, Runtime
-from planner.runtimes.torch_cpu.worker import warm_up_framework
+from planner.runtimes.torch_cpu.worker import first_tiny_forward
 from planner.safe_io import path_inside
 from planner.sources import ModelSource
 
@@ -132,9 +132,14 @@ class TorchCpu(Runtime):
         return dict(super().refusal(recipe, footprint, reason), analytic_is_what_if=what_if)
 
     def analytic(self, recipe: Recipe, footprint: Footprint) -> dict[str, Any]:
+        # The verified runtime is a fresh process's lifetime peak, which includes the framework's first-use
+        # costs (measured once per machine); loading never holds more than the weights (torch.load reads each
+        # storage once and load_state_dict(assign=True) keeps it), so the first forward is the analytic peak.
+        first_use = self.first_use_bytes() or 0
+        runtime = None if footprint.runtime_bytes is None else footprint.runtime_bytes + first_use
         return {"analytic_disk_bytes": footprint.disk_bytes, "analytic_weight_bytes": footprint.weight_bytes,
                 "analytic_activation_bytes": footprint.activation_bytes,
-                "analytic_runtime_bytes": footprint.runtime_bytes,
+                "analytic_runtime_bytes": runtime, "analytic_first_use_bytes": first_use,
                 "analytic_transient_bytes": footprint.transient_bytes, "analytic_input_bytes": footprint.input_bytes,
                 "analytic_output_bytes": footprint.output_bytes}
 
@@ -181,7 +186,7 @@ class TorchCpu(Runtime):
         return result
 
     def warm_up(self) -> None:
-        warm_up_framework()
+        first_tiny_forward()
 
     def disk_bytes(self, artifact: Artifact) -> int:
         return artifact.files[0].stat().st_size

@@ -1,0 +1,82 @@
+"""The verified runtime is a fresh process's lifetime peak (issue 13's measurement definition).
+
+A user checks it the obvious way: a fresh Python process imports torch and torchao, builds the model on the meta
+device, loads the exported state dict and runs two forwards; its peak resident memory over the resident memory
+before the load must match the plan's verified runtime. The script below is that check, written without planner
+code, against a model big enough (about 70 MB) that kernel libraries' pages are not the figure.
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+
+def run_planner(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "planner.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+MODEL = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(1024, 8192), nn.GELU(), nn.Linear(8192, 1024))
+        return model.eval(), torch.randn(64, 1024, generator=torch.Generator().manual_seed(0))
+''')
+
+INDEPENDENT = textwrap.dedent('''
+    import importlib.util, json, sys
+    import torch
+    import torchao  # noqa: F401  (the exported int8 tensors are torchao's)
+
+    def status(field):
+        with open("/proc/self/status") as lines:
+            return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(field + ":"))
+
+    spec = importlib.util.spec_from_file_location("user_model", sys.argv[1])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with torch.device("meta"):
+        model, _ = module.build()
+    x = torch.randn(64, 1024, generator=torch.Generator().manual_seed(0))
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    before = status("VmRSS")
+    model.load_state_dict(torch.load(sys.argv[2], weights_only=True), assign=True)
+    with torch.inference_mode():
+        model(x)
+        model(x)
+    print(json.dumps({"peak_bytes": status("VmHWM") - before}))
+''')
+
+
+@pytest.mark.parametrize("recipe", ["fp32", "int8-dynamic"])
+def test_verified_runtime_matches_an_independent_fresh_process(tmp_path: Path, recipe: str) -> None:
+    model_file = tmp_path / "user_model.py"
+    model_file.write_text(MODEL)
+    script = tmp_path / "independent.py"
+    script.write_text(INDEPENDENT)
+    out, export = tmp_path / "out", tmp_path / "export"
+    result = run_planner("plan", f"{model_file}:build", "--budget", "1GB", "--backend", "torch",
+                         "--recipes", recipe, "--out", str(out), "--export", str(export), "--export-all")
+    assert result.returncode == 0, result.stderr
+    (row,) = [r for r in json.loads((out / "plan.json").read_text())["rows"] if r["recipe"] == recipe]
+    manifest = json.loads((export / recipe / "manifest.json").read_text())
+    artifact = export / recipe / manifest["file"]
+    independent = subprocess.run([sys.executable, str(script), str(model_file), str(artifact)],
+                                 capture_output=True, text=True, check=True)
+    independent_peak = json.loads(independent.stdout.strip().splitlines()[-1])["peak_bytes"]
+    verified = row["verified_runtime_bytes"]
+    assert verified == max(row["verified_load_peak_bytes"], row["verified_first_forward_peak_bytes"],
+                           row["verified_steady_peak_bytes"])
+    assert abs(verified - independent_peak) <= 0.05 * independent_peak, (verified, independent_peak)
+    # The analytic figure targets the same lifetime peak: live bytes plus the framework's measured first-use cost.
+    # What it does not model (the sgemm packing buffers of a first large float32 matmul, about 10 MB here, and
+    # what glibc keeps cached) leaves it below, within a fifth on this model.
+    assert row["analytic_first_use_bytes"] > 0
+    assert 0.8 * verified <= row["analytic_runtime_bytes"] <= 1.05 * verified, (row["analytic_runtime_bytes"], verified)
