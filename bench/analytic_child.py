@@ -16,8 +16,8 @@ START = time.perf_counter()
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from planner.footprint import analytic_footprint, weight_footprint  # noqa: E402
-from planner.recipes import default_recipes, select_recipes  # noqa: E402
+from planner.analysis.footprint import analytic_footprint, weight_footprint  # noqa: E402
+from planner.recipes.recipe import default_recipes, select_recipes  # noqa: E402
 
 
 def emit(**fields: object) -> None:

@@ -1,6 +1,6 @@
 """Child process of bench/run.py: one (model, batch) case of the accuracy table.
 
-Runs torchinfo on the float32 model, then a real `planner plan` (planner.pipeline.run_plan, torch backend) over
+Runs torchinfo on the float32 model, then a real `planner plan` (planner.plan.pipeline.run_plan, torch backend) over
 the requested recipes, and writes one JSON file with both. Each case runs in its own process so that one model's
 memory (ComplexNet is 2.1 GB in float32) never stays behind for the next.
 
@@ -19,10 +19,10 @@ import torch
 import torchinfo
 from accelerate.utils import calculate_maximum_sizes
 
-from planner.pipeline import PlanOptions, run_plan
-from planner.recipes import default_recipes, select_recipes
+from planner.models.sources import resolve_source
+from planner.plan.pipeline import PlanOptions, run_plan
+from planner.recipes.recipe import default_recipes, select_recipes
 from planner.report import plan_json
-from planner.sources import resolve_source
 
 # The budget does not matter here (nothing is ranked or exported). One byte fits nothing, so the planner deletes
 # each artifact as soon as it is verified (it can be gigabytes) instead of keeping it for an export.

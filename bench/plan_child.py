@@ -16,7 +16,7 @@ from pathlib import Path
 def main() -> None:
     out, args = Path(sys.argv[1]), sys.argv[2:]
     started = time.perf_counter()
-    from planner.cli import main as planner_main
+    from planner.cli.commands import main as planner_main
 
     code = planner_main(args)
     out.write_text(json.dumps({"rc": code, "seconds": time.perf_counter() - started,

@@ -46,7 +46,7 @@ FULL_CASES: list[tuple[str, int, str]] = [
 QUICK_CASES = [(f"zoo:{name}", 1, ZOO_RECIPES) for name in ("simplenet", "convnet")]
 CASE_TIMEOUT_S = 1200
 
-# The planner's own stated resolution for runtime figures (planner/pipeline.py RESOLUTION_BYTES): below it, a
+# The planner's own stated resolution for runtime figures (planner/plan/pipeline.py RESOLUTION_BYTES): below it, a
 # verified runtime is allocator and page noise, so relative errors there say little about any estimator.
 RESOLUTION_BYTES = 2 * 1000**2
 

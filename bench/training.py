@@ -4,7 +4,8 @@
     .venv/bin/python bench/training.py --no-inference  # training cases only
 
 Each (model, batch) case runs in its own child (bench/training_child.py), which runs the measured steps in a fresh
-grandchild (planner.train_verify). With inference on (the default), the inference accuracy cases bench/run.py does
+grandchild (planner.analysis.train_verify). With inference on (the default), the inference accuracy cases bench/run.py
+does
 not cover (batch 64 of the zoo, the 100 MB MLP at every batch) run through bench/run.py's own accuracy code.
 """
 
@@ -40,7 +41,7 @@ from run import (
     write_markdown,
 )
 
-from planner.training import SGD_MOMENTUM
+from planner.analysis.training import SGD_MOMENTUM
 
 MLP = "examples/training_models.py:mlp_100m"
 BATCHES = (1, 8, 64)
@@ -63,14 +64,15 @@ INFERENCE_CASES: list[tuple[str, int, str]] = [
 RULES = f"""\
 One training step = `optimizer.zero_grad(set_to_none=True)`, forward, loss = sum of the output means, backward,
 `optimizer.step()`, float32, random weights; `sgd` is SGD with momentum {SGD_MOMENTUM}, `adamw` torch's AdamW. The
-measured figure is the peak resident memory of a real step in a fresh process (planner.train_verify): resident
+measured figure is the peak resident memory of a real step in a fresh process (planner.analysis.train_verify): resident
 parameters + (peak RSS during the step - baseline RSS), steps 1 (creates the optimizer state) and 2 (steady state).
 The baseline is taken after imports, a tiny warm-up of the framework's kernels (convolution, attention, LSTM, one
 optimizer step), model load, optimizer construction and one forward without autograd: as in the torch worker,
 first-use initialisation is kept out of the step and reported (`first_forward_kept_bytes` in the CSV). Each estimate
 is compared with the larger of the two steps; error = (estimate - measured) / measured.
 
-- **planner**: `planner inspect --mode train`'s analytic peak (planner.training: the step traced on fake tensors,
+- **planner**: `planner inspect --mode train`'s analytic peak (planner.analysis.training: the step traced on fake
+tensors,
   larger of its two steps); its per-step errors are in the CSV.
 - **torchinfo**: `torchinfo.summary(...)`'s "Estimated Total Size" as printed: input + forward/backward pass size +
   parameters.

@@ -1,7 +1,8 @@
 """Child process of bench/training.py: one (model, batch) case of the training table.
 
 torchinfo's figures on the float32 model, then per optimizer the planner's analytic training step
-(planner.training.training_footprint, weightless) and the measured twin (planner.train_verify, its own fresh
+(planner.analysis.training.training_footprint, weightless) and the measured twin (planner.analysis.train_verify, its
+own fresh
 process). A case whose analytic peak is above the bench's memory limit is not measured, and says so.
 
 Usage: training_child.py SPEC BATCH OPTIMIZERS MEMORY_LIMIT_BYTES OUT_JSON
@@ -17,9 +18,9 @@ from pathlib import Path
 import torch
 from case_child import torchinfo_figures  # bench/ is this script's directory, hence on sys.path
 
-from planner.sources import resolve_source
-from planner.train_verify import measure_training
-from planner.training import TRACED_STEPS, training_footprint
+from planner.analysis.train_verify import measure_training
+from planner.analysis.training import TRACED_STEPS, training_footprint
+from planner.models.sources import resolve_source
 
 
 def main() -> None:

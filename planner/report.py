@@ -20,10 +20,10 @@ from typing import Any
 
 import pandas as pd
 
-from planner.errors import PlannerError
+from planner.core.errors import PlannerError
+from planner.core.safe_io import MAX_PATH_CHARS, path_inside, read_text_capped
+from planner.core.units import format_bytes
 from planner.runtimes.registry import create
-from planner.safe_io import MAX_PATH_CHARS, path_inside, read_text_capped
-from planner.units import format_bytes
 
 # plan.json row fields; scripts and CI gates read these, so add fields but never rename them.
 ROW_FIELDS = [
@@ -356,7 +356,7 @@ def writing_to(directory: Path, flag: str, kept: str) -> Iterator[None]:
 
 def output_files(result: Any) -> list[tuple[str, bytes | str]]:
     """Every file of a plan's --out, named and rendered in memory: (file name, contents)."""
-    from planner.mixed import file_name
+    from planner.recipes.mixed import file_name
 
     frame = plan_frame(result.rows)
     files: list[tuple[str, bytes | str]] = [
@@ -400,7 +400,7 @@ def chart_png(result: Any) -> bytes:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    from planner.rank import measured_size
+    from planner.core.rank import measured_size
 
     figure, axes = plt.subplots(figsize=(8, 5))
     finite = [r["sqnr_db"] for r in result.rows if r.get("sqnr_db") not in (None,) and math.isfinite(r["sqnr_db"])]
@@ -435,7 +435,7 @@ def chart_png(result: Any) -> bytes:
 def _draw_mixed(axes: Any, rows: list[dict[str, Any]], budget_on: str, ceiling: float) -> None:
     """The predicted trade-off curve of the mixed search (analytic size, predicted SQNR) and the verified
     mixed rows joined along it."""
-    from planner.rank import measured_size
+    from planner.core.rank import measured_size
 
     mixed = next((row for row in rows if row.get("mixed_front")), None)
     curve = mixed["mixed_front"] if mixed else None

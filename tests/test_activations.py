@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from planner.activations import ActivationReport, activation_peak
-from planner.measure import MEASUREMENT_ENV
-from planner.zoo import ZOO
+from planner.analysis.activations import ActivationReport, activation_peak
+from planner.measure.library import MEASUREMENT_ENV
+from planner.models.zoo import ZOO
 
 MiB = 2**20
 
@@ -131,11 +131,11 @@ def test_convnet_measured_within_ten_percent() -> None:
     assert abs(measured - predicted) <= 0.10 * predicted, (predicted, measured)
 
 
-# An independent measurement for the test (the verifier's own is planner.measure.measure_runs).
+# An independent measurement for the test (the verifier's own is planner.measure.library.measure_runs).
 _MEASURE_SCRIPT = """
 import ctypes, gc, json, sys
 import torch
-from planner.zoo import ZOO
+from planner.models.zoo import ZOO
 
 def status(field):
     for line in open("/proc/self/status"):
@@ -172,8 +172,8 @@ def measure_activation_peak(zoo_name: str, batch: int, timeout: float = 600) -> 
 def test_memoized_layers_replay_exactly(scheme: str, name: str) -> None:
     """Repeated quantized layers replay the first call's peak, scratch and output: the report must equal a
     full trace, per module included."""
-    from planner.footprint import weightless_recipe_model
-    from planner.recipes import Recipe
+    from planner.analysis.footprint import weightless_recipe_model
+    from planner.recipes.recipe import Recipe
 
     if name == "stack":
         with torch.device("meta"):
@@ -197,9 +197,9 @@ def test_fused_kernel_workspace_is_measured_and_added(name: str, batch: int, tmp
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The trace cannot see inside the LSTM kernel (it undercounted by a third); its workspace at these shapes is
     measured once in a child process, cached, and added, which brings the estimate to the measurement."""
-    from planner.footprint import analytic_footprint
-    from planner.recipes import Recipe
-    from planner.scratch import cache_path
+    from planner.analysis.footprint import analytic_footprint
+    from planner.analysis.scratch import cache_path
+    from planner.recipes.recipe import Recipe
 
     monkeypatch.setenv("PLANNER_CACHE_DIR", str(tmp_path))
     footprint = analytic_footprint(_meta_model(name), _inputs(name, batch), Recipe("fp32"))
@@ -213,8 +213,8 @@ def test_fused_kernel_workspace_is_measured_and_added(name: str, batch: int, tmp
 def test_transformer_fast_path_workspace_is_measured_and_added(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """nn.TransformerEncoderLayer's fused fast path is one op to the tracker; its internal workspace (attention
     scores, feed-forward hidden) is measured at the call's shapes and added, instead of named and left out."""
-    from planner.footprint import analytic_footprint
-    from planner.recipes import Recipe
+    from planner.analysis.footprint import analytic_footprint
+    from planner.recipes.recipe import Recipe
 
     monkeypatch.setenv("PLANNER_CACHE_DIR", str(tmp_path))
     footprint = analytic_footprint(_meta_model("tinylm"), _inputs("tinylm", 8), Recipe("fp32"))
@@ -229,7 +229,7 @@ def test_transformer_fast_path_workspace_is_measured_and_added(tmp_path: Path, m
 def test_max_pool_indices_are_measured_and_added(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """max_pool2d's CPU kernel computes int64 indices and drops them: 8 bytes per output element that no op
     returns (4 MB here, four times the bf16 output), measured at the call's shapes and added on top of it."""
-    from planner.scratch import scratch_bytes
+    from planner.analysis.scratch import scratch_bytes
 
     monkeypatch.setenv("PLANNER_CACHE_DIR", str(tmp_path))
     model = nn.MaxPool2d(2).eval()

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from planner import pruning
-from planner.cli import main
+from planner.analysis import pruning
+from planner.cli.commands import main
 
 FACTORY = """
 import torch

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from planner import baseline
+from planner.runtimes import baseline
 
 
 def test_measured_once_then_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

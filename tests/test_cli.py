@@ -83,7 +83,7 @@ def test_exported_artifact_loads_without_the_planner(simplenet_plan: tuple) -> N
     assert manifest["verification"]["status"] == "verified"
     import torchao  # noqa: F401
 
-    from planner.zoo import SimpleNet
+    from planner.models.zoo import SimpleNet
 
     model = SimpleNet()
     model.load_state_dict(torch.load(model_file, weights_only=True), assign=True)
@@ -130,7 +130,7 @@ def test_transformer_on_both_backends(tmp_path: Path) -> None:
     import numpy as np
     import onnxruntime
 
-    from planner.zoo import ZOO
+    from planner.models.zoo import ZOO
 
     manifest = json.loads((export / "int4-g128-onnxruntime" / "manifest.json").read_text())
     session = onnxruntime.InferenceSession(str(export / "int4-g128-onnxruntime" / manifest["file"]))
@@ -144,7 +144,7 @@ def test_transformer_on_both_backends(tmp_path: Path) -> None:
 
 
 def _reference_logits(ids: torch.Tensor):
-    from planner.sources import resolve_source
+    from planner.models.sources import resolve_source
 
     model = resolve_source("zoo:tinylm").build("cpu")
     with torch.inference_mode():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import typer
 
-from planner.cli import app
+from planner.cli.commands import app
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -76,3 +76,17 @@ def test_documented_command_parses(page: str, line: str) -> None:
         candidate = word.split(":", 1)[0]
         if REPO_FILE.match(candidate):
             assert (ROOT / candidate).exists(), f"{page}: {line!r} names {candidate}, which does not exist"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_named_planner_modules_exist(page: Path) -> None:
+    """`planner/x/y.py` and `planner.x.y` as the docs name them: a module moved without its docs fails here."""
+    text = page.read_text()
+    missing = [path for path in re.findall(r"\bplanner/[\w/]+\.py\b", text) if not (ROOT / path).exists()]
+    for dotted in re.findall(r"`(planner(?:\.\w+)+)", text):
+        parts = dotted.split(".")
+        # the longest prefix that is a module or package; what follows it is an attribute
+        if not any((ROOT / Path(*parts[:i])).with_suffix(".py").exists() or (ROOT / Path(*parts[:i])).is_dir()
+                   for i in range(2, len(parts) + 1)):
+            missing.append(dotted)
+    assert not missing, f"{page.name} names modules that do not exist: {missing}"

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from planner.artifact import load_weights_into
-from planner.footprint import analytic_footprint, weight_footprint
-from planner.recipes import apply_recipe, default_recipes
-from planner.zoo import ZOO
+from planner.analysis.artifact import load_weights_into
+from planner.analysis.footprint import analytic_footprint, weight_footprint
+from planner.models.zoo import ZOO
+from planner.recipes.recipe import apply_recipe, default_recipes
 
 RECIPES = {recipe.name: recipe for recipe in default_recipes()}
 
@@ -90,8 +90,8 @@ def test_quantize_on_meta_matches_quantize_layer_by_layer() -> None:
 
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
-    from planner.footprint import quantize_on_meta
-    from planner.recipes import Recipe, layer_filter
+    from planner.analysis.footprint import quantize_on_meta
+    from planner.recipes.recipe import Recipe, layer_filter
 
     with torch.device("meta"):
         meta = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 128), nn.Linear(128, 128, bias=False),
@@ -116,8 +116,8 @@ def test_int4_is_traced_on_its_quantized_layout_not_on_the_float_model() -> None
     CPU it gets the layout a real quantize_ gives. Tracing that model, not the bf16 one, follows the path the real
     int4 model takes: its tensor-subclass weights send nn.TransformerEncoderLayer down the slow path (the float
     model's trace took the fused fast path and missed 17-19% of zoo:tinylm's runtime)."""
-    from planner.activations import activation_peak
-    from planner.footprint import weightless_recipe_model
+    from planner.analysis.activations import activation_peak
+    from planner.analysis.footprint import weightless_recipe_model
 
     recipe = RECIPES["int4-g128"]
     weightless, note = weightless_recipe_model(meta("tinylm").eval(), recipe)

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from planner.cli import main
-from planner.errors import PlannerError
-from planner.sources import resolve_source
+from planner.cli.commands import main
+from planner.core.errors import PlannerError
+from planner.models.sources import resolve_source
 
 
 @pytest.fixture(scope="module")

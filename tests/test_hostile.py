@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from planner.cli import main
+from planner.cli.commands import main
 
 MARKER_CODE = "import pathlib; pathlib.Path({path!r}).write_text('pwned')"
 

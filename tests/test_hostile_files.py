@@ -18,9 +18,9 @@ import pytest
 import torch
 from torch import nn
 
-from planner.cli import main
-from planner.errors import PlannerError
-from planner.sources import MAX_INPUT_RANK, resolve_source
+from planner.cli.commands import main
+from planner.core.errors import PlannerError
+from planner.models.sources import MAX_INPUT_RANK, resolve_source
 
 PRECIOUS_TEXT = "the user's own data"
 
@@ -338,7 +338,7 @@ def _zip_bomb(path: Path, megabytes: int = 512) -> Path:
 
 def _cli_under_memory_limit(args: list[str], limit_bytes: int = 2 * 2**30) -> subprocess.CompletedProcess[str]:
     code = (f"import resource, sys; resource.setrlimit(resource.RLIMIT_AS, ({limit_bytes}, {limit_bytes})); "
-            "from planner.cli import main; sys.exit(main(sys.argv[1:]))")
+            "from planner.cli.commands import main; sys.exit(main(sys.argv[1:]))")
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
 
 
@@ -434,7 +434,7 @@ def test_global_naming_a_main_module_is_not_imported(tmp_path: Path, capsys: pyt
 
 
 def test_global_resolution_imports_nothing() -> None:
-    from planner.sources import _import_torch_global
+    from planner.models.sources import _import_torch_global
 
     before = set(sys.modules)
     assert _import_torch_global("torch.utils.model_dump.__main__.main") is None

@@ -16,9 +16,9 @@ from types import SimpleNamespace
 import pytest
 
 from planner import report
-from planner.cli import main
-from planner.errors import PlannerError
-from planner.recipes import MAX_LAYER_ENTRIES, MAX_RECIPE_FILE_BYTES, check_recipe_name, load_recipe_file
+from planner.cli.commands import main
+from planner.core.errors import PlannerError
+from planner.recipes.recipe import MAX_LAYER_ENTRIES, MAX_RECIPE_FILE_BYTES, check_recipe_name, load_recipe_file
 
 PLAN = ["plan", "zoo:simplenet", "--budget", "50MB", "--backend", "torch"]
 
@@ -114,7 +114,7 @@ def test_export_refuses_a_name_that_escapes_even_past_validation(tmp_path: Path,
 
 
 def test_work_directory_paths_stay_inside(tmp_path: Path) -> None:
-    from planner.safe_io import path_inside
+    from planner.core.safe_io import path_inside
 
     with pytest.raises(PlannerError, match="would leave"):
         path_inside(tmp_path, "../../precious.pt")

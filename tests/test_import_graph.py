@@ -1,5 +1,6 @@
-"""The package's import graph: no cycles (imports deferred into function bodies included) and no module
-using another module's private (`_name`) names.
+"""The package's import graph: no cycles (imports deferred into function bodies included), no module
+using another module's private (`_name`) names, and layers: each package imports only from itself and the
+packages below it (LAYERS, lowest first).
 
 Every import statement anywhere in a module counts, wherever it sits (top level, function body, `if
 TYPE_CHECKING`): a deferred import still ties the two modules together, it only hides the tie until run time.
@@ -127,6 +128,59 @@ def test_no_module_uses_another_modules_private_names() -> None:
     assert not uses, "give these a public name in the module they belong to:\n" + "\n".join(uses)
 
 
+# The pipeline's packages, lowest first: a module may import from its own package and those before it.
+LAYERS = (
+    "core",      # errors, units, safe_io, pages, rank: no planner imports beyond core
+    "measure",   # the measurement library, the worker protocol, isolation, work directories
+    "models",    # loading a model: sources, zoo, archive_scan, hf_folder
+    "schemes",   # one file per quantization scheme
+    "recipes",   # recipes as data, mixed-precision recipes
+    "analysis",  # footprint, activations, scratch, inspection, pruning, training, sensitivity, artifact, evalhook
+    "runtimes",  # rows, baseline, the Runtime interface and one package per runtime
+    "plan",      # pipeline (run_plan, evaluate), mixed_plan
+    "report",    # tables, plan.{csv,md,json,png}, the exported artifact
+    "cli",       # commands, console, supervisor, watchdog
+)
+# Documented user-facing paths kept as re-exports: above every layer, so nothing in the package imports them.
+SHIMS = frozenset({"planner.artifact"})
+
+
+def layer_violations(edges: dict[str, set[str]], package: str, layers: tuple[str, ...],
+                     shims: frozenset[str] = frozenset()) -> list[str]:
+    """Every import of a package above the importer's own, and every module outside the declared layers."""
+    def rank(module: str) -> int | None:
+        if module in shims:
+            return len(layers)
+        top = module.split(".")[1] if "." in module else None
+        return layers.index(top) if top in layers else None
+
+    problems = []
+    for module in sorted(edges):
+        if module == package:
+            continue
+        own = rank(module)
+        if own is None:
+            problems.append(f"{module} is in no declared layer ({', '.join(layers)})")
+            continue
+        for target in sorted(edges[module]):
+            theirs = rank(target) if target != package else -1
+            if theirs is not None and theirs > own:
+                problems.append(f"{module} imports {target}, a layer above its own")
+    return problems
+
+
+def test_each_package_imports_only_from_the_layers_below() -> None:
+    problems = layer_violations(import_graph(PACKAGE_ROOT).edges, PACKAGE_ROOT.name, LAYERS, SHIMS)
+    assert not problems, "layers, lowest first: " + " < ".join(LAYERS) + "\n" + "\n".join(problems)
+
+
+def test_the_documented_artifact_path_still_loads() -> None:
+    import planner.analysis.artifact
+    import planner.artifact
+
+    assert planner.artifact.load_artifact is planner.analysis.artifact.load_artifact
+
+
 # ---- the checker itself, on a tiny package --------------------------------------------------------------
 
 def _write(root: Path, files: dict[str, str]) -> Path:
@@ -182,3 +236,22 @@ def test_private_names_of_another_module_are_found(tmp_path: Path) -> None:
     })
     uses = import_graph(root).private_uses
     assert uses == ["pkg.b:2 imports pkg.a._hidden", "pkg.b:5 uses pkg.a._hidden"]
+
+
+def test_an_import_from_a_higher_layer_is_found(tmp_path: Path) -> None:
+    root = _write(tmp_path, {
+        "pkg/__init__.py": "", "pkg/low/__init__.py": "", "pkg/high/__init__.py": "",
+        "pkg/low/a.py": "import os\n", "pkg/high/b.py": "from pkg.low import a\n",
+        "pkg/shim.py": "from pkg.high.b import a\n",
+    })
+    layers = ("low", "high")
+    assert layer_violations(import_graph(root).edges, "pkg", layers, frozenset({"pkg.shim"})) == []
+    (root / "low" / "a.py").write_text("def f():\n    from pkg.high import b\n    return b\n")  # deferred counts
+    (root / "low" / "c.py").write_text("from pkg import shim\n")
+    (root / "flat.py").write_text("")
+    assert layer_violations(import_graph(root).edges, "pkg", layers, frozenset({"pkg.shim"})) == [
+        "pkg.flat is in no declared layer (low, high)",
+        "pkg.low.a imports pkg.high, a layer above its own",
+        "pkg.low.a imports pkg.high.b, a layer above its own",
+        "pkg.low.c imports pkg.shim, a layer above its own",
+    ]

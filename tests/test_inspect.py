@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 import torch
 
-from planner.cli import main
-from planner.inspection import inspect_model
-from planner.recipes import default_recipes, select_recipes
-from planner.zoo import ZOO
+from planner.analysis.inspection import inspect_model
+from planner.cli.commands import main
+from planner.models.zoo import ZOO
+from planner.recipes.recipe import default_recipes, select_recipes
 
 RECIPES = select_recipes(default_recipes(), "fp32,int8-dynamic,int8-weight-only")
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from planner.measure import private_resident_bytes, proc_status_bytes
-from planner.scratch import _build, resident_bytes
+from planner.analysis.scratch import _build, resident_bytes
+from planner.measure.library import private_resident_bytes, proc_status_bytes
 
 MiB = 2**20
 

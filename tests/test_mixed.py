@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from planner import mixed
-from planner.errors import PlannerError
-from planner.footprint import weight_footprint
-from planner.mixed import Option
-from planner.mixed_plan import fit_budget, layer_options, option_costs, safety_margin, searchable_layers
-from planner.recipes import Recipe, apply_recipe, check_layer_overrides, layer_decision, load_recipe_file
-from planner.sources import resolve_source
+from planner.analysis.footprint import weight_footprint
+from planner.core.errors import PlannerError
+from planner.models.sources import resolve_source
+from planner.plan.mixed_plan import fit_budget, layer_options, option_costs, safety_margin, searchable_layers
+from planner.recipes import mixed
+from planner.recipes.mixed import Option
+from planner.recipes.recipe import Recipe, apply_recipe, check_layer_overrides, layer_decision, load_recipe_file
 
 HERE = Path(__file__).parent
 MLP = f"{HERE / 'mixed_mlp.py'}:build"
@@ -95,7 +95,7 @@ def test_runtime_budget_fit_checks_the_full_analytic_footprint() -> None:
                              "int8-dynamic": {"0": 42.0, "2": 41.0, "4": 44.0},
                              "int4-g128": {"0": 24.0, "2": 23.0, "4": 30.0}})
     front, _ = mixed.pareto_front(options)
-    from planner.footprint import analytic_footprint
+    from planner.analysis.footprint import analytic_footprint
 
     baseline = analytic_footprint(meta, inputs, base)
     budget = 4_200_000  # 2.2 MB once the 2 MB measurement margin is taken
@@ -178,8 +178,8 @@ def test_analytic_and_applied_per_layer_layout_are_identical(tmp_path: Path) -> 
 
 def test_sensitivity_is_the_error_of_the_model_with_that_layer_alone_quantized_and_is_cached(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from planner import sensitivity
-    from planner.measure import compare_outputs
+    from planner.analysis import sensitivity
+    from planner.measure.library import compare_outputs
 
     monkeypatch.setenv("PLANNER_CACHE_DIR", str(tmp_path / "cache"))
     source = resolve_source(MLP)
@@ -207,7 +207,7 @@ def test_sensitivity_is_the_error_of_the_model_with_that_layer_alone_quantized_a
 
 
 def test_calibration_file_is_validated(tmp_path: Path) -> None:
-    from planner.sensitivity import load_calibration
+    from planner.analysis.sensitivity import load_calibration
 
     example = (torch.zeros(8, 256),)
     torch.save(torch.randn(32, 256), tmp_path / "good.pt")
@@ -251,8 +251,8 @@ def test_plan_mixed_fits_is_verified_and_beats_uniform_int4(tmp_path: Path) -> N
 
 
 def test_bfloat16_base_sensitivity_includes_the_base_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from planner import sensitivity
-    from planner.measure import compare_outputs
+    from planner.analysis import sensitivity
+    from planner.measure.library import compare_outputs
 
     monkeypatch.setenv("PLANNER_CACHE_DIR", str(tmp_path / "cache"))
     model, inputs = mlp()

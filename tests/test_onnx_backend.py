@@ -15,12 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-from planner.isolation import Limits, run_worker
-from planner.measure import compare_outputs, floating_tensors
-from planner.recipes import Recipe, UnsupportedRecipe, default_recipes
+from planner.measure.isolation import Limits, run_worker
+from planner.measure.library import compare_outputs, floating_tensors
+from planner.models.zoo import ZOO
+from planner.recipes.recipe import Recipe, UnsupportedRecipe, default_recipes
 from planner.runtimes.onnxruntime import export as backend
 from planner.runtimes.onnxruntime.worker import make_job, save_inputs_npz
-from planner.zoo import ZOO
 
 RECIPES = {recipe.name: recipe for recipe in default_recipes()}
 ZOO_MODELS = ("simplenet", "convnet", "tinylm")

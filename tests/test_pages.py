@@ -1,4 +1,4 @@
-"""Giving back the reference file's pages while a recipe is applied layer by layer (planner.pages)."""
+"""Giving back the reference file's pages while a recipe is applied layer by layer (planner.core.pages)."""
 
 from pathlib import Path
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from planner.pages import PAGE_BYTES, MappedReference, private_file_ranges, unused_pages
-from planner.recipes import PruneThresholds, Recipe, apply_recipe, import_tensor_types
+from planner.core.pages import PAGE_BYTES, MappedReference, private_file_ranges, unused_pages
+from planner.recipes.recipe import PruneThresholds, Recipe, apply_recipe, import_tensor_types
 
 
 def test_unused_pages_keeps_every_page_a_tensor_touches() -> None:

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from planner import supervisor, workdirs
-from planner.cli import main
+from planner.cli import supervisor
+from planner.cli.commands import main
+from planner.measure import workdirs
 
 # Misbehaves on request. HOSTILE_MODE: how; HOSTILE_WHERE: in the planner process or in a verification worker
 # (a worker runs with the measurement's malloc settings in its environment, the planner does not).
@@ -247,7 +248,7 @@ def test_a_normal_plan_kills_what_a_worker_left_running(run: dict) -> None:
 
 
 def test_in_process_each_row_kills_its_workers_children(run: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    """planner.cli.main in-process (no supervisor): the worker's process group dies with its row."""
+    """planner.cli.commands.main in-process (no supervisor): the worker's process group dies with its row."""
     for key, value in {TOKEN_VAR: run["token"], "HOSTILE_MODE": "spawn", "HOSTILE_WHERE": "worker"}.items():
         monkeypatch.setenv(key, value)
     assert main(["plan", run["model"], "--budget", "1GB", "--recipes", "fp32", "--backend", "torch"]) == 0

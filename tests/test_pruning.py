@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from planner import pruning, sparse
-from planner.errors import PlannerError
-from planner.evalhook import resolve_eval_spec, run_eval
-from planner.recipes import Recipe, UnsupportedRecipe, apply_recipe
-from planner.zoo import ZOO
+from planner.analysis import pruning, sparse
+from planner.analysis.evalhook import resolve_eval_spec, run_eval
+from planner.core.errors import PlannerError
+from planner.models.zoo import ZOO
+from planner.recipes.recipe import Recipe, UnsupportedRecipe, apply_recipe
 
 # ---- sparse storage: the crossover arithmetic and the format ----
 
@@ -164,7 +164,7 @@ def test_structured_half_shrinks_runs_reloads_and_matches_the_analytic_twin(name
     with torch.no_grad():
         before = [t.shape for t in pruning._tensors(model(*inputs))]
     params_before = _params(model)
-    # the container arithmetic of planner.footprint is off by up to ~100 B per tensor on small models: the
+    # the container arithmetic of planner.analysis.footprint is off by up to ~100 B per tensor on small models: the
     # twin must add no error of its own to it
     container_error = (pruning.pruning_footprint(meta_model, inputs, Recipe("fp32")).disk_bytes
                        - _saved(model.state_dict()))
@@ -194,9 +194,9 @@ def _check_fresh_process_reload(name: str, path: Path, model: nn.Module, inputs:
         torch.save(model(*inputs), expected)
     script = f"""
 import torch
-from planner.artifact import load_weights_into
-from planner.pruning import unpack_artifact_state
-from planner.zoo import ZOO
+from planner.analysis.artifact import load_weights_into
+from planner.analysis.pruning import unpack_artifact_state
+from planner.models.zoo import ZOO
 with torch.device("meta"):
     model = ZOO[{name!r}].build()
 state = unpack_artifact_state(model, torch.load({str(path)!r}, weights_only=True))

@@ -29,8 +29,8 @@ def test_bert_tiny_plan_verifies_every_row_and_predicts_its_disk_size(tmp_path: 
 def test_input_check_needs_no_real_weights(factory: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """GPT-2's and Llama's mask code calls .item(), which meta tensors refuse: the check runs on fake
     tensors instead of building the float32 model (half a gigabyte and seconds for GPT-2)."""
-    from planner.pipeline import check_inputs_fit
-    from planner.sources import ModelSource, resolve_source
+    from planner.models.sources import ModelSource, resolve_source
+    from planner.plan.pipeline import check_inputs_fit
 
     source = resolve_source(f"{REPO}/examples/public_models.py:{factory}")
     meta_model, inputs = source.build("meta"), source.example_inputs()
@@ -45,9 +45,9 @@ def test_input_check_needs_no_real_weights(factory: str, monkeypatch: pytest.Mon
 
 
 def test_input_check_still_names_the_layer_on_fake_tensors() -> None:
-    from planner.errors import PlannerError
-    from planner.pipeline import check_inputs_fit
-    from planner.sources import resolve_source
+    from planner.core.errors import PlannerError
+    from planner.models.sources import resolve_source
+    from planner.plan.pipeline import check_inputs_fit
 
     source = resolve_source(f"{REPO}/examples/public_models.py:bert_tiny")
     wrong = (source.example_inputs()[0][:, :1].float(),)  # float "token ids": the embedding refuses them

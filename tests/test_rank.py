@@ -5,7 +5,7 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
-from planner import rank
+from planner.core import rank
 
 
 def row(name: str, runtime: int | None, sqnr: float | None, status: str = "verified", disk: int = 1) -> dict:

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from planner.errors import PlannerError
-from planner.recipes import (
+from planner.core.errors import PlannerError
+from planner.recipes.recipe import (
     SCHEMES,
     apply_recipe,
     default_recipes,
@@ -142,7 +142,7 @@ def test_pruning_zeroes_but_keeps_shapes() -> None:
 
 @pytest.mark.parametrize("fraction", [0.3, 0.5, 0.7, 0.9])
 def test_magnitude_threshold_matches_kthvalue(fraction: float) -> None:
-    from planner.recipes import magnitude_threshold
+    from planner.recipes.recipe import magnitude_threshold
 
     weight = torch.randn(300, 70, generator=torch.Generator().manual_seed(1))
     k = int(np.ceil(fraction * weight.numel()))
@@ -151,7 +151,7 @@ def test_magnitude_threshold_matches_kthvalue(fraction: float) -> None:
 
 @pytest.mark.parametrize("seed", range(5))
 def test_magnitude_threshold_with_ties_and_zeros(seed: int) -> None:
-    from planner.recipes import magnitude_threshold
+    from planner.recipes.recipe import magnitude_threshold
 
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randint(-3, 4, (97, 13), generator=generator).float() * 0.25
@@ -172,7 +172,7 @@ def test_prune_then_quantize() -> None:
 def test_magnitude_threshold_sampled_bracket_is_exact(fraction: float) -> None:
     """Above the sample size the k-th value comes from a sampled bracket; it must still be exact, also for a
     layout that defeats a strided sample (sorted magnitudes) and so exercises the histogram fallback."""
-    from planner.recipes import magnitude_threshold
+    from planner.recipes.recipe import magnitude_threshold
 
     generator = torch.Generator().manual_seed(3)
     for weight in (torch.randn(4000, 50, generator=generator), torch.linspace(-1, 1, 200_000).sort().values,
@@ -194,9 +194,9 @@ def test_conv1d_is_quantized_as_the_linear_it_is(tmp_path: Path) -> None:
     rebuilt the same way (as the verification worker and load_artifact do) loads the saved artifact."""
     import copy
 
-    from planner.artifact import load_weights_into
-    from planner.footprint import weight_footprint
-    from planner.recipes import Recipe, import_tensor_types, linearize_conv1d
+    from planner.analysis.artifact import load_weights_into
+    from planner.analysis.footprint import weight_footprint
+    from planner.recipes.recipe import Recipe, import_tensor_types, linearize_conv1d
 
     import_tensor_types()
     original = _conv1d_stack().eval()

@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
-from planner.footprint import Footprint
-from planner.pipeline import evaluate
-from planner.recipes import Recipe
-from planner.rows import PlanOptions
+from planner.analysis.footprint import Footprint
+from planner.models.sources import resolve_source
+from planner.plan.pipeline import evaluate
+from planner.recipes.recipe import Recipe
 from planner.runtimes.base import Artifact, BuildFailed, PlanContext, Runtime
 from planner.runtimes.registry import RUNTIMES, create
-from planner.sources import resolve_source
+from planner.runtimes.rows import PlanOptions
 
 
 class FakeRuntime(Runtime):

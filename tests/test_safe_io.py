@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from planner.errors import PlannerError
-from planner.safe_io import check_name, check_regular_file, path_inside, read_text_capped
+from planner.core.errors import PlannerError
+from planner.core.safe_io import check_name, check_regular_file, path_inside, read_text_capped
 
 
 @pytest.mark.parametrize("name", ["fp32", "int4-g128", "mixed-512MB", "prune50-int8.v2", "a+b"])

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import planner.schemes
-from planner.footprint import weight_footprint, weightless_recipe_model
-from planner.mixed import recipe_toml
-from planner.recipes import (
+from planner.analysis.footprint import weight_footprint, weightless_recipe_model
+from planner.recipes.mixed import recipe_toml
+from planner.recipes.recipe import (
     LayerOverride,
     Recipe,
     apply_recipe,
@@ -155,8 +155,8 @@ def test_8da4w_leaves_layers_without_whole_groups_and_says_why() -> None:
 
 @pytest.mark.parametrize("name", NEW_SCHEMES)
 def test_new_schemes_round_trip_through_weights_only_mmap(name: str, tmp_path: Path) -> None:
-    from planner.artifact import load_weights_into
-    from planner.recipes import import_tensor_types
+    from planner.analysis.artifact import load_weights_into
+    from planner.recipes.recipe import import_tensor_types
 
     torch.manual_seed(0)
     model, _ = apply_recipe(ThreeLinear(), RECIPES[name])

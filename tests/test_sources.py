@@ -1,4 +1,4 @@
-"""Tests for planner.sources: every kind of model source, and a one-line PlannerError for every bad input."""
+"""Tests for planner.models.sources: every kind of model source, and a one-line PlannerError for every bad input."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 from torch import nn
 
-from planner.errors import PlannerError
-from planner.sources import ModelSource, parse_input_shape, resolve_source
-from planner.zoo import ZOO
+from planner.core.errors import PlannerError
+from planner.models.sources import ModelSource, parse_input_shape, resolve_source
+from planner.models.zoo import ZOO
 
 REPO = Path(__file__).resolve().parents[1]
 PKG = "srcfix_models"  # a package written to a temp dir and put on sys.path, for `pkg.mod:factory` specs
@@ -227,7 +227,7 @@ def test_to_json_round_trip_in_a_subprocess(factory_file: Path, tmp_path: Path) 
     expected = _run(source)
     script = textwrap.dedent("""
         import json, sys, torch
-        from planner.sources import ModelSource
+        from planner.models.sources import ModelSource
         source = ModelSource.from_json(json.loads(sys.argv[1]))
         with torch.no_grad():
             torch.save(source.build()(*source.example_inputs()), sys.argv[2])
@@ -363,7 +363,7 @@ def test_safe_pickle_of_torch_modules_loads_without_trust(tmp_path: Path) -> Non
 
 def test_pickle_of_zoo_transformer_loads_without_trust(tmp_path: Path) -> None:
     path = tmp_path / "tinylm.pt"
-    torch.save(ZOO["tinylm"].build(), path)  # needs torch.nn.functional.relu and planner.zoo.TinyLM
+    torch.save(ZOO["tinylm"].build(), path)  # needs torch.nn.functional.relu and planner.models.zoo.TinyLM
     source = resolve_source(str(path), input_shape="1,16", input_dtype="int64")
     assert _run(source).shape == (1, 16, 2048)
 

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from planner import scratch
-from planner.cli import main
-from planner.training import default_foreach, optimizer_state_rule, training_footprint
-from planner.zoo import SimpleNet
+from planner.analysis import scratch
+from planner.analysis.training import default_foreach, optimizer_state_rule, training_footprint
+from planner.cli.commands import main
+from planner.models.zoo import SimpleNet
 
 BATCH = 4
 # SimpleNet = Linear(100, 50) + ReLU + Linear(50, 10): 100·50 + 50 + 50·10 + 10 = 5,560 parameters in 4 tensors.
@@ -117,7 +117,7 @@ def test_convolution_scratch_is_measured_once_and_cached(tmp_path: Path, monkeyp
     def no_child(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("a cached figure was measured again")
 
-    monkeypatch.setattr("planner.scratch.run_worker", no_child)
+    monkeypatch.setattr("planner.analysis.scratch.run_worker", no_child)
     again = training_footprint(model, inputs, "sgd")
     assert again.step_peaks == corrected.step_peaks
 
@@ -128,7 +128,7 @@ def test_lstm_backward_pages_in_the_saved_workspace_are_freed_with_it(tmp_path: 
     at batch 64). Counted as memory the library keeps, they were added for good and again at every later step
     (+18% against a measured step 2 at batch 64); they go with the workspace, so step 2 holds only the optimizer
     state more than step 1."""
-    from planner.zoo import ZOO
+    from planner.models.zoo import ZOO
 
     monkeypatch.setenv("PLANNER_CACHE_DIR", str(tmp_path))
     with torch.device("meta"):

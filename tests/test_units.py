@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from planner.errors import PlannerError
-from planner.units import format_bytes, parse_size, relative_difference
+from planner.core.errors import PlannerError
+from planner.core.units import format_bytes, parse_size, relative_difference
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """The Runtime interface: what the plan asks of every runtime a recipe can be verified on.
 
-A plan is a loop over recipes × runtimes (planner.pipeline.evaluate). For each pair a runtime says why it
+A plan is a loop over recipes × runtimes (planner.plan.pipeline.evaluate). For each pair a runtime says why it
 refuses the recipe (one reason, logged), or builds the artifact from the float32 reference and measures it in a
 fresh, isolated process; the row then sets those figures beside the runtime's analytic ones. A new runtime
 (ExecuTorch, CUDA) is one package with one Runtime subclass, listed in planner.runtimes.registry.
@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from planner.baseline import first_use_bytes, framework_baseline
-from planner.footprint import Footprint
-from planner.recipes import Recipe
-from planner.rows import PlanOptions
-from planner.sources import ModelSource
+from planner.analysis.footprint import Footprint
+from planner.models.sources import ModelSource
+from planner.recipes.recipe import Recipe
+from planner.runtimes.baseline import first_use_bytes, framework_baseline
+from planner.runtimes.rows import PlanOptions
 
 log = logging.getLogger("planner.runtimes")
 
@@ -106,7 +106,8 @@ class Runtime(ABC):
 
     @abstractmethod
     def warm_up(self) -> None:
-        """The framework's first tiny forward in a process: what planner.baseline's first-use figure measures."""
+        """The framework's first tiny forward in a process: what planner.runtimes.baseline's first-use figure
+        measures."""
 
     def framework_baseline(self) -> int | None:
         """Resident bytes of a process of this runtime with its libraries imported, no model (measured once,

@@ -70,7 +70,7 @@ class Scheme(ABC):
     default_bits: ClassVar[int] = 8  # `bits` when a recipe leaves it out
     needs_cuda: ClassVar[str | None] = None  # reason, when the scheme has no CPU kernel
     # quantize_ runs on a meta-device weight. False: it asserts a CPU weight and packs it with a CPU op, so the
-    # weightless model is quantized on storage-less FakeTensors that claim the CPU (planner.footprint).
+    # weightless model is quantized on storage-less FakeTensors that claim the CPU (planner.analysis.footprint).
     weightless_ok: ClassVar[bool] = True
     caveat: ClassVar[str] = ""  # said in every row that uses the scheme
     # Structured pruning keeps the widths it leaves a multiple of this, so the pruned layers stay quantizable.

@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from planner.hf_folder import kv_cache_off
-from planner.recipes import Recipe, UnsupportedRecipe
-from planner.safe_io import path_inside
+from planner.core.safe_io import path_inside
+from planner.models.hf_folder import kv_cache_off
+from planner.recipes.recipe import Recipe, UnsupportedRecipe
 
 # One initializer above 2 GB cannot be inline (protobuf's limit is for the whole file): use external data well
 # before that, so a model whose quantized graph grows a little still saves.
@@ -144,7 +144,7 @@ def export_fp32(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path) 
     """Export the model as it is (float32) with the dynamo exporter.
 
     Inputs are named input_0.., outputs output_0.. in torch.export's pytree order, which is the order
-    planner.measure.floating_tensors walks a tensor/tuple/list/dict output in; the verifier keeps only the
+    planner.measure.library.floating_tensors walks a tensor/tuple/list/dict output in; the verifier keeps only the
     floating outputs, so integer outputs in between do not shift the comparison. Weights above
     EXTERNAL_DATA_THRESHOLD_BYTES go to one external file PATH.data; otherwise everything is in PATH.
     A transformers model is exported with its KV cache off (torch.export cannot return a DynamicCache); the
@@ -374,10 +374,10 @@ def build_onnx_artifact(fp32_model_path_or_module: Path | str | nn.Module, input
 
 
 def _prune(model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe) -> list[str]:
-    from planner.recipes import apply_recipe
+    from planner.recipes.recipe import apply_recipe
 
     if recipe.channels:  # a structurally pruned model is a smaller dense model: it exports as any other
-        from planner.pruning import prune_channels
+        from planner.analysis.pruning import prune_channels
 
         prune_channels(model, inputs, recipe)
 
@@ -578,9 +578,9 @@ def build_job(job: dict[str, Any]) -> dict[str, Any]:
     """Worker body for `python -m planner.runtimes.onnxruntime.export JOB RESULT`: build one recipe's ONNX
     artifact in its own process (quantize_dynamic holds several copies of the weights: a memory cap must be able
     to stop it)."""
-    from planner.artifact import load_reference
-    from planner.recipes import recipe_from_table
-    from planner.sources import ModelSource
+    from planner.analysis.artifact import load_reference
+    from planner.models.sources import ModelSource
+    from planner.recipes.recipe import recipe_from_table
 
     recipe = recipe_from_table(job["recipe"], "job")
     inputs = tuple(torch.load(job["inputs"], weights_only=True))
@@ -592,6 +592,6 @@ def build_job(job: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from planner.worker import worker_main
+    from planner.measure.worker import worker_main
 
     sys.exit(worker_main(sys.argv[1:], build_job))

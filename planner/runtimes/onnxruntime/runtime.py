@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
-from planner.footprint import Footprint
-from planner.isolation import run_worker
-from planner.pruning import pruned_meta_model
-from planner.recipes import Recipe
-from planner.rows import REFERENCE
+from planner.analysis.footprint import Footprint
+from planner.analysis.pruning import pruned_meta_model
+from planner.measure.isolation import run_worker
+from planner.models.sources import ModelSource
+from planner.recipes.recipe import Recipe
 from planner.runtimes.base import Artifact, BuildFailed, PlanContext, Runtime
 from planner.runtimes.onnxruntime.export import (
     analytic_onnx_bytes,
@@ -21,7 +21,7 @@ from planner.runtimes.onnxruntime.export import (
     onnx_recipe_support,
 )
 from planner.runtimes.onnxruntime.worker import first_tiny_forward, make_job
-from planner.sources import ModelSource
+from planner.runtimes.rows import REFERENCE
 
 BUILD_WORKER = "planner.runtimes.onnxruntime.export"
 VERIFY_WORKER = "planner.runtimes.onnxruntime.worker"

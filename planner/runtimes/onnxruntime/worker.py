@@ -12,9 +12,9 @@ can show either:
    ONNX Runtime keeps per session: optimized graph, pre-packed weights);
 4. runs the inputs once (first-forward peak), then again (steady peak), then times further runs (median); ORT's
    default CPU arena keeps the first run's activation memory, so activations = steady peak - weights;
-5. verified runtime = the lifetime peak, the largest of the three (planner.measure.lifetime_fields); only then
+5. verified runtime = the lifetime peak, the largest of the three (planner.measure.library.lifetime_fields); only then
    imports torch to compare the floating outputs with the float32 torch reference
-   (planner.measure.compare_outputs), so torch is not in the measured process state.
+   (planner.measure.library.compare_outputs), so torch is not in the measured process state.
 
 The job is JSON: {"artifact": ".onnx path", "inputs": ".npz (input_0, input_1, ...) or torch.save'd tuple",
 "reference": "torch.save'd list of float32 tensors"}. It runs with glibc's default allocator settings, as a
@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from planner.measure import compare_outputs, lifetime_fields, measure_runs, proc_status_bytes, reset_peak
-from planner.worker import worker_main
+from planner.measure.library import compare_outputs, lifetime_fields, measure_runs, proc_status_bytes, reset_peak
+from planner.measure.worker import worker_main
 
 FLOAT_ELEMENT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)")
 
@@ -62,7 +62,7 @@ def load_inputs(path: str) -> list[Any]:
 
 def warm_up(ort: Any) -> None:
     # The first session of a process creates ORT's environment (logging, thread pool factory, kernel registry):
-    # planner.baseline's first-use figure for this runtime.
+    # planner.runtimes.baseline's first-use figure for this runtime.
     import numpy as np
     import onnx
     from onnx import TensorProto, helper
@@ -79,12 +79,12 @@ def warm_up(ort: Any) -> None:
 
 
 def import_framework() -> None:
-    """What a worker imports before its baseline, for planner.baseline."""
+    """What a worker imports before its baseline, for planner.runtimes.baseline."""
     import onnxruntime  # noqa: F401
 
 
 def first_tiny_forward() -> None:
-    """planner.baseline's first-use figure: the first session and run of a process."""
+    """planner.runtimes.baseline's first-use figure: the first session and run of a process."""
     import onnxruntime
 
     warm_up(onnxruntime)
@@ -98,7 +98,7 @@ def _feeds(session: Any, inputs: list[Any]) -> dict[str, Any]:
 
 
 def _floating(session: Any, outputs: list[Any]) -> list[Any]:
-    # The graph's outputs in pytree order; integer ones are dropped, as planner.measure.floating_tensors does.
+    # The graph's outputs in pytree order; integer ones are dropped, as planner.measure.library.floating_tensors does.
     return [value for value, meta in zip(outputs, session.get_outputs(), strict=True)
             if meta.type in FLOAT_ELEMENT_TYPES]
 

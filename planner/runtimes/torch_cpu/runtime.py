@@ -1,6 +1,6 @@
 """PyTorch eager on the CPU: recipes applied with torchao to a copy of the float32 reference, saved as a state
 dict (or TorchScript), and verified in a fresh process (planner.runtimes.torch_cpu.worker). The analytic figures
-are the footprint's (planner.footprint): this is the runtime the analytic model describes.
+are the footprint's (planner.analysis.footprint): this is the runtime the analytic model describes.
 """
 
 from __future__ import annotations
@@ -10,19 +10,19 @@ from typing import Any
 
 import torch
 
-from planner.artifact import load_reference
-from planner.errors import PlannerError
-from planner.footprint import Footprint
-from planner.isolation import run_worker
-from planner.measure import release_freed_memory
-from planner.pages import MappedReference
-from planner.pruning import artifact_state, prune_channels
-from planner.recipes import PruneThresholds, Recipe, UnsupportedRecipe, apply_recipe
-from planner.rows import REFERENCE, PlanOptions
+from planner.analysis.artifact import load_reference
+from planner.analysis.footprint import Footprint
+from planner.analysis.pruning import artifact_state, prune_channels
+from planner.core.errors import PlannerError
+from planner.core.pages import MappedReference
+from planner.core.safe_io import path_inside
+from planner.measure.isolation import run_worker
+from planner.measure.library import release_freed_memory
+from planner.models.sources import ModelSource
+from planner.recipes.recipe import PruneThresholds, Recipe, UnsupportedRecipe, apply_recipe
 from planner.runtimes.base import Artifact, BuildFailed, PlanContext, Runtime
+from planner.runtimes.rows import REFERENCE, PlanOptions
 from planner.runtimes.torch_cpu.worker import first_tiny_forward
-from planner.safe_io import path_inside
-from planner.sources import ModelSource
 
 WORKER = "planner.runtimes.torch_cpu.worker"
 
@@ -72,15 +72,15 @@ def verification_job(source: ModelSource, recipe: Recipe, artifact: Path, workdi
 
 def with_eval(result: dict[str, Any], job: dict[str, Any], workdir: Path, name: str, options: PlanOptions,
               progress: Any) -> dict[str, Any]:
-    """Add --eval's figure to a verified row. It runs in its own worker (planner.evalhook) after the
+    """Add --eval's figure to a verified row. It runs in its own worker (planner.analysis.evalhook) after the
     measurement: a function that fails, hangs or exits costs the row only its eval figure, with a note."""
     if options.eval_spec is None or result.get("status") != "verified":
         return result
-    from planner.evalhook import eval_job, failure_note
+    from planner.analysis.evalhook import eval_job, failure_note
 
     progress(f"running --eval on {name} in a fresh process")
     evaluated = run_worker(eval_job(job, options.eval_spec), workdir, f"{name}.eval", options,
-                           worker="planner.evalhook")
+                           worker="planner.analysis.evalhook")
     if evaluated["status"] != "verified":
         return dict(result, eval_score=None, eval_error=failure_note(options.eval_spec, evaluated.get("note", "")))
     return dict(result, **{key: evaluated[key] for key in ("eval_score", "eval_error") if key in evaluated})

@@ -12,11 +12,11 @@ what a user's own fresh process holds over the artifact's lifetime, so it does n
    pages (private_resident_bytes);
 4. runs the example input once (first-forward peak), then again (steady peak), each output dropped before the
    next run, then times further runs (median) and compares the first outputs with the fp32 reference;
-5. verified runtime = the lifetime peak, the largest of the three (planner.measure.lifetime_fields). The budget
+5. verified runtime = the lifetime peak, the largest of the three (planner.measure.library.lifetime_fields). The budget
    applies to it.
 
 It runs with glibc's default allocator settings, as a user's process does: what glibc keeps cached after a free
-is memory the process holds. The measuring itself is planner.measure's, shared with the other workers.
+is memory the process holds. The measuring itself is planner.measure.library's, shared with the other workers.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from planner.measure import (
+from planner.measure.library import (
     compare_outputs,
     floating_tensors,
     lifetime_fields,
@@ -37,11 +37,12 @@ from planner.measure import (
     proc_status_bytes,
     reset_peak,
 )
-from planner.worker import worker_main
+from planner.measure.worker import worker_main
 
 
 def warm_up(dtype: Any) -> None:
-    # The framework's first-use costs (thread pool, oneDNN primitives), for planner.baseline's first-use figure.
+    # The framework's first-use costs (thread pool, oneDNN primitives), for planner.runtimes.baseline's first-use
+    # figure.
     import torch
 
     with torch.inference_mode():
@@ -52,14 +53,14 @@ def warm_up(dtype: Any) -> None:
 
 
 def import_framework() -> None:
-    """What a worker imports before its baseline, for planner.baseline: torch and torchao's tensor types."""
-    from planner.recipes import import_tensor_types
+    """What a worker imports before its baseline, for planner.runtimes.baseline: torch and torchao's tensor types."""
+    from planner.recipes.recipe import import_tensor_types
 
     import_tensor_types()
 
 
 def first_tiny_forward() -> None:
-    """planner.baseline's first-use figure: the first float32 linear and convolution of a process."""
+    """planner.runtimes.baseline's first-use figure: the first float32 linear and convolution of a process."""
     import torch
 
     warm_up(torch.float32)
@@ -68,13 +69,13 @@ def first_tiny_forward() -> None:
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from planner.artifact import load_weights_into, set_eval, weightless_structure
-    from planner.pruning import unpack_artifact_state
-    from planner.recipes import DTYPES
-    from planner.sources import ModelSource
+    from planner.analysis.artifact import load_weights_into, set_eval, weightless_structure
+    from planner.analysis.pruning import unpack_artifact_state
+    from planner.models.sources import ModelSource
+    from planner.recipes.recipe import DTYPES
 
     if job.get("needs_torchao"):
-        from planner.recipes import import_tensor_types
+        from planner.recipes.recipe import import_tensor_types
 
         import_tensor_types()
     dtype = DTYPES[job["dtype"]]
@@ -82,7 +83,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     source = ModelSource.from_json(job["source"])
     model = weightless_structure(source, job["artifact_format"])
     if model is not None and job.get("recipe"):
-        from planner.recipes import Recipe, linearize_conv1d
+        from planner.recipes.recipe import Recipe, linearize_conv1d
 
         linearize_conv1d(model, Recipe.from_json(job["recipe"]))  # the structure the recipe saved
     inputs = torch.load(job["inputs"], weights_only=True)

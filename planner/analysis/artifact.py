@@ -1,0 +1,112 @@
+"""Artifacts: a model's structure without weights, and loading a saved or exported artifact.
+
+A state-dict artifact is the recipe's `state_dict()` saved with torch.save; loading it means building the
+model's structure on the meta device and assigning the saved tensors (torchao tensor subclasses included),
+so no float32 copy is ever materialized.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from planner.models.sources import ModelSource
+
+
+def weightless_structure(source: ModelSource, artifact_format: str) -> nn.Module | None:
+    """The model without weights, so loading the artifact is the only weight memory measured."""
+    if artifact_format == "torchscript":
+        return None
+    model = source.build("meta")
+    _restore_non_persistent_buffers(model, source)
+    # Sources that cannot build weightless (.pt2, pickles) built real tensors: drop them now.
+    for module in model.modules():
+        for key, param in list(module.named_parameters(recurse=False)):
+            if param.device.type != "meta":
+                setattr(module, key, torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad))
+        persistent = [key for key, _ in module.named_buffers(recurse=False)
+                      if key not in getattr(module, "_non_persistent_buffers_set", set())]
+        for key in persistent:
+            module._buffers[key] = module._buffers[key].to("meta")
+    return model
+
+
+def _restore_non_persistent_buffers(model: nn.Module, source: ModelSource) -> None:
+    """Non-persistent buffers (masks, rotary tables) are not in a state dict: take them from a real build."""
+    missing = [(module, key) for module in model.modules()
+               for key in getattr(module, "_non_persistent_buffers_set", set())
+               if module._buffers.get(key) is not None and module._buffers[key].device.type == "meta"]
+    if not missing:
+        return
+    real = dict(source.build("cpu").named_modules())
+    names = {id(module): name for name, module in model.named_modules()}
+    for module, key in missing:
+        module._buffers[key] = real[names[id(module)]]._buffers[key]
+    del real
+
+
+def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Assign saved tensors to a weightless structure, then restore weight tying.
+
+    load_state_dict(assign=True) gives tied parameters (GPT-2's lm_head and wte) separate Parameter
+    objects over one shared storage; a later dtype cast would then make two copies. Re-pointing every
+    holder at one Parameter keeps them one tensor, as in the original model.
+    """
+    model.load_state_dict(state, strict=True, assign=True)
+    first: dict[tuple, nn.Parameter] = {}
+    for module in model.modules():
+        for key, param in list(module._parameters.items()):
+            if param is None or type(param) is not nn.Parameter or param.device.type == "meta":
+                continue
+            identity = (param.untyped_storage().data_ptr(), param.storage_offset(), tuple(param.shape),
+                        param.stride(), param.dtype)
+            kept = first.setdefault(identity, param)
+            if kept is not param:
+                module._parameters[key] = kept
+    return model
+
+
+def set_eval(model: nn.Module) -> nn.Module:
+    """eval() where the module allows it: a torch.export graph module refuses, and is exported in eval already."""
+    try:
+        model.eval()
+    except NotImplementedError:
+        pass
+    return model
+
+
+def load_artifact(folder: str | Path) -> nn.Module:
+    """Load an exported artifact (DIR/RECIPE with manifest.json) into a ready-to-run module."""
+    folder = Path(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if manifest["format"] == "onnx":
+        raise ValueError(f"{folder} holds an ONNX model: load it with onnxruntime.InferenceSession")
+    if manifest["format"] == "torchscript":
+        return torch.jit.load(str(folder / manifest["file"]), map_location="cpu")
+    from planner.recipes.recipe import import_tensor_types
+
+    import_tensor_types()
+    source = ModelSource.from_json(manifest["source"])
+    model = weightless_structure(source, manifest["format"])
+    assert model is not None
+    if manifest.get("recipe"):
+        from planner.recipes.recipe import Recipe, linearize_conv1d
+
+        linearize_conv1d(model, Recipe.from_json(manifest["recipe"]))
+    from planner.analysis.pruning import unpack_artifact_state
+
+    load_weights_into(model, unpack_artifact_state(model, torch.load(folder / manifest["file"], weights_only=True)))
+    return set_eval(model)
+
+
+def load_reference(source: ModelSource, fp32_path: Path) -> nn.Module:
+    """A fresh float32 model backed by the memory-mapped reference weights (no second copy)."""
+    if source.kind == "torchscript":
+        return torch.jit.load(str(fp32_path), map_location="cpu")
+    model = weightless_structure(source, "state_dict")
+    assert model is not None
+    load_weights_into(model, torch.load(fp32_path, weights_only=True, mmap=True))
+    return set_eval(model)

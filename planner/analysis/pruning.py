@@ -1,0 +1,405 @@
+"""Structured pruning with torch-pruning's dependency graph: channels and neurons are removed, and every layer
+that consumes them is rewired, so tensors really shrink. Plus the analytic twin of both kinds of pruning.
+
+- `prune_channels` removes `recipe.channels` of the channels of every dependency group (L1 magnitude
+  importance, local per group). The layers that produce the model's outputs keep their output dimension
+  (their groups are left alone), so outputs stay comparable with float32.
+- The same call on the meta model with a weight-free importance gives the pruned shapes without weights:
+  how many channels a group loses depends on the ratio only, not on which ones.
+- `resolve_recipe` turns a `params` target (share of parameters to remove) into the channel ratio that
+  reaches it, by bisection on the meta model.
+- The artifact is the pruned state dict plus a JSON description of the changed module attributes and tensor
+  shapes (under STRUCTURE_KEY, a plain string: loading stays weights_only); `rebuild` applies it to the
+  source's weightless architecture before the weights are assigned.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import warnings
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from planner.analysis import sparse
+from planner.analysis.footprint import CONTAINER_BYTES_PER_STORAGE, Footprint, analytic_footprint
+from planner.models.hf_folder import kv_cache_off
+from planner.recipes.recipe import Recipe, UnsupportedRecipe, prunable
+
+STRUCTURE_KEY = "__planner_structure__"
+MAX_CHANNEL_RATIO = 0.95  # torch-pruning keeps at least one channel per group; beyond this, layers degenerate
+SOLVE_TOLERANCE = 0.01  # share of parameters: a `params` target is met within one percent
+SOLVE_STEPS = 4
+PROBE_RATIO = 0.5
+# Attribute values recorded when pruning changes them (torch-pruning updates in/out_features, num_features, ...).
+SIMPLE_TYPES = (int, float, bool, str)
+
+
+def _importance(weightless: bool) -> Any:
+    import torch_pruning as tp
+
+    class WeightFree(tp.importance.Importance):
+        """Any order will do for shapes and bytes: the count removed per group depends on the ratio only."""
+
+        def __call__(self, group: Any) -> torch.Tensor:
+            return torch.arange(len(group[0][1]), dtype=torch.float32)
+
+    return WeightFree() if weightless else tp.importance.MagnitudeImportance(p=1)
+
+
+def _tensors(output: Any) -> list[torch.Tensor]:
+    from planner.measure.library import floating_tensors
+
+    return floating_tensors(output)
+
+
+# What a transformers ModelOutput carries beside the model's result. The KV cache in particular links every
+# key/value projection to the output, and torch-pruning's grouping then explodes (minutes on a 2-layer Llama).
+_AUXILIARY_OUTPUTS = frozenset({"past_key_values", "hidden_states", "attentions", "cross_attentions"})
+
+
+def _result_tensors(output: Any) -> list[torch.Tensor]:
+    """The output tensors pruning must keep comparable: a ModelOutput's result fields, else every float tensor."""
+    if isinstance(output, Mapping):
+        output = [value for key, value in output.items() if key not in _AUXILIARY_OUTPUTS]
+    return _tensors(output)
+
+
+def output_layers(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[list[nn.Module], list[list[int]]]:
+    """The layers whose results reach the model's outputs without passing another layer with parameters
+    (classifier, LM head, final norm), found from the autograd graph of one forward; and the output shapes."""
+    producers: dict[Any, nn.Module] = {}
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        for tensor in _tensors(output):
+            if tensor.grad_fn is not None:
+                producers[tensor.grad_fn] = module
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if any(True for _ in m.parameters(False))]
+    try:
+        with torch.enable_grad():
+            outputs = _result_tensors(model(*inputs))
+    finally:
+        for handle in handles:
+            handle.remove()
+    found: list[nn.Module] = []
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    seen: set[Any] = set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in producers:
+            if producers[node] not in found:
+                found.append(producers[node])
+            continue
+        stack += [parent for parent, _ in node.next_functions if parent is not None]
+    return found, [list(t.shape) for t in outputs]
+
+
+def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
+    """{q/k/v projection: heads} for transformers attention modules (BERT and Llama naming), so that
+    torch-pruning removes whole heads and the heads' reshapes (view(..., -1, head_size)) still hold."""
+    heads: dict[nn.Module, int] = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        query_heads = getattr(module, "num_attention_heads", None) or getattr(config, "num_attention_heads", None)
+        kv_heads = getattr(config, "num_key_value_heads", None) or query_heads
+        for names, count in ((("query", "q_proj"), query_heads), (("key", "value", "k_proj", "v_proj"), kv_heads)):
+            for name in names:
+                layer = getattr(module, name, None)
+                if isinstance(layer, nn.Linear) and isinstance(count, int):
+                    heads[layer] = count
+    return heads
+
+
+def unknown_layers(model: nn.Module) -> list[str]:
+    """Layer types with a matrix weight that torch-pruning has no pruner for: it would cut them along a guessed
+    dimension (transformers' Conv1D stores its weight transposed), so the model would be silently wrong."""
+    import torch_pruning as tp
+
+    graph = tp.DependencyGraph()  # only its registry of pruners is used
+    # Unknown module types fall through to the element-wise pruner, which knows no weight layout.
+    return sorted({type(module).__name__ for module in model.modules()
+                   if (graph.get_pruner_of_module(module) is None
+                       or tp.ops.module2type(module) == tp.ops.OPTYPE.ELEMENTWISE)
+                   and any(p.dim() >= 2 for p in module.parameters(recurse=False))})
+
+
+def _scalar_attributes(model: nn.Module) -> dict[str, dict[str, Any]]:
+    attributes: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        values = {}
+        for key, value in vars(module).items():
+            if key.startswith("_"):
+                continue
+            if isinstance(value, SIMPLE_TYPES) or (isinstance(value, tuple) and all(isinstance(v, int) for v in value)):
+                values[key] = value
+        attributes[name] = values
+    return attributes
+
+
+def _round_to(recipe: Recipe) -> int | None:
+    # Some schemes need widths of a multiple (torchao's CPU int4 kernel: out_features % 16): keep them quantizable.
+    return recipe.scheme.width_multiple if recipe.scheme else None
+
+
+def prune_channels(model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe,
+                   weightless: bool = False) -> dict[str, Any]:
+    """Remove `recipe.channels` of every prunable dependency group's channels, in place. Returns the structure
+    (changed attributes and tensor shapes) that `rebuild` applies to the unpruned architecture.
+    Raises UnsupportedRecipe, naming the reason, where the result would not be a correct, comparable model."""
+    unknown = unknown_layers(model)
+    if unknown:
+        raise UnsupportedRecipe(f"structured pruning: torch-pruning has no pruner for {', '.join(unknown)}, it would "
+                                "cut those weights along a guessed dimension")
+    model.eval()
+    # Pruning compares the model's result, not its KV cache, and torch-pruning's grouping explodes on the cache
+    # updates (over 5 minutes on a 2-layer Llama, against 5 s without).
+    with kv_cache_off(model):
+        return _prune_channels(model, inputs, recipe, weightless)
+
+
+def _prune_channels(model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe, weightless: bool
+                    ) -> dict[str, Any]:
+    import torch_pruning as tp
+
+    device = next((t.device for t in model.parameters()), torch.device("cpu"))
+    inputs = tuple(t.to(device) for t in inputs)
+    heads = attention_heads(model)
+    before = _scalar_attributes(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ignored, shapes_before = output_layers(model, inputs)
+            pruner = tp.pruner.BasePruner(
+                model, inputs, importance=_importance(weightless), pruning_ratio=recipe.channels,
+                ignored_layers=ignored, round_to=_round_to(recipe), num_heads=heads, prune_num_heads=bool(heads),
+                prune_head_dims=not heads, head_pruning_ratio=recipe.channels if heads else 0.0,
+                output_transform=_result_tensors)
+            pruner.step()
+        except Exception as error:
+            where = "weightless (meta)" if weightless else "on the real weights"
+            message = str(error).strip().splitlines()[0][:160] if str(error).strip() else "(no message)"
+            raise UnsupportedRecipe(f"torch-pruning cannot prune this model {where}: {type(error).__name__}: "
+                                    f"{message}") from error
+    _update_head_counts(model, heads)
+    try:
+        with torch.no_grad():
+            shapes_after = [list(t.shape) for t in _result_tensors(model(*inputs))]
+    except Exception as error:
+        raise UnsupportedRecipe(f"the structurally pruned model does not run: {type(error).__name__}: "
+                                f"{str(error)[:160]}") from error
+    if shapes_after != shapes_before:
+        raise UnsupportedRecipe(f"structured pruning changed the output shapes {shapes_before} -> {shapes_after}")
+    return structure_of(model, before)
+
+
+def _update_head_counts(model: nn.Module, heads: dict[nn.Module, int]) -> None:
+    """BERT-style attention keeps its head count in attributes; keep them true after whole heads go."""
+    for module in model.modules():
+        query, size = getattr(module, "query", None), getattr(module, "attention_head_size", None)
+        if query in heads and isinstance(size, int) and hasattr(module, "num_attention_heads"):
+            module.num_attention_heads = query.out_features // size
+            if hasattr(module, "all_head_size"):
+                module.all_head_size = query.out_features
+
+
+def structure_of(model: nn.Module, before: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    after = _scalar_attributes(model)
+    changed = {name: {key: value for key, value in values.items() if before.get(name, {}).get(key) != value}
+               for name, values in after.items()}
+    shapes = {key: list(tensor.shape) for key, tensor in model.state_dict(keep_vars=True).items()}
+    return {"attributes": {name: values for name, values in changed.items() if values}, "shapes": shapes}
+
+
+def rebuild(model: nn.Module, structure: dict[str, Any]) -> nn.Module:
+    """Give a weightless (meta) unpruned model the pruned attributes and tensor shapes, ready for
+    load_state_dict(assign=True)."""
+    modules = dict(model.named_modules())
+    for name, values in structure["attributes"].items():
+        for key, value in values.items():
+            setattr(modules[name], key, tuple(value) if isinstance(value, list) else value)
+    for key, shape in structure["shapes"].items():
+        owner_name, _, attr = key.rpartition(".")
+        owner = modules[owner_name]
+        current = getattr(owner, attr)
+        if list(current.shape) == shape:
+            continue
+        replacement = torch.empty(shape, dtype=current.dtype, device="meta")
+        if isinstance(current, nn.Parameter):
+            owner._parameters[attr] = nn.Parameter(replacement, requires_grad=current.requires_grad)
+        else:
+            owner._buffers[attr] = replacement
+    return model
+
+
+def unpack_artifact_state(model: nn.Module, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Apply a saved structure (structured pruning) and densify sparse weights; a plain state dict passes."""
+    text = state.pop(STRUCTURE_KEY, None)
+    if text is not None:
+        rebuild(model, json.loads(text))
+    return sparse.unpack_state_dict(model, state)
+
+
+def artifact_state(model: nn.Module, recipe: Recipe, structure: dict[str, Any] | None) -> dict[str, Any]:
+    """What the torch artifact stores: the state dict, pruned weights in their smallest form, the structure."""
+    state: dict[str, Any] = model.state_dict()
+    if recipe.prune and recipe.scheme is None:  # torchao tensors have their own layout: no sparse form
+        state = sparse.pack_state_dict(state, sparse.pruned_weight_keys(model, recipe))
+    if structure is not None:
+        state[STRUCTURE_KEY] = json.dumps(structure, separators=(",", ":"))
+    return state
+
+
+# ---- the analytic twin ----
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# Pruning a meta model costs seconds where a flatten feeds a wide Linear (torch-pruning maps indices in Python):
+# each (model, ratio, rounding) is pruned once per plan. Treat the returned model as read-only.
+_PRUNED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[float, int | None], Any]] = weakref.WeakKeyDictionary()
+
+
+def pruned_meta_model(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe, *,
+                      materialize: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """The recipe's structurally pruned model on meta, and its structure. Where the forward cannot run on meta
+    (.item() in mask code) an uninitialised CPU copy is pruned instead, unless materialize is False (an
+    analytic-only plan, whose point is models too big to build here): then the recipe is unsupported."""
+    cache = _PRUNED.setdefault(meta_model, {})
+    key = (recipe.channels, _round_to(recipe), materialize)
+    if key not in cache:
+        pruned = copy.deepcopy(meta_model)
+        try:
+            cache[key] = (pruned, prune_channels(pruned, inputs, recipe, weightless=True))
+        except UnsupportedRecipe as error:
+            cache[key] = error
+            if "weightless (meta)" in str(error):  # some forwards need real tensors (.item() in mask code)
+                cache[key] = _pruned_stand_in(meta_model, inputs, recipe) if materialize else UnsupportedRecipe(
+                    f"{error}; pruning a real-tensor copy instead would need "
+                    f"{parameter_count(meta_model) * 4 / 1e9:.1f} GB, and --analytic-only never builds one")
+    if isinstance(cache[key], UnsupportedRecipe):
+        raise cache[key]
+    return cache[key]
+
+
+def _pruned_stand_in(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe
+                     ) -> tuple[nn.Module, dict[str, Any]] | UnsupportedRecipe:
+    """Prune an uninitialised CPU copy (zeros: shapes are all that matter) and return it on meta again."""
+    stand_in = copy.deepcopy(meta_model).to_empty(device="cpu")
+    with torch.no_grad():
+        for tensor in [*stand_in.parameters(), *stand_in.buffers()]:
+            tensor.zero_()
+    try:
+        structure = prune_channels(stand_in, inputs, recipe, weightless=True)
+    except UnsupportedRecipe as error:
+        return error
+    return stand_in.to("meta"), structure
+
+
+def resolve_recipe(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe, *,
+                   materialize: bool = True) -> tuple[Recipe, str]:
+    """A `params` target (share of parameters to remove) becomes the channel ratio that reaches it. Returns the
+    recipe with `channels` set and a note (or "").
+
+    Pruning even a meta model takes a minute where a flatten feeds a 0.5M-input Linear (ComplexNet), so the
+    solve prunes as few times as it can: each tensor keeps about (1 - ratio)^k of its values, k being how many
+    of its dimensions are pruned (0, 1 or 2; measured from one probe pruning); the ratio that meets the target
+    under that model is checked by pruning at it, and refined from there while it misses by more than
+    SOLVE_TOLERANCE."""
+    if not recipe.params or recipe.channels:
+        return recipe, ""
+    sizes = {name: param.numel() for name, param in meta_model.named_parameters()}
+    total = sum(sizes.values())
+    ratio = PROBE_RATIO
+    for _ in range(SOLVE_STEPS):
+        try:
+            pruned, _ = pruned_meta_model(meta_model, inputs, dataclasses.replace(recipe, channels=ratio),
+                                          materialize=materialize)
+        except UnsupportedRecipe:  # pruning_footprint meets the same (cached) reason and marks the row unsupported
+            return dataclasses.replace(recipe, channels=ratio), ""
+        kept = {name: param.numel() for name, param in pruned.named_parameters()}
+        if ratio != PROBE_RATIO and abs(1 - sum(kept.values()) / total - recipe.params) <= SOLVE_TOLERANCE:
+            break
+        exponents = {name: math.log(kept[name] / size) / math.log(1 - ratio) if 0 < kept[name] < size else
+                     (0.0 if kept[name] == size else 2.0) for name, size in sizes.items() if name in kept}
+        ratio = solve_ratio(sizes, exponents, recipe.params)
+        if ratio is None:
+            most = dataclasses.replace(recipe, channels=MAX_CHANNEL_RATIO)
+            try:
+                share = 1 - parameter_count(pruned_meta_model(meta_model, inputs, most, materialize=materialize)[0]
+                                            ) / total
+            except UnsupportedRecipe:
+                return most, ""
+            return most, (f"at most {share:.0%} of the parameters can go while the outputs keep their shape "
+                          f"(asked {recipe.params:.0%}): {MAX_CHANNEL_RATIO:.0%} of channels removed")
+    return dataclasses.replace(recipe, channels=ratio), ""
+
+
+def removed_share(sizes: dict[str, int], exponents: dict[str, float], ratio: float) -> float:
+    """Share of parameters gone at `ratio` when tensor t keeps sizes[t] * (1 - ratio) ** exponents[t] values."""
+    kept = sum(size * (1 - ratio) ** exponents.get(name, 0.0) for name, size in sizes.items())
+    return 1 - kept / sum(sizes.values())
+
+
+def solve_ratio(sizes: dict[str, int], exponents: dict[str, float], target: float) -> float | None:
+    """The channel ratio whose removed share is `target` under the power model (bisection; None: unreachable)."""
+    if removed_share(sizes, exponents, MAX_CHANNEL_RATIO) < target:
+        return None
+    low, high = 0.0, MAX_CHANNEL_RATIO
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (middle, high) if removed_share(sizes, exponents, middle) < target else (low, middle)
+    return round(high, 4)
+
+
+def pruning_footprint(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe, *,
+                      materialize: bool = True) -> Footprint:
+    """analytic_footprint of the recipe's pruned model: structured pruning runs on the meta model first (weights,
+    disk and activations then follow the smaller shapes); sparse storage changes the disk figure."""
+    structure = None
+    if recipe.channels:
+        try:
+            pruned, structure = pruned_meta_model(meta_model, inputs, recipe, materialize=materialize)
+        except UnsupportedRecipe as error:
+            footprint = analytic_footprint(meta_model, inputs, dataclasses.replace(recipe, channels=0.0))
+            footprint.unsupported = str(error)
+            return footprint
+        before, after = parameter_count(meta_model), parameter_count(pruned)
+        footprint = analytic_footprint(pruned, inputs, recipe)
+        # the structure is a string in the pickle: its text, the key and a few opcodes
+        footprint.disk_bytes += len(json.dumps(structure, separators=(",", ":"))) + len(STRUCTURE_KEY) + 16
+        footprint.notes.insert(0, f"structured: {recipe.channels:.0%} of channels removed, parameters "
+                                  f"{before:,} -> {after:,} ({1 - after / before:.0%} fewer)")
+        meta_model = pruned
+    else:
+        footprint = analytic_footprint(meta_model, inputs, recipe)
+    if recipe.prune and recipe.scheme is None:
+        _sparse_disk(footprint, meta_model, recipe)
+    return footprint
+
+
+def _sparse_disk(footprint: Footprint, meta_model: nn.Module, recipe: Recipe) -> None:
+    """Replace each pruned weight's dense disk bytes by its chosen sparse form (nonzeros known exactly)."""
+    counts = {name: 0 for name in sparse.FORMATS}
+    seen: set[int] = set()
+    for module in meta_model.modules():
+        if not prunable(module, recipe) or id(module.weight) in seen:
+            continue
+        seen.add(id(module.weight))
+        numel = module.weight.numel()
+        choice = sparse.choose_format(numel, sparse.nonzeros_after_magnitude_pruning(numel, recipe.prune),
+                                      recipe.dtype_bytes)
+        counts[choice.format] += 1
+        footprint.disk_bytes += choice.disk_bytes - (numel * recipe.dtype_bytes + CONTAINER_BYTES_PER_STORAGE)
+    stored = ", ".join(f"{count} {name}" for name, count in counts.items() if count)
+    footprint.notes.append(f"pruned weights stored as: {stored}; loaded dense, so runtime memory does not shrink")

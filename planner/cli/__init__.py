@@ -1,0 +1,2 @@
+"""The commands: commands (argument parsing, the subcommands), console (the planner entry point), the
+supervisor and its watchdog."""

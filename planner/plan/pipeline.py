@@ -1,0 +1,233 @@
+"""The plan: describe the model → analytic footprint per recipe → apply, save, verify each → rank.
+
+The planner process holds the float32 weights only as a memory-mapped file and one recipe's copy at
+a time; every build and verification a runtime runs (planner.runtimes) happens in a fresh subprocess under a
+timeout and a memory cap (planner.measure.isolation). The rows are a loop over recipes × runtimes: evaluate().
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from planner.analysis.activations import fake_forward
+from planner.analysis.footprint import Footprint
+from planner.analysis.pruning import pruning_footprint, resolve_recipe
+from planner.core import rank
+from planner.core.errors import PlannerError
+from planner.measure.isolation import plan_workdir, report_stage
+from planner.measure.library import return_freed_memory_promptly
+from planner.models.sources import ModelSource
+from planner.plan.mixed_plan import mixed_rows
+from planner.recipes.recipe import Recipe, check_layer_overrides
+from planner.runtimes.base import BuildFailed, PlanContext, Runtime
+from planner.runtimes.registry import create
+from planner.runtimes.rows import REFERENCE, PlanOptions, explain, keep_or_drop, set_figures
+from planner.runtimes.torch_cpu.runtime import TorchCpu, materialize_reference, verify_reference
+
+ANALYTIC_RUNTIME = TorchCpu.name  # the runtime the analytic model describes (--analytic-only's rows)
+
+
+@dataclass
+class PlanResult:
+    model: str
+    budget_bytes: int
+    budget_on: str
+    rows: list[dict[str, Any]]  # ranked
+    pick: str | None
+    footprints: dict[str, Footprint]
+    workdir: Path
+    input_shapes: list[list[int]]
+    input_note: str | None = None
+    pick_backend: str | None = None
+
+    def row(self, recipe: str, backend: str = "torch") -> dict[str, Any] | None:
+        return next((r for r in self.rows if r["recipe"] == recipe and r.get("backend") == backend), None)
+
+    def artifact(self, recipe: str, backend: str = "torch") -> Path | None:
+        row = self.row(recipe, backend)
+        path = row and row.get("artifact")
+        return Path(path) if path and Path(path).exists() else None
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _reference_recipe(recipes: list[Recipe]) -> Recipe:
+    return next((r for r in recipes if r.name == REFERENCE), Recipe(REFERENCE, "float32 reference"))
+
+
+def _forward_error(model: torch.nn.Module, forward: Callable[[], Any]) -> str | None:
+    """Run `forward` (a forward of `model`); on failure return 'layer NAME (Type): message' naming the
+    innermost running layer."""
+    running: list[str] = []
+    names = {id(module): name for name, module in model.named_modules()}
+    handles = []
+
+    def enter(module: torch.nn.Module, args: Any) -> None:
+        running.append(f"{names[id(module)] or '(top)'} ({type(module).__name__})")
+
+    def leave(module: torch.nn.Module, args: Any, output: Any) -> None:
+        running.pop()  # a hook that returned a value would replace the module's output
+
+    if not isinstance(model, torch.jit.ScriptModule):
+        for module in model.modules():
+            handles.append(module.register_forward_pre_hook(enter))
+            handles.append(module.register_forward_hook(leave))
+    try:
+        with torch.no_grad():
+            forward()
+        return None
+    except Exception as error:
+        message = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        return f"layer {running[-1]}: {message}" if running else message
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def check_inputs_fit(source: ModelSource, meta_model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
+                     confirm_on_real_weights: bool = True) -> None:
+    """Reject an input the model cannot take before any work, naming the layer and the shapes.
+    confirm_on_real_weights=False (an analytic-only plan) never builds the model with real weights."""
+    on_meta = any(t.device.type == "meta" for t in meta_model.parameters())
+    if on_meta:
+        # Fake tensors claiming the CPU: no weights, and data-dependent checks (GPT-2's mask code calls
+        # .item()) pass where plain meta tensors raise, so a real build is rarely needed.
+        problem = _forward_error(meta_model, lambda: fake_forward(meta_model, inputs))
+    else:
+        problem = _forward_error(meta_model, lambda: meta_model(*inputs))
+    if problem is not None and on_meta and confirm_on_real_weights:
+        # Some ops have no fake kernel: confirm on real weights before blaming the input.
+        model = source.build("cpu")
+        problem = _forward_error(model, lambda: model(*inputs))
+    if problem is not None:
+        shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in inputs)
+        raise PlannerError(f"the input {shapes} does not fit {source.spec}: {problem}; "
+                           "pass --input-shape (and --input-dtype) that the model accepts")
+
+
+def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
+             progress: Callable[[str, int, int], None] = lambda message, done, total: None) -> PlanResult:
+    """`progress(message, steps_done, steps_total)` is called as the plan goes (for a progress bar)."""
+    def stage(message: str, done: int, total: int) -> None:
+        report_stage(message)  # the supervisor's --timeout clock and its words for where a crash happened
+        progress(message, done, total)
+
+    total = 2 if options.analytic_only else len(recipes) * len(options.backends) + 2
+    return_freed_memory_promptly()
+    stage("describing the model (weightless)", 0, total)
+    meta_model = source.build("meta")
+    inputs = source.example_inputs()
+    check_inputs_fit(source, meta_model, inputs, confirm_on_real_weights=not options.analytic_only)
+    for recipe in recipes:
+        check_layer_overrides(meta_model, recipe)
+    materialize = not options.analytic_only  # analytic-only never builds real weights, not even to prune
+    resolved = [resolve_recipe(meta_model, inputs, recipe, materialize=materialize) for recipe in recipes]
+    recipes = [recipe for recipe, _ in resolved]
+    footprints = {recipe.name: pruning_footprint(meta_model, inputs, recipe, materialize=materialize)
+                  for recipe in recipes}
+    for recipe, note in resolved:
+        if note:
+            footprints[recipe.name].notes.insert(0, note)
+    # --analytic-only estimates on the runtime the analytic model describes; ONNX Runtime's memory is not modelled.
+    runtimes = [create(name) for name in (ANALYTIC_RUNTIME,) if options.analytic_only] or \
+        [create(name) for name in options.backends]
+    for runtime in runtimes:
+        runtime.describe(meta_model, inputs, recipes, footprints)
+    del meta_model
+
+    stage("measuring the framework baseline (once per machine, then cached)", 0, total)
+    measured = {name: create(name).framework_baseline() for name in options.backends}
+    options = dataclasses.replace(options, framework_bytes=measured)
+    if options.budget_on == "device" and None in options.framework_bytes.values():
+        raise PlannerError("--budget-on device needs the framework baseline, and measuring it failed here: "
+                           "use --budget-on runtime")
+    workdir = plan_workdir()
+    try:
+        if options.analytic_only:
+            context = PlanContext(source, options, workdir, fp32_path=None, reference={})
+            rows = [evaluate(recipe, runtime, footprints[recipe.name], context)
+                    for runtime in runtimes for recipe in recipes]
+        else:
+            rows = _verify_recipes(source, recipes, runtimes, footprints, workdir, options,
+                                   lambda message, done: stage(message, done, total))
+    except BaseException:  # an error or Ctrl-C: remove the artifacts, keep nothing half-written
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    stage("done", total, total)
+    ranked = rank.rank_rows(rows, options.budget_bytes, options.budget_on)
+    chosen = rank.pick_row(ranked)
+    return PlanResult(model=source.spec, budget_bytes=options.budget_bytes, budget_on=options.budget_on,
+                      rows=ranked, pick=chosen["recipe"] if chosen else None, footprints=footprints, workdir=workdir,
+                      input_shapes=[list(t.shape) for t in inputs], input_note=source.input_note,
+                      pick_backend=chosen.get("backend") if chosen else None)
+
+
+def _verify_recipes(source: ModelSource, recipes: list[Recipe], runtimes: list[Runtime],
+                    footprints: dict[str, Footprint], workdir: Path, options: PlanOptions,
+                    progress: Callable[[str, int], None]) -> list[dict[str, Any]]:
+    """Materialize and verify the float32 reference, then every recipe on every runtime: a row each."""
+    step = 1
+
+    def report(message: str) -> None:
+        progress(message, step)
+
+    report("materializing the float32 reference")
+    fp32_path = materialize_reference(source, workdir)
+    report(f"verifying {REFERENCE} (reference)")
+    reference = verify_reference(source, _reference_recipe(recipes), fp32_path, workdir, options, report)
+    context = PlanContext(source, options, workdir, fp32_path, reference, report)
+
+    rows: list[dict[str, Any]] = []
+    for runtime in runtimes:
+        for recipe in recipes:
+            step += 1
+            report(runtime.progress_label(recipe))
+            rows.append(evaluate(recipe, runtime, footprints[recipe.name], context))
+    if options.mixed_budgets:
+        torch_runtime = next((runtime for runtime in runtimes if runtime.name == TorchCpu.name), TorchCpu())
+
+        def verify_mixed(recipe: Recipe, footprint: Footprint) -> dict[str, Any]:
+            return evaluate(recipe, torch_runtime, footprint, context)
+
+        rows += mixed_rows(source, fp32_path, workdir, options, footprints, report, verify_mixed)
+    return rows
+
+
+def evaluate(recipe: Recipe, runtime: Runtime, footprint: Footprint, context: PlanContext) -> dict[str, Any]:
+    """One row: the recipe on the runtime. Refused with the runtime's one reason; else built from the float32
+    reference and measured in a fresh process (in an --analytic-only plan, estimated); then its verified figures
+    beside the runtime's analytic ones, the note that explains them, and whether it fits."""
+    row: dict[str, Any] = {"recipe": recipe.name, "backend": runtime.name, "touches": runtime.touches(recipe)}
+    if context.options.analytic_only:  # estimated rows' quality is unknown: rank orders them by how much is pruned
+        row["pruned_share"] = max(recipe.prune, recipe.channels, recipe.params)
+    artifact = None
+    if (reason := runtime.unsupported(recipe, context.source, footprint)) is not None:
+        result = runtime.refusal(recipe, footprint, reason)
+    elif context.options.analytic_only:
+        result = {"status": "estimated"}
+    else:
+        try:
+            artifact = runtime.build(recipe, context)
+        except BuildFailed as failure:
+            result = {"status": failure.status, "note": failure.note}
+        else:
+            result = runtime.measure(artifact, recipe, context)
+    row.update(result)
+    verified = row["status"] == "verified" and artifact is not None
+    analytic = runtime.analytic(recipe, footprint)
+    if row["status"] == "unsupported" and not row.get("analytic_is_what_if", True):
+        analytic = dict.fromkeys(analytic)
+    set_figures(row, analytic, runtime.disk_bytes(artifact) if verified and artifact else None)
+    has_convolutions = any(layer.type.startswith("Conv") for layer in footprint.layers)
+    row["note"] = explain(row, runtime.analytic_notes(footprint, verified), context.source.kind, context.reference,
+                          has_convolutions)
+    return keep_or_drop(row, artifact.files if artifact else [], context.options,
+                        keep_anyway=artifact is not None and artifact.shared)
