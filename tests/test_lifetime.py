@@ -7,6 +7,7 @@ code, against a model big enough (about 70 MB) that kernel libraries' pages are 
 """
 
 import json
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -68,13 +69,20 @@ def test_verified_runtime_matches_an_independent_fresh_process(tmp_path: Path, r
     (row,) = [r for r in json.loads((out / "plan.json").read_text())["rows"] if r["recipe"] == recipe]
     manifest = json.loads((export / recipe / "manifest.json").read_text())
     artifact = export / recipe / manifest["file"]
-    independent = subprocess.run([sys.executable, str(script), str(model_file), str(artifact)],
-                                 capture_output=True, text=True, check=True)
-    independent_peak = json.loads(independent.stdout.strip().splitlines()[-1])["peak_bytes"]
+    # Identical fresh processes differ: under int8 dynamic's threads glibc's per-thread arenas moved this model's
+    # peak between 36.6 and 43.1 MB in five runs. The independent figure is the median of three, and the verified
+    # one must lie within 5% of it or, where identical processes spread wider than that, within their spread.
+    peaks = []
+    for _ in range(3):
+        independent = subprocess.run([sys.executable, str(script), str(model_file), str(artifact)],
+                                     capture_output=True, text=True, check=True)
+        peaks.append(json.loads(independent.stdout.strip().splitlines()[-1])["peak_bytes"])
+    independent_peak = statistics.median(peaks)
     verified = row["verified_runtime_bytes"]
     assert verified == max(row["verified_load_peak_bytes"], row["verified_first_forward_peak_bytes"],
                            row["verified_steady_peak_bytes"])
-    assert abs(verified - independent_peak) <= 0.05 * independent_peak, (verified, independent_peak)
+    tolerance = max(0.05 * independent_peak, max(peaks) - min(peaks))
+    assert abs(verified - independent_peak) <= tolerance, (verified, peaks)
     # The analytic figure targets the same lifetime peak: live bytes plus the framework's measured first-use cost.
     # What it does not model (the sgemm packing buffers of a first large float32 matmul, about 10 MB here, and
     # what glibc keeps cached) leaves it below, within a fifth on this model.

@@ -23,7 +23,7 @@ from planner.cli.commands import main
 from planner.measure import workdirs
 
 # Misbehaves on request. HOSTILE_MODE: how; HOSTILE_WHERE: in the planner process or in a verification worker
-# (a worker runs with the measurement's malloc settings in its environment, the planner does not).
+# (a worker has PLANNER_WORKER=1 in its environment, the planner does not).
 HOSTILE = """
 import ctypes
 import os
@@ -36,7 +36,7 @@ from torch import nn
 
 
 def _here():
-    return "worker" if "MALLOC_MMAP_THRESHOLD_" in os.environ else "planner"
+    return "worker" if os.environ.get("PLANNER_WORKER") == "1" else "planner"
 
 
 class Net(nn.Module):

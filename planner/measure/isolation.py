@@ -37,6 +37,8 @@ POLL_S = 0.02
 STAGE_FILE_ENV = "PLANNER_STAGE_FILE"
 # Set by planner.cli.supervisor: the run's work directory, under which every temporary must live.
 WORKDIR_ENV = "PLANNER_WORKDIR"
+# Set in every worker's environment (see worker_env).
+WORKER_ENV = "PLANNER_WORKER"
 PR_SET_PDEATHSIG = 1
 _libc: Any = None
 _stage = "starting"
@@ -161,8 +163,10 @@ SCRATCH_KEYS = ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR")
 
 
 def worker_env(env: dict[str, str], scratch_dir: Path | None) -> dict[str, str]:
-    """A worker's environment: no stage file (that is the planner's), temporaries under the work dir."""
+    """A worker's environment: no stage file (that is the planner's), temporaries under the work dir, and
+    PLANNER_WORKER=1, so code the user gave (a model's forward, --eval) can tell a worker from the planner."""
     env = {key: value for key, value in env.items() if key not in (STAGE_FILE_ENV,)}
+    env[WORKER_ENV] = "1"
     if scratch_dir is not None:
         env["TMPDIR"] = str(scratch_dir)
         if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # torch._dynamo's import makes it; the user's is kept
