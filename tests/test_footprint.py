@@ -9,9 +9,10 @@ from torch import nn
 from planner.analysis.artifact import load_weights_into
 from planner.analysis.footprint import analytic_footprint, weight_footprint
 from planner.models.zoo import ZOO
-from planner.recipes.recipe import apply_recipe, default_recipes
+from planner.recipes.recipe import DEFAULT_RECIPES_FILE, apply_recipe, default_recipes, load_recipe_file
 
-RECIPES = {recipe.name: recipe for recipe in default_recipes()}
+EDGE_RECIPES = DEFAULT_RECIPES_FILE.with_name("edge.toml")
+RECIPES = {recipe.name: recipe for recipe in [*default_recipes(), *load_recipe_file(EDGE_RECIPES)]}
 
 
 def meta(name: str) -> nn.Module:

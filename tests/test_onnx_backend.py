@@ -18,11 +18,12 @@ from torch import nn
 from planner.measure.isolation import Limits, run_worker
 from planner.measure.library import compare_outputs, floating_tensors
 from planner.models.zoo import ZOO
-from planner.recipes.recipe import Recipe, UnsupportedRecipe, default_recipes
+from planner.recipes.recipe import DEFAULT_RECIPES_FILE, Recipe, UnsupportedRecipe, default_recipes, load_recipe_file
 from planner.runtimes.onnxruntime import export as backend
 from planner.runtimes.onnxruntime.worker import make_job, save_inputs_npz
 
-RECIPES = {recipe.name: recipe for recipe in default_recipes()}
+EDGE_RECIPES = DEFAULT_RECIPES_FILE.with_name("edge.toml")
+RECIPES = {recipe.name: recipe for recipe in [*default_recipes(), *load_recipe_file(EDGE_RECIPES)]}
 ZOO_MODELS = ("simplenet", "convnet", "tinylm")
 SUPPORTED = ("fp32", "fp16", "int8-dynamic", "int4-g128")
 

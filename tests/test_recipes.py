@@ -11,6 +11,7 @@ from torch import nn
 
 from planner.core.errors import PlannerError
 from planner.recipes.recipe import (
+    DEFAULT_RECIPES_FILE,
     SCHEMES,
     apply_recipe,
     default_recipes,
@@ -96,7 +97,8 @@ def _stored_bytes(tensor: torch.Tensor) -> int:
 @pytest.mark.parametrize("name", ["int8-dynamic", "int8-weight-only", "int4-g128", "intx4-g32-unpacked",
                                   "fp8-weight-only", "8da4w-g32", "8da8w"])
 def test_layout_arithmetic_matches_torchao(name: str) -> None:
-    recipe = next(r for r in default_recipes() if r.name == name)
+    edge = load_recipe_file(DEFAULT_RECIPES_FILE.with_name("edge.toml"))  # the 8da schemes' recipes
+    recipe = next(r for r in [*default_recipes(), *edge] if r.name == name)
     layer = nn.Linear(256, 96)
     quantized, _ = quantization_decision(layer, recipe)
     assert quantized

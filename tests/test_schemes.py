@@ -23,7 +23,8 @@ from planner.runtimes.onnxruntime.export import onnx_recipe_support
 from planner.schemes import SCHEMES
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = {recipe.name: recipe for recipe in default_recipes()}
+# The 8da schemes live in recipes/edge.toml, out of the default set until an edge runtime verifies them.
+RECIPES = {recipe.name: recipe for recipe in [*default_recipes(), *load_recipe_file(ROOT / "recipes" / "edge.toml")]}
 NEW_SCHEMES = ["8da4w-g32", "8da8w"]
 
 
