@@ -23,6 +23,7 @@ import pandas as pd
 from planner.core.errors import PlannerError
 from planner.core.safe_io import MAX_PATH_CHARS, path_inside, read_text_capped
 from planner.core.units import format_bytes
+from planner.recipes.recipe import Recipe
 from planner.runtimes.registry import create
 
 # plan.json row fields; scripts and CI gates read these, so add fields but never rename them.
@@ -511,7 +512,8 @@ def _stage_export(staging: Path, artifact: Path, backend: str, name: str, row: d
         "bytes": sum((staging / path.name).stat().st_size for path in files),
         "verification": {key: _json_value(row.get(key)) for key in ROW_FIELDS},
         "environment": environment(),
-        "how_to_load": runtime.how_to_load(model_file.name, artifact.suffix),
+        "how_to_load": runtime.how_to_load(model_file.name, artifact.suffix,
+                                           Recipe.from_json(recipe_table[name]).tensor_modules),
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     os.chmod(staging, 0o755)  # mkdtemp makes it 0700; an exported folder is an ordinary folder

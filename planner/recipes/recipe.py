@@ -153,6 +153,13 @@ class Recipe:
         parts.append(f"everything else {self.dtype}" if self.scheme else f"all floating tensors {self.dtype}")
         return "; ".join(parts)
 
+    @property
+    def tensor_modules(self) -> tuple[str, ...]:
+        """What `import` a fresh process needs before torch.load(weights_only=True) accepts this recipe's tensors
+        (the scheme's and every layer override's), in a stable order."""
+        schemes = [self.scheme, *(SCHEMES[o.quantize] for o in self.layer_overrides if o.quantize)]
+        return tuple(dict.fromkeys(module for scheme in schemes if scheme for module in scheme.tensor_modules))
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Recipe:
         """The inverse of to_json (a job or a manifest carries the recipe this way)."""

@@ -129,6 +129,7 @@ class Runtime(ABC):
         """The files an export of the artifact copies, the model file first."""
         return [artifact]
 
-    def how_to_load(self, file: str, suffix: str) -> str:
-        """One line for the export manifest: how to load the exported file."""
+    def how_to_load(self, file: str, suffix: str, tensor_modules: tuple[str, ...] = ()) -> str:
+        """One line for the export manifest: how to load the exported file (`tensor_modules`: what a fresh
+        process must import first, from Recipe.tensor_modules)."""
         return f"load {file} with {self.name}"

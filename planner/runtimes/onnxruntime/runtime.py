@@ -118,5 +118,5 @@ class OnnxRuntime(Runtime):
         data = artifact.with_name(external_data_name(artifact))
         return [artifact, data] if data.exists() else [artifact]
 
-    def how_to_load(self, file: str, suffix: str) -> str:
+    def how_to_load(self, file: str, suffix: str, tensor_modules: tuple[str, ...] = ()) -> str:
         return f"onnxruntime.InferenceSession('{file}') (keep any .data file beside it)"

@@ -191,8 +191,11 @@ class TorchCpu(Runtime):
     def disk_bytes(self, artifact: Artifact) -> int:
         return artifact.files[0].stat().st_size
 
-    def how_to_load(self, file: str, suffix: str) -> str:
+    def how_to_load(self, file: str, suffix: str, tensor_modules: tuple[str, ...] = ()) -> str:
         if suffix == ".ts":
             return f"torch.jit.load('{file}')"
-        return (f"import torchao; model = <build the model>; model.load_state_dict(torch.load('{file}', "
+        # weights_only loading accepts torchao's tensors only once their modules are imported (the prototype int4
+        # tensor lives outside `torchao`'s own import).
+        imports = "".join(f"import {module}; " for module in tensor_modules)
+        return (f"import torch; {imports}model = <build the model>; model.load_state_dict(torch.load('{file}', "
                 "weights_only=True), assign=True)  # or planner.artifact.load_artifact(this folder)")

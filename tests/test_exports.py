@@ -1,0 +1,40 @@
+"""The export manifest's load line works as written, in a fresh process with no planner code (issue 17)."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+MODEL = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 64))
+        return model.eval(), torch.randn(4, 256, generator=torch.Generator().manual_seed(0))
+''')
+
+
+def test_the_int4_load_line_runs_as_written(tmp_path: Path) -> None:
+    """int4's tensors live in torchao's prototype module, which `import torchao` does not import: the line says so."""
+    (tmp_path / "user_model.py").write_text(MODEL)
+    export = tmp_path / "export"
+    done = subprocess.run([sys.executable, "-m", "planner.cli", "plan", f"{tmp_path / 'user_model.py'}:build",
+                           "--budget", "1GB", "--backend", "torch", "--recipes", "fp32,int4-g128",
+                           "--export", str(export), "--export-all", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((export / "int4-g128" / "manifest.json").read_text())
+    assert manifest["file"] == "int4-g128.pt"
+    line = manifest["how_to_load"].split("  #")[0]
+    assert "import torchao.prototype.quantization.int4" in line
+    # The user's own build step in place of the placeholder; the file path as the manifest names it, from its folder.
+    program = line.replace("model = <build the model>; ",
+                           "import user_model; model = user_model.build()[0].to(torch.bfloat16); ")
+    program += "; print(type(model[0].weight).__name__)"
+    loaded = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(tmp_path)!r}); "
+                             + program], cwd=export / "int4-g128", capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip().splitlines()[-1] == "Int4OpaqueTensor"
