@@ -98,3 +98,25 @@ def test_estimated_rows_rank_by_size_figures_and_least_compression() -> None:
     verified = {"recipe": "int8", "status": "verified", "verified_runtime_bytes": 200, "analytic_runtime_bytes": 999,
                 "sqnr_db": 30.0}
     assert rank.pick(rank.rank_rows([*rows, verified], 500, "runtime")) == "int8"
+
+
+def test_a_verified_row_says_when_its_estimate_was_wrong_about_fitting() -> None:
+    row = {"recipe": "int4", "status": "verified", "analytic_runtime_bytes": 99_000_000,
+           "verified_runtime_bytes": 100_400_000}
+    note = rank.budget_verdict_note(row, 100_000_000, "runtime")
+    assert note is not None and "the estimate said it fits" in note and "misses it" in note
+    note = rank.budget_verdict_note(dict(row, analytic_runtime_bytes=101_000_000, verified_runtime_bytes=99_000_000),
+                                    100_000_000, "runtime")
+    assert note is not None and "does not fit" in note and "verified, it fits" in note
+
+
+def test_a_verified_row_near_the_budget_is_flagged_and_a_clear_one_is_not() -> None:
+    row = {"recipe": "int4", "status": "verified", "analytic_runtime_bytes": 90_000_000,
+           "verified_runtime_bytes": 99_000_000}
+    assert "near the budget" in (rank.budget_verdict_note(row, 100_000_000, "runtime") or "")
+    assert rank.budget_verdict_note(dict(row, verified_runtime_bytes=80_000_000), 100_000_000, "runtime") is None
+    assert rank.budget_verdict_note(dict(row, status="estimated"), 100_000_000, "runtime") is None
+    # On disk the disk figures decide.
+    disk = {"recipe": "int8", "status": "verified", "analytic_disk_bytes": 99_500_000,
+            "verified_disk_bytes": 100_500_000}
+    assert "misses it" in (rank.budget_verdict_note(disk, 100_000_000, "disk") or "")

@@ -26,6 +26,35 @@ def measured_size(row: dict[str, Any], budget_on: str) -> int | None:
     return None if framework is None else runtime + framework
 
 
+def analytic_size(row: dict[str, Any], budget_on: str) -> int | None:
+    """The analytic figure the budget would apply to (measured_size of the row's estimate)."""
+    return measured_size(dict(row, status="estimated"), budget_on)
+
+
+# Within this share of the budget a verified figure is flagged: resident memory moves by a few percent between
+# identical fresh processes (glibc's arenas, the page cache), so such a row may fit on one run and not the next.
+NEAR_MISS_SHARE = 0.02
+
+
+def budget_verdict_note(row: dict[str, Any], budget_bytes: int, budget_on: str) -> str | None:
+    """A verified row whose estimate and measurement disagree about fitting, or that lands within
+    NEAR_MISS_SHARE of the budget, says so; None otherwise."""
+    if row.get("status") != "verified":
+        return None
+    verified, analytic = measured_size(row, budget_on), analytic_size(row, budget_on)
+    if verified is None:
+        return None
+    if analytic is not None and (analytic <= budget_bytes) != (verified <= budget_bytes):
+        said = "fits" if analytic <= budget_bytes else "does not fit"
+        found = "misses it" if verified > budget_bytes else "fits"
+        return (f"the estimate said it {said} the budget ({analytic / 1e6:.1f} MB); verified, it {found} "
+                f"({verified / 1e6:.1f} MB against {budget_bytes / 1e6:.1f} MB)")
+    if abs(verified - budget_bytes) <= NEAR_MISS_SHARE * budget_bytes:
+        return (f"near the budget: verified {verified / 1e6:.1f} MB against {budget_bytes / 1e6:.1f} MB, within "
+                f"{NEAR_MISS_SHARE:.0%}; identical processes differ by a few percent")
+    return None
+
+
 def fits(row: dict[str, Any], budget_bytes: int, budget_on: str) -> bool:
     size = measured_size(row, budget_on)
     return size is not None and size <= budget_bytes

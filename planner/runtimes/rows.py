@@ -77,6 +77,8 @@ def keep_or_drop(row: dict[str, Any], files: list[Path], options: PlanOptions, k
     """Decide fits, and delete the artifact unless it may be exported (it can be gigabytes)."""
     row["framework_bytes"] = options.framework_bytes.get(row["backend"])
     row["fits"] = rank.fits(row, options.budget_bytes, options.budget_on)
+    verdict = rank.budget_verdict_note(row, options.budget_bytes, options.budget_on)
+    row["note"] = "; ".join(filter(None, [row.get("note"), verdict]))
     row["artifact"] = None
     if row["status"] == "verified" and files and files[0].exists():
         if keep_anyway or options.keep_all_artifacts or row["fits"]:
