@@ -120,3 +120,11 @@ def test_a_verified_row_near_the_budget_is_flagged_and_a_clear_one_is_not() -> N
     disk = {"recipe": "int8", "status": "verified", "analytic_disk_bytes": 99_500_000,
             "verified_disk_bytes": 100_500_000}
     assert "misses it" in (rank.budget_verdict_note(disk, 100_000_000, "disk") or "")
+
+
+def test_a_pick_far_from_float32_is_warned_about() -> None:
+    row = {"recipe": "int4", "status": "verified", "sqnr_db": 2.7}
+    assert "SQNR 2.7 dB" in (rank.low_quality_warning(row) or "")
+    assert rank.low_quality_warning(dict(row, sqnr_db=25.0)) is None
+    assert rank.low_quality_warning(dict(row, sqnr_db=math.inf)) is None  # exact
+    assert rank.low_quality_warning(dict(row, status="estimated", sqnr_db=None)) is None

@@ -253,6 +253,9 @@ def _announce(result: PlanResult, console: Console) -> None:
             return
         console.print(f"[bold green]pick: {named(row)}[/] ({result.budget_on} {size} "
                       f"verified, budget {budget})")
+        warning = rank.low_quality_warning(row)
+        if warning:
+            console.print(f"[bold yellow]warning:[/] {escape(warning)}")
         return
     near = rank.closest(result.rows, result.budget_on)
     if near is None:

@@ -96,6 +96,22 @@ def rank_rows(rows: list[dict[str, Any]], budget_bytes: int, budget_on: str) -> 
     return [dict(row, fits=fits(row, budget_bytes, budget_on), rank=index + 1) for index, row in enumerate(ranked)]
 
 
+# Below this output SQNR (about 30% relative RMS error) a pick is flagged: its outputs are far from the float32
+# model's on the example input, whatever the budget says (BERT-base's int4 pick measured 2.7 dB).
+LOW_SQNR_DB = 10.0
+
+
+def low_quality_warning(row: dict[str, Any]) -> str | None:
+    """A warning for a verified pick whose outputs are far from float32; None otherwise."""
+    sqnr = row.get("sqnr_db")
+    if row.get("status") != "verified" or not isinstance(sqnr, int | float) or not math.isfinite(sqnr):
+        return None
+    if sqnr >= LOW_SQNR_DB:
+        return None
+    return (f"the pick's outputs are far from float32's (SQNR {sqnr:.1f} dB on the example input, below "
+            f"{LOW_SQNR_DB:.0f} dB): judge it with your own metric (--eval module:fn) before deploying it")
+
+
 def pick_row(ranked: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The first fitting row of a ranked list, or None."""
     return next((row for row in ranked if row.get("fits")), None)
