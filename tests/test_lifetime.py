@@ -55,16 +55,23 @@ INDEPENDENT = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.parametrize("recipe", ["fp32", "int8-dynamic"])
-def test_verified_runtime_matches_an_independent_fresh_process(tmp_path: Path, recipe: str) -> None:
-    model_file = tmp_path / "user_model.py"
-    model_file.write_text(MODEL)
-    script = tmp_path / "independent.py"
-    script.write_text(INDEPENDENT)
-    out, export = tmp_path / "out", tmp_path / "export"
-    result = run_planner("plan", f"{model_file}:build", "--budget", "1GB", "--backend", "torch",
-                         "--recipes", recipe, "--out", str(out), "--export", str(export), "--export-all")
+@pytest.fixture(scope="module")
+def exported_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One plan of both recipes (the float32 reference is verified either way), exported."""
+    root = tmp_path_factory.mktemp("lifetime")
+    (root / "user_model.py").write_text(MODEL)
+    (root / "independent.py").write_text(INDEPENDENT)
+    result = run_planner("plan", f"{root / 'user_model.py'}:build", "--budget", "1GB", "--backend", "torch",
+                         "--recipes", "fp32,int8-dynamic", "--out", str(root / "out"), "--export", str(root / "export"),
+                         "--export-all")
     assert result.returncode == 0, result.stderr
+    return root
+
+
+@pytest.mark.parametrize("recipe", ["fp32", "int8-dynamic"])
+def test_verified_runtime_matches_an_independent_fresh_process(exported_plan: Path, recipe: str) -> None:
+    model_file, script = exported_plan / "user_model.py", exported_plan / "independent.py"
+    out, export = exported_plan / "out", exported_plan / "export"
     (row,) = [r for r in json.loads((out / "plan.json").read_text())["rows"] if r["recipe"] == recipe]
     manifest = json.loads((export / recipe / "manifest.json").read_text())
     artifact = export / recipe / manifest["file"]
