@@ -5,11 +5,10 @@ is polled from /proc (a cap on address space would also count the gigabytes of v
 reserves without touching); past the cap the child is killed and the row says so. Any exception in the
 parent, Ctrl-C included, kills the child before it propagates.
 
-Workers that import torch anyway start from a fork server that has imported torch and torchao once
-(multiprocessing's forkserver with a preload list): each is still a new process that loads its artifact
-from disk, but it skips the 3-5 s of imports, a third of a small model's verification. The fork server
-runs no torch op before forking, so no thread pool is inherited; it is started with the measurement
-environment, so its children allocate as a freshly started worker does.
+Workers that import torch but measure nothing (the ONNX export, --eval) start from a fork server that has
+imported torch and torchao once (multiprocessing's forkserver with a preload list), skipping 3-5 s of imports.
+The fork server runs no torch op before forking, so no thread pool is inherited. Verification workers start as
+fresh processes (see PRELOADED_WORKERS).
 """
 
 from __future__ import annotations
