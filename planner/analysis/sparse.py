@@ -165,14 +165,3 @@ def pruned_weight_keys(model: nn.Module, recipe: object) -> set[str]:
         if prunable(module, recipe):  # type: ignore[arg-type]
             keys.add(f"{name}.weight" if name else "weight")
     return keys
-
-
-def warm_up() -> None:
-    """Run the decoding ops once on a small tensor, so their first-use costs (kernel state) fall in the
-    verifier's baseline rather than in the measured weights of a sparse artifact."""
-    weight = torch.zeros(4096)
-    weight[::3] = 1.0
-    for fraction_kept in (weight, torch.zeros(4096).index_fill_(0, torch.tensor([5]), 1.0)):
-        parts = encode(fraction_kept)
-        if "" not in parts:
-            decode(parts, fraction_kept.shape)

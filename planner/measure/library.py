@@ -41,10 +41,9 @@ def proc_status_bytes(field_name: str) -> int:
 def private_resident_bytes() -> int:
     """Resident memory less file-backed pages (library code and data mapped from disk).
 
-    Loaded weights are anonymous memory. A worker forked from planner.measure.isolation's fork server has the libraries
-    the server imported mapped but not yet paged into its own page tables, so the first call of a code path
-    (unpickling a torchao int4 tensor) adds about 1 MB of library pages to VmRSS that a freshly started process
-    had already mapped at import; those are the framework's, not the weights'."""
+    Loaded weights are anonymous memory. The first call of a code path (unpickling a torchao int4 tensor) pages in
+    library code too; those pages count in the lifetime peak (a user's process holds them) but are the framework's,
+    not the weights', so the weights figure leaves them out."""
     return proc_status_bytes("VmRSS") - proc_status_bytes("RssFile")
 
 
