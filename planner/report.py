@@ -36,6 +36,8 @@ ROW_FIELDS = [
     "sqnr_db", "max_abs_error", "top1_agreement", "latency_ms", "touches", "note",
     # runtime terms, each its own column (see terms_frame)
     "analytic_transient_bytes", "analytic_input_bytes", "analytic_output_bytes", "framework_bytes",
+    # what --budget-on device adds; None and unmeasured True where it is not measured (ExecuTorch's C++ runtime)
+    "device_framework_bytes", "device_framework_unmeasured",
     "eval_score",  # --eval: the user's quality function on the reloaded model (torch rows)
     # the verified runtime is the largest of the first three (each over the fresh process's baseline); the
     # latency runs' peak is beside it; the analytic runtime includes the framework's first-use cost
@@ -126,21 +128,26 @@ TERM_COLUMNS = {
 def terms_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """The runtime terms behind each row's peak, for the terminal and plan.md: weights, activations (of which
     transient copies such as a dequantized weight), the inputs (held by the caller, not in the runtime
-    figure), and the framework's own baseline, measured once per machine; then the whole process."""
+    figure), and the framework's own baseline, measured once per machine; then what --budget-on device counts
+    (the model plus what the device holds for the runtime; `+ C++ runtime` where that is not measured)."""
     def device(row: pd.Series) -> Any:
         runtime = row["verified_runtime_bytes"]
         if runtime is None or pd.isna(runtime):
             runtime = row["analytic_runtime_bytes"]
-        framework = row["framework_bytes"]
-        if runtime is None or pd.isna(runtime) or framework is None or pd.isna(framework):
+        framework = row.get("device_framework_bytes", row["framework_bytes"])
+        if runtime is None or pd.isna(runtime):
             return None
-        return runtime + framework
+        if framework is None or pd.isna(framework):
+            return f"{format_bytes(runtime)} + C++ runtime" if row.get("device_framework_unmeasured") is True \
+                else None
+        return format_bytes(runtime + framework)
 
     return pd.DataFrame({
         "recipe": frame["recipe"],
         "backend": frame["backend"].map(lambda b: "ort" if b == "onnxruntime" else b),
         **{label: frame[key].map(format_bytes) for label, key in TERM_COLUMNS.items()},
-        "device total": frame.apply(device, axis=1).map(format_bytes),
+        "device total": frame.apply(device, axis=1).map(lambda value: value if isinstance(value, str) else
+                                                        format_bytes(value)),
     })
 
 
@@ -507,7 +514,7 @@ def _stage_export(staging: Path, artifact: Path, backend: str, name: str, row: d
         "source": source_json,
         "file": model_file.name,
         "files": [path.name for path in files],
-        "format": {".ts": "torchscript", ".onnx": "onnx"}.get(artifact.suffix, "state_dict"),
+        "format": {".ts": "torchscript", ".onnx": "onnx", ".pte": "executorch"}.get(artifact.suffix, "state_dict"),
         "sha256": {path.name: sha256(staging / path.name) for path in files},
         "bytes": sum((staging / path.name).stat().st_size for path in files),
         "verification": {key: _json_value(row.get(key)) for key in ROW_FIELDS},

@@ -81,6 +81,18 @@ def test_budget_on_device_adds_the_framework_baseline() -> None:
     assert all(r["fits"] for r in rank.rank_rows(rows, 200, "runtime"))
 
 
+def test_budget_on_device_counts_an_unmeasured_device_runtime_as_the_model_alone() -> None:
+    # ExecuTorch: the Python binding was measured (430) but a device loads the C++ runtime, which is not measured
+    executorch = dict(row("fp32", 150, math.inf), backend="executorch", framework_bytes=430,
+                      device_framework_bytes=None, device_framework_unmeasured=True)
+    torch_row = dict(row("fp32", 50, math.inf), backend="torch", framework_bytes=320, device_framework_bytes=320)
+    assert rank.measured_size(executorch, "device") == 150
+    assert rank.measured_size(dict(executorch, device_framework_unmeasured=False), "device") is None
+    assert [r["backend"] for r in rank.rank_rows([executorch, torch_row], 200, "device") if r["fits"]] == \
+        ["executorch"]
+    assert rank.DEFAULT_BUDGET_ON == "device"
+
+
 def test_estimated_rows_rank_by_size_figures_and_least_compression() -> None:
     rows = [
         {"recipe": "int4", "status": "estimated", "analytic_runtime_bytes": 100, "analytic_weight_bytes": 50},

@@ -81,7 +81,7 @@ def test_a_build_failure_is_a_row(tmp_path: Path) -> None:
 
 
 def test_every_registered_runtime_is_a_runtime_under_its_own_name() -> None:
-    assert set(RUNTIMES) == {"torch", "onnxruntime"}
+    assert set(RUNTIMES) == {"torch", "onnxruntime", "executorch"}
     for name in RUNTIMES:
         runtime = create(name)
         assert isinstance(runtime, Runtime) and runtime.name == name

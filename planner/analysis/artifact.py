@@ -84,6 +84,9 @@ def load_artifact(folder: str | Path) -> nn.Module:
     manifest = json.loads((folder / "manifest.json").read_text())
     if manifest["format"] == "onnx":
         raise ValueError(f"{folder} holds an ONNX model: load it with onnxruntime.InferenceSession")
+    if manifest["format"] == "executorch":
+        raise ValueError(f"{folder} holds an ExecuTorch program: load it with "
+                         "executorch.runtime.Runtime.get().load_program(path).load_method('forward')")
     if manifest["format"] == "torchscript":
         return torch.jit.load(str(folder / manifest["file"]), map_location="cpu")
     from planner.recipes.recipe import import_tensor_types

@@ -36,10 +36,12 @@ def plan(
                                               "model.pt2, a TorchScript file, or a torch.save'd model.pt")],
     budget: Annotated[str, typer.Option(help="device limit, e.g. 512MB, 2GiB (kB/MB/GB = 1000^n, "
                                              "KiB/MiB/GiB = 1024^n)")],
-    budget_on: Annotated[str, typer.Option(help="what the budget limits: runtime (the model's peak memory), disk "
-                                                "(the artifact), or device (runtime plus the framework's own "
-                                                "baseline, measured once per machine)")]
-    = "runtime",
+    budget_on: Annotated[str, typer.Option(help="what the budget limits: device (the default: the model's peak "
+                                                "memory plus what the device holds for the runtime itself: the "
+                                                "Python process for torch and onnxruntime, measured once per "
+                                                "machine), runtime (the model's peak memory alone) or disk "
+                                                "(the artifact)")]
+    = "device",
     backend: Annotated[str | None, typer.Option(help="comma-separated runtimes to verify on: torch, onnxruntime "
                                                      "(default: both where onnxruntime is installed)")] = None,
     recipes: Annotated[str | None, typer.Option(help="comma-separated recipe names (see `planner recipes`)")]

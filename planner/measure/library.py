@@ -132,6 +132,34 @@ def lifetime_fields(baseline: int, load_peak: int, measured: RunMeasurement) -> 
             "verified_repeat_peak_bytes": measured.repeat_peak - baseline}
 
 
+@dataclass
+class LoadMeasurement:
+    """One artifact's load in a worker: the baseline before it, the high-water mark during it, what stayed."""
+
+    baseline: int  # resident bytes right before loading
+    peak: int  # the high-water mark after loading
+    weights: int  # resident growth the loaded model keeps (file-backed pages excluded where the worker can)
+    exact_peak: bool  # reset_peak() worked, so the peak is this phase's own
+    load_s: float
+
+
+def verified_fields(load: LoadMeasurement, measured: RunMeasurement, activation_bytes: int | None = None
+                    ) -> dict[str, Any]:
+    """The result fields every worker reports from its load and runs (planner.runtimes.rows reads them). Activations
+    default to the steady peak beyond the weights (the runtime's arena keeps the first run's memory)."""
+    lifetime = lifetime_fields(load.baseline, load.peak, measured)
+    if activation_bytes is None:
+        activation_bytes = max(0, lifetime["verified_steady_peak_bytes"] - load.weights)
+    return {**lifetime, "verified_weight_resident_bytes": load.weights, "verified_activation_bytes": activation_bytes,
+            "baseline_rss_bytes": load.baseline, "peak_is_exact": load.exact_peak, "load_s": load.load_s,
+            **measured.timing_fields()}
+
+
+def quality_fields(reference: list[Any], outputs: list[Any]) -> dict[str, Any]:
+    """compare_outputs against the float32 reference, and the output shapes."""
+    return {**compare_outputs(reference, outputs), "output_shapes": [list(t.shape) for t in outputs]}
+
+
 def floating_tensors(output: Any) -> list[Any]:
     """Every floating tensor in a tensor, tuple, list, dict or model-output object, in a stable order."""
     import torch

@@ -145,10 +145,14 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
 
     stage("measuring the framework baseline (once per machine, then cached)", 0, total)
     measured = {name: create(name).framework_baseline() for name in options.backends}
-    options = dataclasses.replace(options, framework_bytes=measured)
-    if options.budget_on == "device" and None in options.framework_bytes.values():
-        raise PlannerError("--budget-on device needs the framework baseline, and measuring it failed here: "
-                           "use --budget-on runtime")
+    on_device = {name: create(name).device_framework_bytes(measured[name]) for name in options.backends}
+    unmeasured = tuple(name for name in options.backends if on_device[name] is None and measured[name] is not None)
+    options = dataclasses.replace(options, framework_bytes=measured, device_framework_bytes=on_device,
+                                  device_framework_unmeasured=unmeasured)
+    if options.budget_on == "device" and any(measured[name] is None for name in options.backends):
+        failed = ", ".join(name for name in options.backends if measured[name] is None)
+        raise PlannerError(f"--budget-on device (the default) needs the framework baseline of {failed}, and "
+                           "measuring it failed here: use --budget-on runtime")
     workdir = plan_workdir()
     try:
         if options.analytic_only:
@@ -226,8 +230,11 @@ def evaluate(recipe: Recipe, runtime: Runtime, footprint: Footprint, context: Pl
     if row["status"] == "unsupported" and not row.get("analytic_is_what_if", True):
         analytic = dict.fromkeys(analytic)
     set_figures(row, analytic, runtime.disk_bytes(artifact) if verified and artifact else None)
-    has_convolutions = any(layer.type.startswith("Conv") for layer in footprint.layers)
-    row["note"] = explain(row, runtime.analytic_notes(footprint, verified), context.source.kind, context.reference,
-                          has_convolutions)
+    # oneDNN's convolution scratch is torch's (transformers' Conv1D is a Linear)
+    has_convolutions = runtime.name == TorchCpu.name and any(
+        layer.type.startswith("Conv") and layer.type != "Conv1D" for layer in footprint.layers)
+    device_note = runtime.device_framework_note(context.options.framework_bytes.get(runtime.name))
+    row["note"] = explain(row, [*runtime.analytic_notes(footprint, verified), *filter(None, [device_note])],
+                          context.source.kind, context.reference, has_convolutions)
     return keep_or_drop(row, artifact.files if artifact else [], context.options,
                         keep_anyway=artifact is not None and artifact.shared)

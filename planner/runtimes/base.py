@@ -114,6 +114,16 @@ class Runtime(ABC):
         cached)."""
         return framework_baseline(self.name)
 
+    def device_framework_bytes(self, measured: int | None) -> int | None:
+        """What a device running this runtime holds besides the model, given the measured framework baseline:
+        by default that baseline (the device runs the same Python stack). None: not measured (see
+        device_framework_note)."""
+        return measured
+
+    def device_framework_note(self, measured: int | None) -> str | None:
+        """Why device_framework_bytes is not the measured baseline, for rows that say so."""
+        return None
+
     def first_use_bytes(self) -> int | None:
         """What the first forward of any model costs this runtime beyond the model (thread pools, kernel
         libraries' pages): part of every verified runtime, so the analytic runtime adds it (measured once)."""

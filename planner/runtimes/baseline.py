@@ -4,7 +4,7 @@ A verified runtime figure is what the model adds on top of this baseline, so a u
 runtime (ExecuTorch, a C++ ONNX Runtime build) can use it as is; a user who deploys this very stack needs the
 baseline too (`--budget-on device`). It is measured once per machine and library versions, in a fresh
 process that does exactly what a verification worker does before its own baseline (the imports, nothing run),
-and cached on disk: `python -m planner.runtimes.baseline torch|onnxruntime RESULT.json` is that process.
+and cached on disk: `python -m planner.runtimes.baseline BACKEND RESULT.json FOLDER` is that process.
 
 The same process then runs a tiny forward and records the framework's first-use cost: thread pools, the kernel
 libraries' pages and primitive caches that the first forward of any model pays. A verified runtime includes it
@@ -18,19 +18,31 @@ import os
 import platform
 import sys
 import tempfile
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from planner.runtimes.executorch import worker as executorch_worker
 from planner.runtimes.onnxruntime import worker as onnxruntime_worker
 from planner.runtimes.torch_cpu import worker as torch_worker
 
 # Each runtime's imports and first tiny forward (light modules: the libraries are imported inside, in the
-# measured process).
-IMPORTS = {"torch": torch_worker.import_framework, "onnxruntime": onnxruntime_worker.import_framework}
-FIRST_FORWARDS = {"torch": torch_worker.first_tiny_forward, "onnxruntime": onnxruntime_worker.first_tiny_forward}
+# measured process). The forward gets the measurement's folder, where PREPARED wrote what it needs first, and may
+# return the resident bytes its first-use cost is measured from (after loading a program, for ExecuTorch).
+IMPORTS = {"torch": torch_worker.import_framework, "onnxruntime": onnxruntime_worker.import_framework,
+           "executorch": executorch_worker.import_framework}
+FIRST_FORWARDS: dict[str, Callable[[Path], int | None]] = {
+    "torch": lambda folder: torch_worker.first_tiny_forward(),
+    "onnxruntime": lambda folder: onnxruntime_worker.first_tiny_forward(),
+    "executorch": executorch_worker.first_tiny_forward,
+}
+# A runtime that runs only programs lowered ahead of time gets its tiny program from this module's `--tiny FOLDER`,
+# in a process of its own (lowering imports what the measured process must not hold).
+PREPARED = {"executorch": "planner.runtimes.executorch.lower"}
 MEASURED_KEYS = ("rss_bytes", "first_use_bytes")
-BACKEND_LIBRARIES = {"torch": ("torch", "torchao"), "onnxruntime": ("onnxruntime", "onnx", "numpy")}
+BACKEND_LIBRARIES = {"torch": ("torch", "torchao"), "onnxruntime": ("onnxruntime", "onnx", "numpy"),
+                     "executorch": ("executorch", "torch")}
 CACHE_FILE = "framework-baseline-v2.json"  # v2: an import-only baseline and the first-use cost
 MEASURE_TIMEOUT_S = 300.0
 
@@ -99,17 +111,23 @@ def _measure(backend: str) -> dict[str, int] | None:
 
     with tempfile.TemporaryDirectory(prefix="planner-baseline-") as folder:
         result = Path(folder) / "baseline.json"
+        if backend in PREPARED:
+            prepared = run_isolated([sys.executable, "-P", "-m", PREPARED[backend], "--tiny", folder],
+                                    timeout_s=MEASURE_TIMEOUT_S, memory_cap_bytes=None, env=dict(os.environ))
+            if prepared.returncode != 0:
+                return None
         # glibc's default settings, as in a verification worker and a user's process.
-        outcome = run_isolated([sys.executable, "-P", "-m", "planner.runtimes.baseline", backend, str(result)],
-                               timeout_s=MEASURE_TIMEOUT_S, memory_cap_bytes=None, env=dict(os.environ))
+        outcome = run_isolated([sys.executable, "-P", "-m", "planner.runtimes.baseline", backend, str(result),
+                                folder], timeout_s=MEASURE_TIMEOUT_S, memory_cap_bytes=None, env=dict(os.environ))
         if outcome.returncode != 0 or not result.exists():
             return None
         data = json.loads(result.read_text())
         return {name: int(data[name]) for name in MEASURED_KEYS}
 
 
-def measure_here(backend: str) -> dict[str, int]:
-    """In this fresh process: the worker's imports, the resident set, then the first tiny forward's peak growth."""
+def measure_here(backend: str, folder: Path) -> dict[str, int]:
+    """In this fresh process: the worker's imports, the resident set, then the first tiny forward's peak growth
+    (`folder`: where PREPARED wrote the runtime's tiny program)."""
     import gc
 
     from planner.measure.library import proc_status_bytes, reset_peak
@@ -120,12 +138,12 @@ def measure_here(backend: str) -> dict[str, int]:
     gc.collect()
     rss = proc_status_bytes("VmRSS")
     reset_peak()
-    FIRST_FORWARDS[backend]()
-    return {"rss_bytes": rss, "first_use_bytes": proc_status_bytes("VmHWM") - rss}
+    before_forward = FIRST_FORWARDS[backend](folder) or rss
+    return {"rss_bytes": rss, "first_use_bytes": proc_status_bytes("VmHWM") - before_forward}
 
 
 if __name__ == "__main__":
     from planner import quiet_library_noise
 
     quiet_library_noise()
-    Path(sys.argv[2]).write_text(json.dumps(measure_here(sys.argv[1])))
+    Path(sys.argv[2]).write_text(json.dumps(measure_here(sys.argv[1], Path(sys.argv[3]))))

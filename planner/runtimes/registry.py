@@ -6,12 +6,14 @@ import importlib.util
 from collections.abc import Callable
 
 from planner.runtimes.base import Runtime
+from planner.runtimes.executorch.runtime import ExecuTorchRuntime
 from planner.runtimes.onnxruntime.runtime import OnnxRuntime
 from planner.runtimes.torch_cpu.runtime import TorchCpu
 
-RUNTIMES: dict[str, Callable[[], Runtime]] = {TorchCpu.name: TorchCpu, OnnxRuntime.name: OnnxRuntime}
+RUNTIMES: dict[str, Callable[[], Runtime]] = {TorchCpu.name: TorchCpu, OnnxRuntime.name: OnnxRuntime,
+                                               ExecuTorchRuntime.name: ExecuTorchRuntime}
 # The Python package each runtime needs beyond the planner's own dependencies.
-OPTIONAL_PACKAGES = {OnnxRuntime.name: "onnxruntime"}
+OPTIONAL_PACKAGES = {OnnxRuntime.name: "onnxruntime", ExecuTorchRuntime.name: "executorch"}
 
 
 def create(name: str) -> Runtime:

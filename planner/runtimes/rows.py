@@ -25,12 +25,16 @@ SLOW_FACTOR = 5
 @dataclass
 class PlanOptions:
     budget_bytes: int
-    budget_on: str = "runtime"
+    budget_on: str = rank.DEFAULT_BUDGET_ON
     timeout_s: float = 900.0
     memory_cap_bytes: int | None = field(default_factory=default_memory_cap)
     backends: tuple[str, ...] = ("torch",)
     keep_all_artifacts: bool = False  # otherwise only those that fit the budget survive verification
     framework_bytes: dict[str, int | None] = field(default_factory=dict)  # per backend, set by run_plan
+    # What a device holds for each runtime besides the model (Runtime.device_framework_bytes), set by run_plan;
+    # the runtimes whose device cost is not measured here are listed in device_framework_unmeasured.
+    device_framework_bytes: dict[str, int | None] = field(default_factory=dict)
+    device_framework_unmeasured: tuple[str, ...] = ()
     mixed_budgets: tuple[str, ...] = ()  # a verified mixed:<budget> row for each (planner.plan.mixed_plan)
     calibration: str | None = None  # real inputs for the mixed-precision sensitivity pass
     mixed_dtype: str = "auto"  # the mixed recipes' float layers and activations: float32, bfloat16 or auto (both)
@@ -76,6 +80,9 @@ def keep_or_drop(row: dict[str, Any], files: list[Path], options: PlanOptions, k
                   ) -> dict[str, Any]:
     """Decide fits, and delete the artifact unless it may be exported (it can be gigabytes)."""
     row["framework_bytes"] = options.framework_bytes.get(row["backend"])
+    row["device_framework_bytes"] = options.device_framework_bytes.get(row["backend"], row["framework_bytes"])
+    if row["backend"] in options.device_framework_unmeasured:
+        row["device_framework_unmeasured"] = True
     row["fits"] = rank.fits(row, options.budget_bytes, options.budget_on)
     verdict = rank.budget_verdict_note(row, options.budget_bytes, options.budget_on)
     row["note"] = "; ".join(filter(None, [row.get("note"), verdict]))

@@ -31,7 +31,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from planner.measure.library import compare_outputs, lifetime_fields, measure_runs, proc_status_bytes, reset_peak
+from planner.measure.library import (
+    LoadMeasurement,
+    measure_runs,
+    proc_status_bytes,
+    quality_fields,
+    reset_peak,
+    verified_fields,
+)
 from planner.measure.worker import worker_main
 
 FLOAT_ELEMENT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)")
@@ -131,29 +138,15 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         measured = measure_runs(functools.partial(session.run, None, feeds), keep_first)
         with np.load(first_outputs) as saved:
             outputs = [saved[f"arr_{index}"] for index in range(len(saved.files))]
-    weights = loaded - baseline
-    lifetime = lifetime_fields(baseline, load_peak, measured)
-    result: dict[str, Any] = {
-        # Creating the session holds the file's tensors and ORT's copies at once: part of the lifetime peak.
-        **lifetime,
-        "verified_weight_resident_bytes": weights,
-        "verified_activation_bytes": max(0, lifetime["verified_steady_peak_bytes"] - weights),
-        "baseline_rss_bytes": baseline,
-        "peak_is_exact": exact_peak,
-        "load_s": load_s,
-        **measured.timing_fields(),
-        "backend": "onnxruntime",
-        "onnxruntime_version": ort.__version__,
-        "providers": session.get_providers(),
-    }
+    # Creating the session holds the file's tensors and ORT's copies at once: part of the lifetime peak.
+    load = LoadMeasurement(baseline, load_peak, loaded - baseline, exact_peak, load_s)
+    result: dict[str, Any] = {**verified_fields(load, measured), "backend": "onnxruntime",
+                              "onnxruntime_version": ort.__version__, "providers": session.get_providers()}
     del session
     import torch
 
     candidate = [torch.from_numpy(value).float() for value in outputs]
-    reference = torch.load(job["reference"], weights_only=True)
-    result.update(compare_outputs(reference, candidate))
-    result["output_shapes"] = [list(t.shape) for t in candidate]
-    return result
+    return {**result, **quality_fields(torch.load(job["reference"], weights_only=True), candidate)}
 
 
 if __name__ == "__main__":

@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from planner.measure.library import (
-    compare_outputs,
+    LoadMeasurement,
     floating_tensors,
-    lifetime_fields,
     measure_runs,
     private_resident_bytes,
     proc_status_bytes,
+    quality_fields,
     reset_peak,
+    verified_fields,
 )
 from planner.measure.worker import worker_main
 
@@ -111,23 +112,14 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         measured = measure_runs(lambda: model(*inputs),
                                 lambda output: torch.save(floating_tensors(output), first_outputs))
         outputs = [t.float() for t in torch.load(first_outputs, weights_only=True)]
-    result: dict[str, Any] = {
-        **lifetime_fields(baseline, load_peak, measured),
-        "verified_weight_resident_bytes": weights,
-        "verified_activation_bytes": measured.warm_growth,
-        "baseline_rss_bytes": baseline,
-        "peak_is_exact": exact_peak,
-        "load_s": load_s,
-        **measured.timing_fields(),
-    }
+    load = LoadMeasurement(baseline, load_peak, weights, exact_peak, load_s)
     if job.get("save_reference"):
         torch.save(outputs, job["reference"])
-        result.update(compare_outputs(outputs, outputs))
+        reference = outputs
     else:
         reference = torch.load(job["reference"], weights_only=True)
-        result.update(compare_outputs(reference, outputs))
-    result["output_shapes"] = [list(t.shape) for t in outputs]
-    return result
+    return {**verified_fields(load, measured, activation_bytes=measured.warm_growth),
+            **quality_fields(reference, outputs)}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""ExecuTorch with the XNNPACK delegate: the edge runtime (runtime.py), its lowering (lower.py), its worker."""

@@ -1,0 +1,127 @@
+"""ExecuTorch as a runtime: which recipes lower to XNNPACK and why the others do not, the .pte's analytic size,
+and one plan whose .pte artifacts are verified in fresh processes and load in a plain ExecuTorch runtime."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from planner.recipes.recipe import Recipe, default_recipes
+from planner.runtimes.executorch.lower import (
+    PTE_BASE_BYTES,
+    program_bytes,
+    quantized_weight_bytes,
+    realized_recipe,
+    support,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_weight_only_and_bfloat16_are_refused_with_their_reason() -> None:
+    by_name = {recipe.name: recipe for recipe in default_recipes()}
+    assert "weight-only" in (support(by_name["int8-weight-only"]) or "")
+    assert "8da4w is ExecuTorch's 4-bit path" in (support(by_name["int4-g128"]) or "")
+    assert "bfloat16" in (support(by_name["bf16"]) or "")
+    assert "float8" in (support(by_name["fp8-dynamic"]) or "")
+    for name in ("fp32", "fp16", "int8-dynamic", "prune50-int8-dynamic", "struct50", "8da4w-g32"):
+        assert support(by_name[name]) is None, name
+
+
+def test_int8_dynamic_is_realized_as_8da8w() -> None:
+    recipe = Recipe("int8-dynamic", quantize="int8-dynamic")
+    assert realized_recipe(recipe).quantize == "8da8w"
+    assert realized_recipe(Recipe("q", quantize="8da4w", group_size=64)).group_size == 64
+
+
+def test_quantized_weight_bytes_follow_xnnpack_storage() -> None:
+    # 4-bit values two per byte with one bfloat16 scale per group; int8 with one float32 scale per channel
+    assert quantized_weight_bytes("8da4w", 4096, 1024, 32) == 4096 * 1024 // 2 + 4096 * 32 * 2
+    assert quantized_weight_bytes("8da8w", 4096, 1024, 32) == 4096 * 1024 + 4096 * 4
+
+
+def test_program_bytes_counts_a_tie_once_per_side() -> None:
+    # XNNPACK serializes its own copy of a delegated weight: a head tied to an embedding (a portable gather) is
+    # stored twice (GPT-2 small: 652 MB .pte), two delegated layers sharing a weight once
+    with torch.device("meta"):
+        embedding = nn.Embedding(1000, 64)
+        head = nn.Linear(64, 1000, bias=False)
+        first, second = nn.Linear(64, 64, bias=False), nn.Linear(64, 64, bias=False)
+    head.weight = embedding.weight
+    second.weight = first.weight
+    counted = program_bytes(nn.Sequential(embedding, head), Recipe("fp32"))
+    assert counted.constant_bytes == counted.delegated_bytes == 1000 * 64 * 4
+    assert counted.split and counted.packing_bytes == 1000 * 64 * 4  # one subgraph's raw weights at a time
+    assert counted.file_bytes >= 2 * 1000 * 64 * 4 + PTE_BASE_BYTES
+    shared = program_bytes(nn.Sequential(first, nn.ReLU(), second), Recipe("fp32"))
+    assert shared.delegated_bytes == 64 * 64 * 4 and not shared.split and shared.constant_bytes == 0
+
+
+def _mlp_file(folder: Path) -> Path:
+    path = folder / "mlp.py"
+    path.write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(),\n"
+        "                         nn.Linear(4096, 1024)).eval(), torch.randn(8, 1024)\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def executorch_plan(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    # 25M parameters (100 MB in fp32): big enough that the model, not the runtime's few MB of first-use cost
+    # (thread pool, paid at load or at the first run depending on the program), decides the runtime figure
+    folder = tmp_path_factory.mktemp("executorch")
+    out, export = folder / "out", folder / "export"
+    command = [sys.executable, "-m", "planner.cli", "plan", f"{_mlp_file(folder)}:build", "--budget", "60MB",
+               "--backend", "executorch", "--recipes", "fp32,int8-dynamic,8da4w-g32,int4-g128,bf16",
+               "--out", str(out), "--export", str(export), "--export-all"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=folder, timeout=900)
+    assert done.returncode in (0, 1), done.stdout + done.stderr
+    plan = json.loads((out / "plan.json").read_text())
+    return {"rows": {row["recipe"]: row for row in plan["rows"]}, "export": export, "plan": plan}
+
+
+def test_recipes_lower_to_pte_and_verify(executorch_plan: dict[str, object]) -> None:
+    rows = executorch_plan["rows"]
+    assert isinstance(rows, dict)
+    for name in ("fp32", "int8-dynamic", "8da4w-g32"):
+        row = rows[name]
+        assert row["backend"] == "executorch" and row["status"] == "verified", row
+        # the analytic .pte within 2% of the file, the runtime within 10% of the fresh process's lifetime peak
+        assert abs(row["disk_diff"]) < 0.02, (name, row["analytic_disk_bytes"], row["verified_disk_bytes"])
+        assert abs(row["runtime_diff"]) < 0.10, (name, row["analytic_runtime_bytes"], row["verified_runtime_bytes"])
+        assert row["verified_load_peak_bytes"] > 0 and row["latency_ms"] > 0
+    # XNNPACK packs the weights at load: the raw and the packed copy at once, about twice the weights
+    fp32 = rows["fp32"]
+    assert fp32["verified_load_peak_bytes"] > 1.6 * fp32["verified_disk_bytes"]
+    assert rows["8da4w-g32"]["verified_disk_bytes"] < 0.2 * fp32["verified_disk_bytes"]
+    assert rows["int8-dynamic"]["sqnr_db"] > 25 and rows["8da4w-g32"]["sqnr_db"] > 10
+    for name, words in (("int4-g128", "weight-only"), ("bf16", "bfloat16")):
+        assert rows[name]["status"] == "unsupported" and words in rows[name]["note"], rows[name]
+
+
+def test_exported_pte_runs_in_a_plain_executorch_runtime(executorch_plan: dict[str, object]) -> None:
+    export = executorch_plan["export"]
+    assert isinstance(export, Path)
+    folder = next(path for path in export.iterdir() if path.name.startswith("8da4w-g32"))
+    pte = next(folder.glob("*.pte"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert "executorch.runtime" in manifest["how_to_load"]
+    script = ("import sys, torch; from executorch.runtime import Runtime\n"
+              "method = Runtime.get().load_program(sys.argv[1]).load_method('forward')\n"
+              "out = method.execute([torch.randn(8, 1024)])[0]\n"
+              "assert tuple(out.shape) == (8, 1024) and torch.isfinite(out).all(), out.shape\n"
+              "print('ran', tuple(out.shape))\n")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-I", "-c", script, str(pte)], capture_output=True, text=True,
+                          cwd=ROOT.parent, env=env, timeout=300)
+    assert done.returncode == 0 and "ran (8, 1024)" in done.stdout, done.stderr[-2000:]
