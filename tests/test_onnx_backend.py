@@ -233,3 +233,27 @@ def test_export_failure_is_one_plain_line() -> None:
                "- Modify the model code\n\n## Exception summary\n\n<class 'RuntimeError'>: Found a cache in output\n\n"
                "(Refer to the full stack trace above for more information.)")
     assert backend.export_failure_cause(RuntimeError(message)) == "<class 'RuntimeError'>: Found a cache in output"
+
+
+@pytest.mark.parametrize("scheme", ["int8-dynamic", "int4-g128"])
+def test_layers_kept_float_by_the_recipe_stay_float_in_onnx(scheme: str, tmp_path: Path) -> None:
+    # The torch recipe keeps "0" (the first Linear) float; the ONNX artifact must too, and its size model agrees.
+    from dataclasses import replace
+
+    from planner.recipes.recipe import LayerOverride
+
+    recipe = replace(RECIPES[scheme], dtype="float32", name=f"{scheme}-keep0",
+                     layer_overrides=(LayerOverride("0", None),))
+    assert backend.onnx_recipe_support(recipe) is None
+    model = _build("mlp")
+    keep = frozenset(backend.float_weight_names(model, recipe))
+    assert keep == {"0.weight"}
+    path, notes = backend.build_onnx_artifact(model, _mlp_input(1), recipe, tmp_path, keep)
+    assert backend.count_quantized_nodes(path, recipe.quantize) == 1 and any("kept float" in n for n in notes)
+    with torch.device("meta"):
+        predicted = backend.analytic_onnx_bytes(_mlp(), recipe)
+    assert abs(predicted - backend.onnx_file_bytes(path)) / backend.onnx_file_bytes(path) < 0.03
+    unchanged, _ = backend.build_onnx_artifact(_build("mlp"), _mlp_input(1), replace(recipe, name="all"), tmp_path)
+    assert backend.count_quantized_nodes(unchanged, recipe.quantize) == 2
+    mixed = replace(recipe, layer_overrides=(LayerOverride("0", "int8-weight-only"),))
+    assert "per-layer schemes" in (backend.onnx_recipe_support(mixed) or "")

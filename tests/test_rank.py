@@ -140,3 +140,16 @@ def test_a_pick_far_from_float32_is_warned_about() -> None:
     assert rank.low_quality_warning(dict(row, sqnr_db=25.0)) is None
     assert rank.low_quality_warning(dict(row, sqnr_db=math.inf)) is None  # exact
     assert rank.low_quality_warning(dict(row, status="estimated", sqnr_db=None)) is None
+
+
+def test_min_sqnr_keeps_rows_below_it_but_never_picks_them() -> None:
+    rows = [dict(row("int4", 10, 8.0), backend="torch"), dict(row("int8", 40, 30.0), backend="torch"),
+            dict(row("fp32", 90, math.inf), backend="torch")]
+    ranked = rank.rank_rows(rows, 50, "runtime")
+    assert rank.pick_row(ranked)["recipe"] == "int8"  # best quality among those that fit
+    assert rank.pick_row(ranked, min_sqnr_db=35.0) is None  # int8 and int4 fit, neither is good enough
+    assert rank.pick_row(rank.rank_rows(rows, 100, "runtime"), min_sqnr_db=35.0)["recipe"] == "fp32"
+    note = rank.quality_floor_note(next(r for r in ranked if r["recipe"] == "int4"), 20.0)
+    assert note is not None and "8.0 dB" in note and "--min-sqnr 20 dB" in note
+    assert rank.quality_floor_note(next(r for r in ranked if r["recipe"] == "int8"), 20.0) is None
+    assert not rank.meets_quality(dict(rows[2], status="estimated"), 0.0)  # an estimate has no measured quality

@@ -13,6 +13,7 @@ from planner.core.errors import PlannerError
 from planner.recipes.recipe import (
     DEFAULT_RECIPES_FILE,
     SCHEMES,
+    Recipe,
     apply_recipe,
     default_recipes,
     load_recipe_file,
@@ -227,3 +228,38 @@ def test_conv1d_is_quantized_as_the_linear_it_is(tmp_path: Path) -> None:
         analytic = weight_footprint(_conv1d_stack(), int8)
     assert analytic.quantized_layers == 2
     assert analytic.disk_bytes == pytest.approx(path.stat().st_size, rel=0.03)
+
+
+def _tied_lm() -> nn.Module:
+    class TiedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(1000, 64)
+            self.body = nn.Linear(64, 64)
+            self.head = nn.Linear(64, 1000, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.body(self.embed(ids)))
+
+    with torch.device("meta"):
+        return TiedLM()
+
+
+def test_a_tied_head_stays_tied_and_float() -> None:
+    from planner.analysis.footprint import weight_footprint
+    from planner.recipes.recipe import LayerOverride, keep_ties
+
+    model = _tied_lm()
+    recipe = Recipe("int8", quantize="int8-dynamic")
+    kept, note = keep_ties(model, recipe)
+    assert [(o.fqn, o.quantize) for o in kept.layer_overrides] == [("head", None)]
+    assert note is not None and note.startswith("head kept in float32: tied")
+    # quantizing the head would have stored a second copy: the kept recipe is smaller on disk, and the body still
+    # quantizes
+    assert weight_footprint(model, kept).disk_bytes < weight_footprint(model, recipe).disk_bytes
+    assert weight_footprint(model, kept).quantized_layers == 1
+    # a head the user names in a [[recipe.layer]] table is their choice; a float recipe has nothing to keep
+    chosen = Recipe("int8", quantize="int8-dynamic", layer_overrides=(LayerOverride("head", "int8-dynamic"),))
+    assert keep_ties(model, chosen) == (chosen, None)
+    assert keep_ties(model, Recipe("bf16", dtype="bfloat16")) == (Recipe("bf16", dtype="bfloat16"), None)

@@ -77,6 +77,9 @@ def plan(
     analytic_only: Annotated[bool, typer.Option(help="rank the analytic estimates alone: no weights are "
                                                      "materialized and nothing is verified (models too big to "
                                                      "verify here; the torch backend)")] = False,
+    min_sqnr: Annotated[float | None, typer.Option(help="the least output SQNR in dB against fp32 the pick may "
+                                                        "have (e.g. 20); rows below it are kept but never picked")]
+    = None,
     debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
 ) -> None:
     """Enumerate recipes, estimate each, verify each for real, rank them against the budget."""
@@ -88,9 +91,11 @@ def plan(
     if budget_on not in ("runtime", "disk", "device"):
         raise PlannerError(f"--budget-on {budget_on!r}: use runtime, disk or device")
     check_limits(timeout, memory_cap)
+    if min_sqnr is not None and not math.isfinite(min_sqnr):
+        raise PlannerError(f"--min-sqnr {min_sqnr}: give a number of dB, e.g. 20")
     backends = parse_backends(backend)
     if analytic_only:
-        _check_analytic_only(backend, mixed or bool(mixed_budgets), export, eval_fn)
+        _check_analytic_only(backend, mixed or bool(mixed_budgets), export, eval_fn, min_sqnr)
         backends = ("torch",)
     from planner.plan.mixed_plan import parse_budgets
 
@@ -121,7 +126,8 @@ def plan(
         _plan_locked(model, chosen, backends, mixed_texts, budget_bytes, memory_cap_bytes, budget_on=budget_on,
                      timeout=timeout, weights=weights, trust_code=trust_code or trust_pickle, input_shape=input_shape,
                      input_dtype=input_dtype, batch_size=batch_size, calibration=calibration, export_all=export_all,
-                     mixed_dtype=mixed_dtype, analytic_only=analytic_only, eval_fn=eval_fn, out=out, export=export)
+                     mixed_dtype=mixed_dtype, analytic_only=analytic_only, eval_fn=eval_fn, out=out, export=export,
+                     min_sqnr=min_sqnr)
 
 
 def _output_directories(out: Path | None, export: Path | None) -> list[tuple[Path, str]]:
@@ -140,7 +146,8 @@ def _plan_locked(model: str, chosen: list[Recipe], backends: tuple[str, ...], mi
                  budget_bytes: int, memory_cap_bytes: int | None, *, budget_on: str, timeout: float,
                  weights: str | None, trust_code: bool, input_shape: str | None, input_dtype: str | None,
                  batch_size: int | None, calibration: Path | None, export_all: bool, mixed_dtype: str,
-                 analytic_only: bool, eval_fn: str | None, out: Path | None, export: Path | None) -> None:
+                 analytic_only: bool, eval_fn: str | None, out: Path | None, export: Path | None,
+                 min_sqnr: float | None = None) -> None:
     """The plan itself, run while --out and --export are locked."""
     from planner import report
     from planner.measure.isolation import report_stage
@@ -157,7 +164,7 @@ def _plan_locked(model: str, chosen: list[Recipe], backends: tuple[str, ...], mi
     options = PlanOptions(budget_bytes=budget_bytes, budget_on=budget_on, timeout_s=timeout,
                           keep_all_artifacts=export_all, backends=backends, mixed_budgets=mixed_texts,
                           calibration=str(calibration) if calibration else None, mixed_dtype=mixed_dtype,
-                          analytic_only=analytic_only)
+                          analytic_only=analytic_only, min_sqnr_db=min_sqnr)
     if eval_fn:
         from planner.analysis.evalhook import resolve_eval_spec
 
@@ -205,11 +212,14 @@ def check_limits(timeout: float, memory_cap: str | None) -> None:
         raise PlannerError(f"--memory-cap {memory_cap}: give a positive size, e.g. 8GB")
 
 
-def _check_analytic_only(backend: str | None, mixed: bool, export: Path | None, eval_fn: str | None) -> None:
+def _check_analytic_only(backend: str | None, mixed: bool, export: Path | None, eval_fn: str | None,
+                         min_sqnr: float | None = None) -> None:
     """--analytic-only measures nothing, so options that need a measurement or an artifact are refused."""
-    needs = [flag for flag, given in (("--backend onnxruntime", backend is not None and "onnxruntime" in backend),
+    other_backends = backend is not None and any(name.strip() not in ("", "torch") for name in backend.split(","))
+    needs = [flag for flag, given in ((f"--backend {backend}", other_backends),
                                       ("--mixed", mixed), ("--export", export is not None),
-                                      ("--eval", eval_fn is not None)) if given]
+                                      ("--eval", eval_fn is not None), ("--min-sqnr", min_sqnr is not None))
+             if given]
     if needs:
         raise PlannerError(f"--analytic-only verifies nothing, so {', '.join(needs)} cannot be used with it: "
                            "drop --analytic-only to verify, or drop those options")
@@ -258,6 +268,14 @@ def _announce(result: PlanResult, console: Console) -> None:
         warning = rank.low_quality_warning(row)
         if warning:
             console.print(f"[bold yellow]warning:[/] {escape(warning)}")
+        return
+    floor = result.min_sqnr_db
+    below = [row for row in result.rows if row.get("fits") and not rank.meets_quality(row, floor)]
+    if floor is not None and below:
+        best = max(below, key=rank.quality)
+        console.print(f"[bold red]nothing fits {budget} with SQNR ≥ {floor:g} dB[/]: {len(below)} row(s) fit the "
+                      f"budget below it, the best {named(best)} at {rank.quality(best):.1f} dB; lower --min-sqnr "
+                      "or raise the budget")
         return
     near = rank.closest(result.rows, result.budget_on)
     if near is None:

@@ -118,9 +118,23 @@ def low_quality_warning(row: dict[str, Any]) -> str | None:
             f"{LOW_SQNR_DB:.0f} dB): judge it with your own metric (--eval module:fn) before deploying it")
 
 
-def pick_row(ranked: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The first fitting row of a ranked list, or None."""
-    return next((row for row in ranked if row.get("fits")), None)
+def meets_quality(row: dict[str, Any], min_sqnr_db: float | None) -> bool:
+    """A row meets --min-sqnr when none is given, or when its output SQNR was measured at or above it."""
+    return min_sqnr_db is None or (row.get("status") == "verified" and quality(row) >= min_sqnr_db)
+
+
+def quality_floor_note(row: dict[str, Any], min_sqnr_db: float | None) -> str | None:
+    """The note of a row that fits the budget but not --min-sqnr (it is not picked); None otherwise."""
+    if min_sqnr_db is None or not row.get("fits") or meets_quality(row, min_sqnr_db):
+        return None
+    sqnr = row.get("sqnr_db")
+    measured = f"SQNR {sqnr:.1f} dB" if isinstance(sqnr, int | float) else "quality not measured"
+    return f"fits, but not picked: {measured}, below --min-sqnr {min_sqnr_db:g} dB"
+
+
+def pick_row(ranked: list[dict[str, Any]], min_sqnr_db: float | None = None) -> dict[str, Any] | None:
+    """The first fitting row of a ranked list that meets the quality floor, or None."""
+    return next((row for row in ranked if row.get("fits") and meets_quality(row, min_sqnr_db)), None)
 
 
 def pick(ranked: list[dict[str, Any]]) -> str | None:

@@ -25,7 +25,7 @@ from planner.measure.isolation import plan_workdir, report_stage
 from planner.measure.library import return_freed_memory_promptly
 from planner.models.sources import ModelSource
 from planner.plan.mixed_plan import mixed_rows
-from planner.recipes.recipe import Recipe, check_layer_overrides
+from planner.recipes.recipe import Recipe, check_layer_overrides, keep_ties
 from planner.runtimes.base import BuildFailed, PlanContext, Runtime
 from planner.runtimes.registry import create
 from planner.runtimes.rows import REFERENCE, PlanOptions, explain, keep_or_drop, set_figures
@@ -46,6 +46,7 @@ class PlanResult:
     input_shapes: list[list[int]]
     input_note: str | None = None
     pick_backend: str | None = None
+    min_sqnr_db: float | None = None
 
     def row(self, recipe: str, backend: str = "torch") -> dict[str, Any] | None:
         return next((r for r in self.rows if r["recipe"] == recipe and r.get("backend") == backend), None)
@@ -130,12 +131,13 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
         check_layer_overrides(meta_model, recipe)
     materialize = not options.analytic_only  # analytic-only never builds real weights, not even to prune
     resolved = [resolve_recipe(meta_model, inputs, recipe, materialize=materialize) for recipe in recipes]
-    recipes = [recipe for recipe, _ in resolved]
+    ties = [keep_ties(meta_model, recipe) for recipe, _ in resolved]  # a tied head stays tied (and float)
+    recipes = [recipe for recipe, _ in ties]
     footprints = {recipe.name: pruning_footprint(meta_model, inputs, recipe, materialize=materialize)
                   for recipe in recipes}
-    for recipe, note in resolved:
-        if note:
-            footprints[recipe.name].notes.insert(0, note)
+    for (_, note), (recipe, tie_note) in zip(resolved, ties, strict=True):
+        for text in filter(None, [tie_note, note]):
+            footprints[recipe.name].notes.insert(0, text)
     # --analytic-only estimates on the runtime the analytic model describes; ONNX Runtime's memory is not modelled.
     runtimes = [create(name) for name in (ANALYTIC_RUNTIME,) if options.analytic_only] or \
         [create(name) for name in options.backends]
@@ -167,11 +169,15 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
         raise
     stage("done", total, total)
     ranked = rank.rank_rows(rows, options.budget_bytes, options.budget_on)
-    chosen = rank.pick_row(ranked)
+    for row in ranked:
+        floor = rank.quality_floor_note(row, options.min_sqnr_db)
+        if floor:
+            row["note"] = "; ".join(filter(None, [row.get("note"), floor]))
+    chosen = rank.pick_row(ranked, options.min_sqnr_db)
     return PlanResult(model=source.spec, budget_bytes=options.budget_bytes, budget_on=options.budget_on,
                       rows=ranked, pick=chosen["recipe"] if chosen else None, footprints=footprints, workdir=workdir,
                       input_shapes=[list(t.shape) for t in inputs], input_note=source.input_note,
-                      pick_backend=chosen.get("backend") if chosen else None)
+                      pick_backend=chosen.get("backend") if chosen else None, min_sqnr_db=options.min_sqnr_db)
 
 
 def _verify_recipes(source: ModelSource, recipes: list[Recipe], runtimes: list[Runtime],

@@ -135,6 +135,10 @@ class Runtime(ABC):
         """The artifact's bytes on disk."""
         return sum(path.stat().st_size for path in artifact.files if path.exists())
 
+    def export_format(self, artifact: Path) -> str:
+        """The manifest's `format` word for the artifact (planner.artifact.load_artifact reads it)."""
+        return "state_dict"
+
     def export_files(self, artifact: Path) -> list[Path]:
         """The files an export of the artifact copies, the model file first."""
         return [artifact]

@@ -40,6 +40,7 @@ class PlanOptions:
     mixed_dtype: str = "auto"  # the mixed recipes' float layers and activations: float32, bfloat16 or auto (both)
     eval_spec: str | None = None  # --eval module:fn, the user's quality function (planner.analysis.evalhook)
     analytic_only: bool = False  # rank the analytic figures alone: nothing is materialized or verified
+    min_sqnr_db: float | None = None  # --min-sqnr: the pick must have at least this output SQNR
 
 
 def explain(row: dict[str, Any], analytic_notes: list[str], source_kind: str, reference: dict[str, Any],

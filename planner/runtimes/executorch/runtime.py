@@ -154,6 +154,9 @@ class ExecuTorchRuntime(Runtime):
             write_tiny_program(Path(folder) / TINY_PROGRAM)
             first_tiny_forward(Path(folder))
 
+    def export_format(self, artifact: Path) -> str:
+        return "executorch"
+
     def how_to_load(self, file: str, suffix: str, tensor_modules: tuple[str, ...] = ()) -> str:
         return (f"from executorch.runtime import Runtime; method = Runtime.get().load_program('{file}')"
                 ".load_method('forward'); outputs = method.execute([inputs...])")

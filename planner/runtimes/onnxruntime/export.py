@@ -74,6 +74,9 @@ def onnx_recipe_support(recipe: Recipe) -> str | None:
         return "no ONNX Runtime CPU equivalent: bfloat16 has almost no CPU kernels in ONNX Runtime"
     if recipe.quantize is None:
         return None
+    if any(override.quantize is not None for override in recipe.layer_overrides):
+        return ("per-layer schemes ([[recipe.layer]] with quantize) are not realized on ONNX Runtime here; layers "
+                "kept float (quantize = \"none\") are")
     if set(recipe.layers) - ONNX_QUANTIZABLE_LAYERS:
         other = "/".join(sorted(set(recipe.layers) - ONNX_QUANTIZABLE_LAYERS))
         return f"no ONNX equivalent for quantizing {other} here: the ONNX path quantizes Linear (MatMul) weights only"
@@ -340,7 +343,8 @@ def int8_reduce_range() -> bool:
 # ---- building an artifact ----
 
 def build_onnx_artifact(fp32_model_path_or_module: Path | str | nn.Module, inputs: tuple[torch.Tensor, ...],
-                        recipe: Recipe, workdir: Path) -> tuple[Path, list[str]]:
+                        recipe: Recipe, workdir: Path, keep_float: frozenset[str] = frozenset()
+                        ) -> tuple[Path, list[str]]:
     """The recipe's ONNX artifact in `workdir` (RECIPE.onnx, plus RECIPE.onnx.data for large models) and notes.
 
     Give the float32 module (needed for pruning: the planner prunes torch weights) or the path of an
@@ -366,7 +370,7 @@ def build_onnx_artifact(fp32_model_path_or_module: Path | str | nn.Module, input
     if float_path == target:
         return target, notes
     try:
-        notes += _convert(float_path, target, recipe)
+        notes += _convert(float_path, target, recipe, keep_float)
     finally:
         if float_path.parent == workdir and float_path.name.endswith(".fp32.onnx"):
             _remove_artifact(float_path)
@@ -388,16 +392,18 @@ def _prune(model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe) -
     return [note.split(",")[0] + ", stored densely in ONNX: the file does not shrink" for note in notes]
 
 
-def _convert(float_path: Path, target: Path, recipe: Recipe) -> list[str]:
-    """From the float32 export to the recipe's artifact; a plain fp32 recipe on a given path is a copy."""
+def _convert(float_path: Path, target: Path, recipe: Recipe, keep_float: frozenset[str] = frozenset()
+             ) -> list[str]:
+    """From the float32 export to the recipe's artifact; a plain fp32 recipe on a given path is a copy. MatMuls
+    reading a weight named in `keep_float` (the recipe's layers kept float, by parameter name) stay float."""
     import onnx
 
     _remove_artifact(target)
     if recipe.quantize == "int8-dynamic":
-        return _quantize_int8_dynamic(float_path, target)
+        return _quantize_int8_dynamic(float_path, target, keep_float)
     model = onnx.load(str(float_path))
     if recipe.quantize == "int4-weight-only":
-        return _quantize_int4(model, target, recipe)
+        return _quantize_int4(model, target, recipe, keep_float)
     if recipe.dtype == "float16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -428,12 +434,38 @@ def _inline_size_known(model: object) -> bool:
     return sum(len(tensor.raw_data) for tensor in model.graph.initializer) < EXTERNAL_DATA_THRESHOLD_BYTES  # type: ignore[attr-defined]
 
 
-def _quantize_int8_dynamic(float_path: Path, target: Path) -> list[str]:
+def matmuls_reading(model: object, weights: frozenset[str]) -> list[str]:
+    """Names of the MatMul/Gemm nodes whose weight input is one of `weights` (initializer names), directly or
+    through a Transpose, Cast or Identity (a tied head reads the embedding transposed). Unnamed nodes get a name, so
+    the quantizers' nodes_to_exclude can name them."""
+    if not weights:
+        return []
+    graph = model.graph  # type: ignore[attr-defined]
+    producers = {output: node for node in graph.node for output in node.output}
+    found = []
+    for index, node in enumerate(graph.node):
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        name, producer = node.input[1], producers.get(node.input[1])
+        while producer is not None and producer.op_type in ("Transpose", "Cast", "Identity"):
+            name, producer = producer.input[0], producers.get(producer.input[0])
+        if name in weights:
+            node.name = node.name or f"planner_matmul_{index}"
+            found.append(node.name)
+    return found
+
+
+def _kept_note(excluded: list[str]) -> list[str]:
+    return [f"{len(excluded)} MatMul node(s) kept float as the recipe's layer tables say"] if excluded else []
+
+
+def _quantize_int8_dynamic(float_path: Path, target: Path, keep_float: frozenset[str] = frozenset()) -> list[str]:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.load(str(float_path))
     rewritten = gemm_to_matmul(model)
+    excluded = matmuls_reading(model, keep_float)
     external = not _inline_size_known(model)
     reduce_range = int8_reduce_range()
     # MatMul only: the torch recipe quantizes Linear layers, so Conv, Gather (embeddings) and LSTM stay float32
@@ -448,13 +480,14 @@ def _quantize_int8_dynamic(float_path: Path, target: Path) -> list[str]:
     try:
         with _quiet_export():
             quantize_dynamic(source, str(target), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
-                             per_channel=False, reduce_range=reduce_range, use_external_data_format=external)
+                             per_channel=False, reduce_range=reduce_range, use_external_data_format=external,
+                             nodes_to_exclude=excluded)
     finally:
         if isinstance(source, Path):
             _remove_artifact(source)
     _rename_external_data(target)
     setting = "reduce_range=True (no VNNI on this CPU)" if reduce_range else "reduce_range=False (CPU has VNNI)"
-    notes = [f"quantize_dynamic QInt8 per-tensor, {setting}"]
+    notes = [f"quantize_dynamic QInt8 per-tensor, {setting}", *_kept_note(excluded)]
     if rewritten:
         notes.append(f"{rewritten} Gemm node(s) rewritten to MatMul+Add so they quantize")
     return notes
@@ -470,20 +503,31 @@ def _rename_external_data(target: Path) -> None:
         _save(onnx.load(str(target)), target)
 
 
-def _quantize_int4(model: object, target: Path, recipe: Recipe) -> list[str]:
+def _quantize_int4(model: object, target: Path, recipe: Recipe, keep_float: frozenset[str] = frozenset()
+                   ) -> list[str]:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     rewritten = gemm_to_matmul(model)
+    excluded = matmuls_reading(model, keep_float)
     symmetric = recipe.mapping == "symmetric"
     with _quiet_export():
         quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=recipe.group_size, is_symmetric=symmetric,
-                                         op_types_to_quantize=("MatMul",))
+                                         op_types_to_quantize=("MatMul",), nodes_to_exclude=excluded)
         quantizer.process()
     _save(quantizer.model.model, target)
-    notes = [f"{_onnx_int4_note(recipe)}, block {recipe.group_size}, {recipe.mapping}"]
+    notes = [f"{_onnx_int4_note(recipe)}, block {recipe.group_size}, {recipe.mapping}", *_kept_note(excluded)]
     if rewritten:
         notes.append(f"{rewritten} Gemm node(s) rewritten to MatMul+Add so they quantize")
     return notes
+
+
+def float_weight_names(meta_model: nn.Module, recipe: Recipe) -> list[str]:
+    """Every parameter name (tied aliases included: the export keeps one of them) of the weights of the layers the
+    recipe keeps float by a [[recipe.layer]] table."""
+    modules = dict(meta_model.named_modules())
+    kept = {id(weight) for override in recipe.layer_overrides if override.quantize is None
+            and isinstance(weight := getattr(modules.get(override.fqn), "weight", None), torch.Tensor)}
+    return [name for name, param in meta_model.named_parameters(remove_duplicate=False) if id(param) in kept]
 
 
 # ---- the analytic file size ----
@@ -550,6 +594,11 @@ def analytic_onnx_bytes(meta_model: nn.Module, recipe: Recipe) -> int:
         for param in module._parameters.values():
             if param is not None and id(param) not in own:
                 matmul.pop(id(param), None)
+    modules = dict(meta_model.named_modules())
+    for override in recipe.layer_overrides:  # layers the recipe keeps float stay float here too
+        weight = getattr(modules.get(override.fqn), "weight", None)
+        if override.quantize is None and weight is not None:
+            matmul.pop(id(weight), None)
     quantized = recipe.quantize in QUANTIZED_OP_TYPES
     total = GRAPH_BASE_BYTES + (FP16_CAST_BYTES if recipe.dtype == "float16" else 0)
     seen: set[int] = set()
@@ -587,7 +636,8 @@ def build_job(job: dict[str, Any]) -> dict[str, Any]:
     base = job.get("fp32_onnx")
     what: Path | nn.Module = Path(base) if base and not recipe.changes_weights else load_reference(
         ModelSource.from_json(job["source"]), Path(job["fp32"]))
-    artifact, notes = build_onnx_artifact(what, inputs, recipe, Path(job["workdir"]))
+    artifact, notes = build_onnx_artifact(what, inputs, recipe, Path(job["workdir"]),
+                                          frozenset(job.get("keep_float", ())))
     return {"artifact": str(artifact), "notes": notes}
 
 

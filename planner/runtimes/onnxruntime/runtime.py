@@ -17,6 +17,7 @@ from planner.runtimes.base import Artifact, BuildFailed, PlanContext, Runtime
 from planner.runtimes.onnxruntime.export import (
     analytic_onnx_bytes,
     external_data_name,
+    float_weight_names,
     onnx_file_bytes,
     onnx_recipe_support,
 )
@@ -46,6 +47,7 @@ class OnnxRuntime(Runtime):
     def __init__(self) -> None:
         self.disk: dict[str, int | None] = {}  # analytic ONNX file bytes per recipe (describe)
         self.float_base: Path | None = None  # the float32 export, built once and shared by every recipe
+        self.keep_float: dict[str, list[str]] = {}  # per recipe: weights its [[recipe.layer]] tables keep float
 
     def touches(self, recipe: Recipe) -> str:
         return onnx_touches(recipe)
@@ -58,6 +60,7 @@ class OnnxRuntime(Runtime):
     def describe(self, meta_model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], recipes: list[Recipe],
                  footprints: dict[str, Footprint]) -> None:
         for recipe in recipes:
+            self.keep_float[recipe.name] = float_weight_names(meta_model, recipe)
             try:
                 if onnx_recipe_support(recipe) or footprints[recipe.name].unsupported:
                     self.disk[recipe.name] = None
@@ -89,7 +92,7 @@ class OnnxRuntime(Runtime):
         workdir = context.workdir
         job = {"source": context.source.to_json(), "recipe": recipe.to_json(), "fp32": str(context.fp32_path),
                "fp32_onnx": str(self.float_base) if self.float_base else None, "inputs": str(workdir / "inputs.pt"),
-               "workdir": str(workdir)}
+               "workdir": str(workdir), "keep_float": self.keep_float.get(recipe.name, [])}
         built = run_worker(job, workdir, f"{recipe.name}.onnx-build", context.options, worker=BUILD_WORKER)
         if built["status"] != "verified":
             notes.append(built.get("note", "").replace("verification failed", "ONNX build failed"))
@@ -117,6 +120,9 @@ class OnnxRuntime(Runtime):
     def export_files(self, artifact: Path) -> list[Path]:
         data = artifact.with_name(external_data_name(artifact))
         return [artifact, data] if data.exists() else [artifact]
+
+    def export_format(self, artifact: Path) -> str:
+        return "onnx"
 
     def how_to_load(self, file: str, suffix: str, tensor_modules: tuple[str, ...] = ()) -> str:
         return f"onnxruntime.InferenceSession('{file}') (keep any .data file beside it)"

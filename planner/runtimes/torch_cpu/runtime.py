@@ -191,6 +191,9 @@ class TorchCpu(Runtime):
     def disk_bytes(self, artifact: Artifact) -> int:
         return artifact.files[0].stat().st_size
 
+    def export_format(self, artifact: Path) -> str:
+        return "torchscript" if artifact.suffix == ".ts" else "state_dict"
+
     def how_to_load(self, file: str, suffix: str, tensor_modules: tuple[str, ...] = ()) -> str:
         if suffix == ".ts":
             return f"torch.jit.load('{file}')"
