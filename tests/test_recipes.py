@@ -263,3 +263,14 @@ def test_a_tied_head_stays_tied_and_float() -> None:
     chosen = Recipe("int8", quantize="int8-dynamic", layer_overrides=(LayerOverride("head", "int8-dynamic"),))
     assert keep_ties(model, chosen) == (chosen, None)
     assert keep_ties(model, Recipe("bf16", dtype="bfloat16")) == (Recipe("bf16", dtype="bfloat16"), None)
+
+
+def test_the_llm_recipe_file_has_group_64_and_embedding_quantization() -> None:
+    recipes = {r.name: r for r in load_recipe_file(DEFAULT_RECIPES_FILE.with_name("llm.toml"))}
+    assert recipes["int4-g64"].group_size == 64 and recipes["int4-g64"].dtype == "bfloat16"
+    embedding = recipes["intx8-g64-emb"]
+    assert quantization_decision(nn.Embedding(1000, 64), embedding) == (True, "")
+    model = nn.Sequential(nn.Embedding(1000, 64), nn.Linear(64, 64))
+    apply_recipe(model, embedding)
+    assert type(model[0].weight).__name__ == "IntxUnpackedToInt8Tensor"
+    assert model(torch.randint(0, 1000, (2, 8))).shape == (2, 8, 64)
