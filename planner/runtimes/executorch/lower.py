@@ -52,6 +52,7 @@ BFLOAT16_REASON = ("XNNPACK has no bfloat16 kernels on this CPU: ExecuTorch woul
 TINY_PROGRAM = "tiny.pte"  # planner.runtimes.baseline's first-use program, in its folder
 # Layers whose weights XNNPACK takes (and packs at load); everything else stays an ExecuTorch constant.
 DELEGATED_LAYERS = ("Linear", "Conv1d", "Conv2d", "ConvTranspose2d", "Conv1D")
+FOLDED_NORMS = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d")
 # Layers XNNPACK does not take whose presence splits a graph into many subgraphs (GPT-2: 75).
 SPLITTING_LAYERS = ("Embedding", "EmbeddingBag")
 # The program's flatbuffer, delegate headers and per-tensor entries: measured 3.5-4.5 kB on the MLP.
@@ -131,7 +132,11 @@ def program_bytes(meta_model: nn.Module, recipe: Recipe) -> ProgramBytes:
     seen: set[tuple[int, bool]] = set()
     delegated = constant = tensors = largest = 0
     split = False
+    # XNNPACK folds an inference BatchNorm into the convolution before it: its tensors are not stored.
+    folds_norms = any(type(module).__name__.startswith("Conv") for module in meta_model.modules())
     for name, module in meta_model.named_modules():
+        if folds_norms and type(module).__name__ in FOLDED_NORMS:
+            continue
         layer_recipe, quantized, _ = layer_decision(module, name, recipe)
         takes = type(module).__name__ in DELEGATED_LAYERS
         for key, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
