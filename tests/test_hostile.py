@@ -166,7 +166,8 @@ def build():
 def test_a_recipe_that_exhausts_memory_costs_only_its_row(tmp_path: Path) -> None:
     (tmp_path / "hog.py").write_text(MEMORY_HOG)
     done = subprocess.run([sys.executable, "-m", "planner.cli", "plan", f"{tmp_path / 'hog.py'}:build",
-                           "--budget", "1GB", "--recipes", "fp32,bf16,int8-dynamic", "--memory-cap", "1GB",
+                           "--budget", "1GB", "--backend", "torch", "--recipes", "fp32,bf16,int8-dynamic",
+                           "--memory-cap", "1GB",
                            "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = {row["recipe"]: row for row in json.loads((tmp_path / "out" / "plan.json").read_text())["rows"]}
@@ -189,7 +190,7 @@ def test_ctrl_c_stops_cleanly(tmp_path: Path) -> None:
     work, out = tmp_path / "tmp", tmp_path / "out"
     work.mkdir()
     process = subprocess.Popen(
-        [sys.executable, "-m", "planner.cli", "plan", "zoo:convnet", "--budget", "1GB",
+        [sys.executable, "-m", "planner.cli", "plan", "zoo:convnet", "--budget", "1GB", "--backend", "torch",
          "--recipes", "fp32,fp16,bf16,int8-dynamic", "--out", str(out)],
         env=dict(os.environ, TMPDIR=str(work)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         start_new_session=True)

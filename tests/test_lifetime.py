@@ -14,10 +14,7 @@ from pathlib import Path
 
 import pytest
 
-
-def run_planner(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "planner.cli", *args], capture_output=True, text=True, timeout=600)
-
+from planner.cli.commands import main
 
 MODEL = textwrap.dedent('''
     import torch
@@ -61,10 +58,11 @@ def exported_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("lifetime")
     (root / "user_model.py").write_text(MODEL)
     (root / "independent.py").write_text(INDEPENDENT)
-    result = run_planner("plan", f"{root / 'user_model.py'}:build", "--budget", "1GB", "--backend", "torch",
-                         "--recipes", "fp32,int8-dynamic", "--out", str(root / "out"), "--export", str(root / "export"),
-                         "--export-all")
-    assert result.returncode == 0, result.stderr
+    # planner.cli's main in this process: the verified figures come from fresh verification workers either way (the
+    # planner's own process holds no measurement); only its interpreter start and imports are saved.
+    code = main(["plan", f"{root / 'user_model.py'}:build", "--budget", "1GB", "--backend", "torch", "--recipes",
+                 "fp32,int8-dynamic", "--out", str(root / "out"), "--export", str(root / "export"), "--export-all"])
+    assert code == 0
     return root
 
 

@@ -3,9 +3,7 @@ sensitivity pass is right and cached, and `planner plan --mixed` beats the unifo
 
 import json
 import math
-import os
 import random
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import pytest
 import torch
 
 from planner.analysis.footprint import weight_footprint
+from planner.cli.commands import main
 from planner.core.errors import PlannerError
 from planner.models.sources import resolve_source
 from planner.plan.mixed_plan import fit_budget, layer_options, option_costs, safety_margin, searchable_layers
@@ -22,12 +21,6 @@ from planner.recipes.recipe import Recipe, apply_recipe, check_layer_overrides, 
 
 HERE = Path(__file__).parent
 MLP = f"{HERE / 'mixed_mlp.py'}:build"
-
-
-def planner(*args: str, cache: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PLANNER_CACHE_DIR=str(cache))  # never the user's ~/.cache
-    return subprocess.run([sys.executable, "-m", "planner.cli", *args], capture_output=True, text=True, timeout=600,
-                          env=env)
 
 
 def mlp() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
@@ -225,11 +218,15 @@ def test_calibration_file_is_validated(tmp_path: Path) -> None:
 
 # ---- end to end ----
 
-def test_plan_mixed_fits_is_verified_and_beats_uniform_int4(tmp_path: Path) -> None:
+def test_plan_mixed_fits_is_verified_and_beats_uniform_int4(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    # In this process (planner.cli's main, as the console script calls it): the plan's own work runs in fresh
+    # workers either way, and the interpreter, torch and the fork server are not started twice more.
+    monkeypatch.setenv("PLANNER_CACHE_DIR", str(tmp_path / "cache"))  # never the user's ~/.cache
     out = tmp_path / "out"
-    done = planner("plan", MLP, "--budget", "1.3MB", "--budget-on", "disk", "--mixed", "--backend", "torch",
-                   "--recipes", "fp32,int8-dynamic,int4-g128", "--out", str(out), cache=tmp_path / "cache")
-    assert done.returncode == 0, done.stderr
+    code = main(["plan", MLP, "--budget", "1.3MB", "--budget-on", "disk", "--mixed", "--backend", "torch",
+                 "--recipes", "fp32,int8-dynamic,int4-g128", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
     rows = {row["recipe"]: row for row in json.loads((out / "plan.json").read_text())["rows"]}
     assert rows["int8-dynamic"]["fits"] is False  # uniform int8 misses the budget
     mixed_row, int4 = rows["mixed:1.3MB"], rows["int4-g128"]
@@ -241,10 +238,9 @@ def test_plan_mixed_fits_is_verified_and_beats_uniform_int4(tmp_path: Path) -> N
     (recipe,) = load_recipe_file(out / "mixed-1.3MB.toml")
     assert any(o.quantize == "int4-weight-only" for o in recipe.layer_overrides)
     # The exported file re-applies to the same model: same bytes on disk.
-    again = planner("plan", MLP, "--budget", "1.3MB", "--budget-on", "disk", "--backend", "torch",
-                    "--recipe-file", str(out / "mixed-1.3MB.toml"), "--out", str(tmp_path / "again"),
-                    cache=tmp_path / "cache")
-    assert again.returncode == 0, again.stderr
+    again = main(["plan", MLP, "--budget", "1.3MB", "--budget-on", "disk", "--backend", "torch",
+                  "--recipe-file", str(out / "mixed-1.3MB.toml"), "--out", str(tmp_path / "again")])
+    assert again == 0, capsys.readouterr().err
     (row,) = json.loads((tmp_path / "again" / "plan.json").read_text())["rows"]
     assert row["verified_disk_bytes"] == mixed_row["verified_disk_bytes"]
     assert row["sqnr_db"] == pytest.approx(mixed_row["sqnr_db"], abs=0.01)
@@ -278,10 +274,13 @@ def test_bfloat16_base_sensitivity_includes_the_base_error(tmp_path: Path, monke
     assert sensitivity.run_job(dict(job, dtype="float32"))["cached"] == []  # the dtype is part of the key
 
 
-def test_a_calibration_file_that_does_not_fit_the_model_is_one_line_before_any_work(tmp_path: Path) -> None:
+def test_a_calibration_file_that_does_not_fit_the_model_is_one_line_before_any_work(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("PLANNER_CACHE_DIR", str(tmp_path / "cache"))  # never the user's ~/.cache
     torch.save(torch.randn(16, 99), tmp_path / "calibration.pt")
-    done = planner("plan", "zoo:simplenet", "--budget", "20kB", "--mixed", "--calibration",
-                   str(tmp_path / "calibration.pt"), "--backend", "torch", cache=tmp_path / "cache")
-    assert done.returncode == 2
-    assert "error: --calibration" in done.stderr and "the model takes (batch, 100)" in done.stderr
-    assert "Traceback" not in done.stderr and not (tmp_path / "cache").exists()
+    code = main(["plan", "zoo:simplenet", "--budget", "20kB", "--mixed", "--calibration",
+                 str(tmp_path / "calibration.pt"), "--backend", "torch"])
+    stderr = capsys.readouterr().err
+    assert code == 2
+    assert "error: --calibration" in stderr and "the model takes (batch, 100)" in stderr
+    assert "Traceback" not in stderr and not (tmp_path / "cache").exists()
