@@ -105,6 +105,13 @@ def test_recipes_lower_to_pte_and_verify(executorch_plan: dict[str, object]) -> 
     assert fp32["verified_load_peak_bytes"] > 1.6 * fp32["verified_disk_bytes"]
     assert rows["8da4w-g32"]["verified_disk_bytes"] < 0.2 * fp32["verified_disk_bytes"]
     assert rows["int8-dynamic"]["sqnr_db"] > 25 and rows["8da4w-g32"]["sqnr_db"] > 10
+    # the device runs ExecuTorch's C++ runtime, not the measured Python binding: not counted, and said so
+    assert fp32["device_framework_bytes"] is None and fp32["device_framework_unmeasured"] is True
+    assert fp32["framework_bytes"] > 100e6 and "C++ runtime is not measured" in fp32["note"]
+    assert executorch_plan["plan"]["budget_on"] == "device"
+    from planner.core import rank
+
+    assert rank.measured_size(fp32, "device") == fp32["verified_runtime_bytes"]
     for name, words in (("int4-g128", "weight-only"), ("bf16", "bfloat16")):
         assert rows[name]["status"] == "unsupported" and words in rows[name]["note"], rows[name]
 
