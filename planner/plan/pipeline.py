@@ -146,8 +146,9 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
     del meta_model
 
     stage("measuring the framework baseline (once per machine, then cached)", 0, total)
-    measured = {name: create(name).framework_baseline() for name in options.backends}
-    on_device = {name: create(name).device_framework_bytes(measured[name]) for name in options.backends}
+    backend_runtimes = {name: create(name) for name in options.backends}
+    measured = {name: runtime.framework_baseline() for name, runtime in backend_runtimes.items()}
+    on_device = {name: runtime.device_framework_bytes(measured[name]) for name, runtime in backend_runtimes.items()}
     unmeasured = tuple(name for name in options.backends if on_device[name] is None and measured[name] is not None)
     options = dataclasses.replace(options, framework_bytes=measured, device_framework_bytes=on_device,
                                   device_framework_unmeasured=unmeasured)
