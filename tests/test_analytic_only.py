@@ -30,8 +30,8 @@ def test_analytic_only_never_materializes_to_prune(tmp_path: Path, monkeypatch: 
 
     monkeypatch.setattr(pruning, "_pruned_stand_in", refuse)
     monkeypatch.setattr(torch.nn.Module, "to_empty", refuse)
-    code = main(["plan", f"{tmp_path / 'lm.py'}:build", "--budget", "100MB", "--analytic-only", "--recipes",
-                 "fp32,struct50,int8-dynamic", "--out", str(tmp_path / "out")])
+    code = main(["plan", f"{tmp_path / 'lm.py'}:build", "--budget", "100MB", "--budget-on", "runtime",
+                 "--analytic-only", "--recipes", "fp32,struct50,int8-dynamic", "--out", str(tmp_path / "out")])
     assert code == 0
     rows = {row["recipe"]: row for row in json.loads((tmp_path / "out" / "plan.json").read_text())["rows"]}
     assert rows["fp32"]["status"] == "estimated" and rows["int8-dynamic"]["status"] == "estimated"

@@ -42,8 +42,8 @@ def test_folder_builds_float32_with_the_head_tied(folders: dict[str, Path]) -> N
 
 def test_folder_plan_figures_match_the_files(folders: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
-    code = main(["plan", str(folders["qwen"]), "--budget", "50MB", "--backend", "torch", "--recipes", "fp32,bf16",
-                 "--out", str(out)])
+    code = main(["plan", str(folders["qwen"]), "--budget", "50MB", "--budget-on", "runtime", "--backend", "torch",
+                 "--recipes", "fp32,bf16", "--out", str(out)])
     assert code == 0
     rows = {row["recipe"]: row for row in json.loads((out / "plan.json").read_text())["rows"]}
     checkpoint = (folders["qwen"] / "model.safetensors").stat().st_size

@@ -20,7 +20,7 @@ from planner.cli.commands import main
 from planner.core.errors import PlannerError
 from planner.recipes.recipe import MAX_LAYER_ENTRIES, MAX_RECIPE_FILE_BYTES, check_recipe_name, load_recipe_file
 
-PLAN = ["plan", "zoo:simplenet", "--budget", "50MB", "--backend", "torch"]
+PLAN = ["plan", "zoo:simplenet", "--budget", "50MB", "--budget-on", "runtime", "--backend", "torch"]
 
 
 def snapshot(root: Path) -> dict[str, tuple[bytes | None, int]]:
@@ -288,8 +288,8 @@ def test_markup_in_paths_is_printed_as_text(tmp_path: Path, capsys: pytest.Captu
     folder.mkdir()
     (folder / "b].py").write_text(FACTORY)
     out = tmp_path / "out[/bold]"
-    assert main(["plan", f"{folder / 'b].py'}:build", "--budget", "50MB", "--backend", "torch", "--recipes", "fp32",
-                 "--out", str(out)]) == 0
+    assert main(["plan", f"{folder / 'b].py'}:build", "--budget", "50MB", "--budget-on", "runtime",
+                 "--backend", "torch", "--recipes", "fp32", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "odd[/b].py" in printed and f"wrote {out / 'plan.json'}" in printed
     assert json.loads((out / "plan.json").read_text())["pick"] == "fp32"
