@@ -197,6 +197,25 @@ def print_table(result: Any, console: Any) -> None:
                           highlight=False)
 
 
+def print_estimates(rows: list[dict[str, Any]], verifying: list[bool], title: str, console: Any) -> None:
+    """The analytic table printed before anything is verified: the ranked estimates and whether each will be
+    verified; the rows a runtime refuses are counted (the final table gives their reasons)."""
+    supported = [(row, chosen) for row, chosen in zip(rows, verifying, strict=True) if row["status"] != "unsupported"]
+    if supported:
+        frame = plan_frame([row for row, _ in supported])
+        shown = display_frame(frame)[["#", "recipe", "backend", "fits", "disk (analytic)", "runtime (analytic)"]]
+        shown = shown.assign(**{"device (analytic)": terms_frame(frame)["device total"].values,
+                                "verify": ["yes" if chosen else "-" for _, chosen in supported]})
+        table = _rich_table(shown, title, ("recipe", "backend", "fits", "verify"))
+        for (_, row), (_, chosen) in zip(shown.iterrows(), supported, strict=True):
+            table.add_row(*map(plain, row), style=None if chosen else "dim")
+        console.print(table)
+    refused = len(rows) - len(supported)
+    if refused:
+        console.print(f"  {refused} row(s) refused by their runtime: the reasons are in the final table",
+                      highlight=False)
+
+
 def write_atomic(path: Path, data: bytes | str) -> None:
     """Write to a temporary file beside the target, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)

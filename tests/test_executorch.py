@@ -83,7 +83,7 @@ def executorch_plan(tmp_path_factory: pytest.TempPathFactory) -> dict[str, objec
     out, export = folder / "out", folder / "export"
     command = [sys.executable, "-m", "planner.cli", "plan", f"{_mlp_file(folder)}:build", "--budget", "60MB",
                "--backend", "executorch", "--recipes", "fp32,int8-dynamic,8da4w-g32,int4-g128,bf16",
-               "--out", str(out), "--export", str(export), "--export-all"]
+               "--verify", "all", "--out", str(out), "--export", str(export), "--export-all"]
     done = subprocess.run(command, capture_output=True, text=True, cwd=folder, timeout=900)
     assert done.returncode in (0, 1), done.stdout + done.stderr
     plan = json.loads((out / "plan.json").read_text())

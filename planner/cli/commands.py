@@ -80,9 +80,12 @@ def plan(
     min_sqnr: Annotated[float | None, typer.Option(help="the least output SQNR in dB against fp32 the pick may "
                                                         "have (e.g. 20); rows below it are kept but never picked")]
     = None,
+    verify: Annotated[str, typer.Option(help="which rows to verify: needed (the default: those whose analytic "
+                                             "figure could fit the budget, and the float32 reference) or all")]
+    = "needed",
     debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
 ) -> None:
-    """Enumerate recipes, estimate each, verify each for real, rank them against the budget."""
+    """Enumerate recipes, estimate each, verify for real each that could fit, rank them against the budget."""
     from planner.core.units import parse_size
     from planner.recipes.recipe import default_recipes, load_recipe_file, select_recipes
 
@@ -94,6 +97,10 @@ def plan(
     if min_sqnr is not None and not math.isfinite(min_sqnr):
         raise PlannerError(f"--min-sqnr {min_sqnr}: give a number of dB, e.g. 20")
     backends = parse_backends(backend)
+    if verify not in ("needed", "all"):
+        raise PlannerError(f"--verify {verify!r}: use needed or all")
+    if analytic_only and verify == "all":
+        raise PlannerError("--analytic-only verifies nothing: drop --verify all, or --analytic-only")
     if analytic_only:
         _check_analytic_only(backend, mixed or bool(mixed_budgets), export, eval_fn, min_sqnr)
         backends = ("torch",)
@@ -127,7 +134,7 @@ def plan(
                      timeout=timeout, weights=weights, trust_code=trust_code or trust_pickle, input_shape=input_shape,
                      input_dtype=input_dtype, batch_size=batch_size, calibration=calibration, export_all=export_all,
                      mixed_dtype=mixed_dtype, analytic_only=analytic_only, eval_fn=eval_fn, out=out, export=export,
-                     min_sqnr=min_sqnr)
+                     min_sqnr=min_sqnr, verify=verify)
 
 
 def _output_directories(out: Path | None, export: Path | None) -> list[tuple[Path, str]]:
@@ -147,7 +154,7 @@ def _plan_locked(model: str, chosen: list[Recipe], backends: tuple[str, ...], mi
                  weights: str | None, trust_code: bool, input_shape: str | None, input_dtype: str | None,
                  batch_size: int | None, calibration: Path | None, export_all: bool, mixed_dtype: str,
                  analytic_only: bool, eval_fn: str | None, out: Path | None, export: Path | None,
-                 min_sqnr: float | None = None) -> None:
+                 min_sqnr: float | None = None, verify: str = "needed") -> None:
     """The plan itself, run while --out and --export are locked."""
     from planner import report
     from planner.measure.isolation import report_stage
@@ -164,7 +171,7 @@ def _plan_locked(model: str, chosen: list[Recipe], backends: tuple[str, ...], mi
     options = PlanOptions(budget_bytes=budget_bytes, budget_on=budget_on, timeout_s=timeout,
                           keep_all_artifacts=export_all, backends=backends, mixed_budgets=mixed_texts,
                           calibration=str(calibration) if calibration else None, mixed_dtype=mixed_dtype,
-                          analytic_only=analytic_only, min_sqnr_db=min_sqnr)
+                          analytic_only=analytic_only, min_sqnr_db=min_sqnr, verify=verify)
     if eval_fn:
         from planner.analysis.evalhook import resolve_eval_spec
 
@@ -179,7 +186,8 @@ def _plan_locked(model: str, chosen: list[Recipe], backends: tuple[str, ...], mi
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("planning", total=None)
         result = run_plan(source, chosen, options, progress=lambda message, done, total: bar.update(
-            task, description=message, completed=done, total=total))
+            task, description=message, completed=done, total=total),
+            on_estimates=lambda rows: _print_estimates(rows, options, source.spec))
     report_stage("writing the results")
     try:
         # Written before anything is printed: the results are on disk whatever the terminal does.
@@ -199,6 +207,22 @@ def _plan_locked(model: str, chosen: list[Recipe], backends: tuple[str, ...], mi
         result.cleanup()
     if result.pick is None:
         raise NothingFits()
+
+
+def _print_estimates(rows: list[dict[str, Any]], options: Any, model: str) -> None:
+    """The analytic table, before verification starts (an --analytic-only plan prints its table at the end)."""
+    if options.analytic_only:
+        return
+    from planner import report
+    from planner.core.units import format_bytes
+    from planner.plan.pipeline import needs_verifying
+
+    verifying = [needs_verifying(row, options) for row in rows]
+    count = sum(verifying)
+    how = ("every supported row (--verify all)" if options.verify == "all" else
+           "the rows whose analytic figure could fit, and the float32 reference")
+    report.print_estimates(rows, verifying, f"{model}: analytic estimates against {format_bytes(options.budget_bytes)}"
+                           f" on {options.budget_on}; verifying {count} of {len(rows)}: {how}", console)
 
 
 def check_limits(timeout: float, memory_cap: str | None) -> None:

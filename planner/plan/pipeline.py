@@ -115,13 +115,18 @@ def check_inputs_fit(source: ModelSource, meta_model: torch.nn.Module, inputs: t
 
 
 def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
-             progress: Callable[[str, int, int], None] = lambda message, done, total: None) -> PlanResult:
-    """`progress(message, steps_done, steps_total)` is called as the plan goes (for a progress bar)."""
-    def stage(message: str, done: int, total: int) -> None:
-        report_stage(message)  # the supervisor's --timeout clock and its words for where a crash happened
-        progress(message, done, total)
+             progress: Callable[[str, int, int], None] = lambda message, done, total: None,
+             on_estimates: Callable[[list[dict[str, Any]]], None] = lambda rows: None) -> PlanResult:
+    """`progress(message, steps_done, steps_total)` is called as the plan goes (for a progress bar);
+    `on_estimates(ranked rows)` once, with every row's analytic figures, before anything is verified."""
+    total = 2
 
-    total = 2 if options.analytic_only else len(recipes) * len(options.backends) + 2
+    def stage(message: str, done: int, steps: int) -> None:
+        nonlocal total
+        total = steps
+        report_stage(message)  # the supervisor's --timeout clock and its words for where a crash happened
+        progress(message, done, steps)
+
     return_freed_memory_promptly()
     stage("describing the model (weightless)", 0, total)
     meta_model = source.build("meta")
@@ -158,13 +163,16 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
                            "measuring it failed here: use --budget-on runtime")
     workdir = plan_workdir()
     try:
+        # Every row's analytic figures first (seconds): the table a user sees before anything is verified.
+        estimating = PlanContext(source, options, workdir, fp32_path=None, reference={})
+        estimates = [evaluate(recipe, runtime, footprints[recipe.name], estimating, verify=False)
+                     for runtime in runtimes for recipe in recipes]
+        on_estimates(rank.rank_rows(estimates, options.budget_bytes, options.budget_on))
         if options.analytic_only:
-            context = PlanContext(source, options, workdir, fp32_path=None, reference={})
-            rows = [evaluate(recipe, runtime, footprints[recipe.name], context)
-                    for runtime in runtimes for recipe in recipes]
+            rows = estimates
         else:
-            rows = _verify_recipes(source, recipes, runtimes, footprints, workdir, options,
-                                   lambda message, done: stage(message, done, total))
+            rows = _verify_recipes(source, recipes, runtimes, footprints, estimates, workdir, options,
+                                   lambda message, done, steps: stage(message, done, steps))
     except BaseException:  # an error or Ctrl-C: remove the artifacts, keep nothing half-written
         shutil.rmtree(workdir, ignore_errors=True)
         raise
@@ -181,14 +189,28 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
                       pick_backend=chosen.get("backend") if chosen else None, min_sqnr_db=options.min_sqnr_db)
 
 
+def needs_verifying(estimate: dict[str, Any], options: PlanOptions) -> bool:
+    """--verify all measures every row a runtime supports; --verify needed (the default) only those whose analytic
+    figure leaves room to fit the budget (rank.could_fit), and always the float32 reference on torch."""
+    if estimate["status"] == "unsupported":
+        return False
+    if options.verify == "all" or (estimate["recipe"], estimate["backend"]) == (REFERENCE, TorchCpu.name):
+        return True
+    return rank.could_fit(estimate, options.budget_bytes, options.budget_on)
+
+
 def _verify_recipes(source: ModelSource, recipes: list[Recipe], runtimes: list[Runtime],
-                    footprints: dict[str, Footprint], workdir: Path, options: PlanOptions,
-                    progress: Callable[[str, int], None]) -> list[dict[str, Any]]:
-    """Materialize and verify the float32 reference, then every recipe on every runtime: a row each."""
+                    footprints: dict[str, Footprint], estimates: list[dict[str, Any]], workdir: Path,
+                    options: PlanOptions, progress: Callable[[str, int, int], None]) -> list[dict[str, Any]]:
+    """Materialize and verify the float32 reference, then each recipe on each runtime that needs verifying
+    (needs_verifying): a row each; the others keep their estimate, saying why."""
+    by_key = {(recipe.name, runtime.name): (recipe, runtime) for runtime in runtimes for recipe in recipes}
+    chosen = {id(row) for row in estimates if needs_verifying(row, options)}
+    total = len(chosen) + 2 + len(options.mixed_budgets)
     step = 1
 
     def report(message: str) -> None:
-        progress(message, step)
+        progress(message, step, total)
 
     report("materializing the float32 reference")
     fp32_path = materialize_reference(source, workdir)
@@ -197,11 +219,17 @@ def _verify_recipes(source: ModelSource, recipes: list[Recipe], runtimes: list[R
     context = PlanContext(source, options, workdir, fp32_path, reference, report)
 
     rows: list[dict[str, Any]] = []
-    for runtime in runtimes:
-        for recipe in recipes:
+    for estimate in estimates:
+        recipe, runtime = by_key[(estimate["recipe"], estimate["backend"])]
+        if id(estimate) in chosen:
             step += 1
             report(runtime.progress_label(recipe))
             rows.append(evaluate(recipe, runtime, footprints[recipe.name], context))
+        elif estimate["status"] == "unsupported":
+            rows.append(estimate)
+        else:
+            note = rank.ruled_out_note(estimate, options.budget_bytes, options.budget_on)
+            rows.append(dict(estimate, note="; ".join(filter(None, [note, estimate.get("note")]))))
     if options.mixed_budgets:
         torch_runtime = next((runtime for runtime in runtimes if runtime.name == TorchCpu.name), TorchCpu())
 
@@ -212,17 +240,18 @@ def _verify_recipes(source: ModelSource, recipes: list[Recipe], runtimes: list[R
     return rows
 
 
-def evaluate(recipe: Recipe, runtime: Runtime, footprint: Footprint, context: PlanContext) -> dict[str, Any]:
+def evaluate(recipe: Recipe, runtime: Runtime, footprint: Footprint, context: PlanContext,
+             verify: bool = True) -> dict[str, Any]:
     """One row: the recipe on the runtime. Refused with the runtime's one reason; else built from the float32
-    reference and measured in a fresh process (in an --analytic-only plan, estimated); then its verified figures
-    beside the runtime's analytic ones, the note that explains them, and whether it fits."""
+    reference and measured in a fresh process (verify=False: estimated); then its verified figures beside the
+    runtime's analytic ones, the note that explains them, and whether it fits."""
     row: dict[str, Any] = {"recipe": recipe.name, "backend": runtime.name, "touches": runtime.touches(recipe)}
-    if context.options.analytic_only:  # estimated rows' quality is unknown: rank orders them by how much is pruned
+    if not verify:  # estimated rows' quality is unknown: rank orders them by how much is pruned
         row["pruned_share"] = max(recipe.prune, recipe.channels, recipe.params)
     artifact = None
     if (reason := runtime.unsupported(recipe, context.source, footprint)) is not None:
         result = runtime.refusal(recipe, footprint, reason)
-    elif context.options.analytic_only:
+    elif not verify:
         result = {"status": "estimated"}
     else:
         try:

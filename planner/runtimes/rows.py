@@ -41,6 +41,7 @@ class PlanOptions:
     eval_spec: str | None = None  # --eval module:fn, the user's quality function (planner.analysis.evalhook)
     analytic_only: bool = False  # rank the analytic figures alone: nothing is materialized or verified
     min_sqnr_db: float | None = None  # --min-sqnr: the pick must have at least this output SQNR
+    verify: str = "needed"  # --verify: needed (rows whose estimate could fit the budget) or all (rank.VERIFY_MODES)
 
 
 def explain(row: dict[str, Any], analytic_notes: list[str], source_kind: str, reference: dict[str, Any],

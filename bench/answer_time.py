@@ -1,0 +1,94 @@
+"""How long a user waits: time to the analytic table, to the verified pick (--verify needed, the default), and
+for --verify all (every row verified, the behaviour before issue 16), with the planner process's own peak.
+
+    .venv/bin/python bench/answer_time.py                 # GPT-2 small and ComplexNet, needed then all
+    .venv/bin/python bench/answer_time.py --needed-only   # skip the --verify all runs (ComplexNet's takes ~45 min)
+
+Each plan runs in its own process (bench/answer_child.py: the planner in-process, so RUSAGE_SELF is the planner
+without its verification workers). Writes results/bench/answer-time.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CASES = [
+    # name, model, budget; the default recipes and every installed runtime, as the README runs them
+    ("GPT-2 small", "examples/public_models.py:gpt2_small", "512MB"),
+    ("ComplexNet", "zoo:complexnet", "512MB"),
+]
+
+
+def run_case(model: str, budget: str, verify: str, folder: Path) -> dict:
+    result = folder / f"{verify}.json"
+    out = folder / f"out-{verify}"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "answer_child.py"), str(result), "plan", model,
+                    "--budget", budget, "--verify", verify, "--out", str(out)], cwd=ROOT, check=False)
+    measured = json.loads(result.read_text())
+    plan = json.loads((out / "plan.json").read_text()) if (out / "plan.json").exists() else {"rows": []}
+    measured["pick"] = f"{plan.get('pick')} on {plan.get('pick_backend')}" if plan.get("pick") else "nothing fits"
+    measured["verified_rows"] = sum(row["status"] == "verified" for row in plan["rows"])
+    measured["rows"] = len(plan["rows"])
+    measured["plan"] = plan
+    return measured
+
+
+def same_answer(needed: dict, everything: dict) -> str:
+    """Whether --verify needed picked what --verify all picked, and its rows' verified figures agree (disk exactly;
+    runtime within the noise of identical processes)."""
+    if needed["pick"] != everything["pick"]:
+        return f"no: {needed['pick']} vs {everything['pick']}"
+    rows = {(r["recipe"], r["backend"]): r for r in everything["plan"]["rows"]}
+    worst = 0.0
+    for row in needed["plan"]["rows"]:
+        other = rows.get((row["recipe"], row["backend"]))
+        if row["status"] == "verified" and other and other["status"] == "verified" and other["verified_runtime_bytes"]:
+            worst = max(worst, abs(row["verified_runtime_bytes"] / other["verified_runtime_bytes"] - 1))
+    return f"yes (verified runtime of shared rows within {worst:.1%})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--needed-only", action="store_true")
+    parser.add_argument("--case", action="append", help="run only these cases (by name)")
+    parser.add_argument("--keep", type=Path, help="copy each plan's --out folder here (CASE-MODE/)")
+    args = parser.parse_args()
+    lines = [f"# Time to an answer ({datetime.now(UTC):%Y-%m-%d}, {platform.node()}, "
+             f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores)", "",
+             "| model | --verify | analytic table | answer | rows verified | pick | planner peak | same pick as all |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    with tempfile.TemporaryDirectory(prefix="answer-time-") as scratch:
+        for name, model, budget in CASES:
+            if args.case and name not in args.case:
+                continue
+            folder = Path(scratch) / name.replace(" ", "_")
+            folder.mkdir()
+            modes = ("needed",) if args.needed_only else ("needed", "all")
+            results = {mode: run_case(model, budget, mode, folder) for mode in modes}
+            if args.keep:
+                for mode in modes:
+                    shutil.copytree(folder / f"out-{mode}", args.keep / f"{folder.name}-{mode}", dirs_exist_ok=True)
+            for mode, measured in results.items():
+                agree = same_answer(results["needed"], measured) if mode == "all" else "-"
+                lines.append(f"| {name} at {budget} | {mode} | {measured.get('analytic_table_s', float('nan')):.1f} s "
+                             f"| {measured['seconds']:.0f} s | {measured['verified_rows']} of {measured['rows']} "
+                             f"| {measured['pick']} | {measured['self_maxrss_bytes'] / 1e9:.2f} GB | {agree} |")
+                print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    target = ROOT / "results" / "bench" / "answer-time.md"
+    if not args.case:
+        target.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
