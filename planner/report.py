@@ -204,6 +204,7 @@ def print_estimates(rows: list[dict[str, Any]], verifying: list[bool], title: st
     if supported:
         frame = plan_frame([row for row, _ in supported])
         shown = display_frame(frame)[["#", "recipe", "backend", "fits", "disk (analytic)", "runtime (analytic)"]]
+        shown["#"] = range(1, len(shown) + 1)  # the analytic rank among the rows that can run
         shown = shown.assign(**{"device (analytic)": terms_frame(frame)["device total"].values,
                                 "verify": ["yes" if chosen else "-" for _, chosen in supported]})
         table = _rich_table(shown, title, ("recipe", "backend", "fits", "verify"))

@@ -32,6 +32,13 @@ def test_could_fit_allows_the_margin_and_rules_out_beyond_it() -> None:
     assert rank.could_fit({"status": "estimated", "analytic_disk_bytes": None}, 1_000_000, "disk")  # unknown: verify
     note = rank.ruled_out_note(dict(row, analytic_disk_bytes=2_000_000), 1_000_000, "disk")
     assert "exceeds the budget by 100%" in note and "--verify all" in note
+    # a runtime whose memory is not modelled (ONNX Runtime) holds at least its file, plus its framework on device
+    unmodelled = {"status": "estimated", "analytic_disk_bytes": 300_000_000, "analytic_runtime_bytes": None,
+                  "device_framework_bytes": 60_000_000}
+    assert not rank.could_fit(unmodelled, 200_000_000, "device")
+    assert rank.could_fit(unmodelled, 300_000_000, "device")
+    assert "at least its analytic file size, 360.0 MB on device" in rank.ruled_out_note(unmodelled, 200_000_000,
+                                                                                         "device")
 
 
 @pytest.fixture(scope="module")
