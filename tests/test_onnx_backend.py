@@ -91,9 +91,33 @@ def _sqnr(artifacts: Artifacts, model: str, recipe: str) -> float:
 def test_fp32_export_runs_in_onnxruntime_and_matches_torch(artifacts: Artifacts, model: str) -> None:
     path, _ = artifacts.get(model, RECIPES["fp32"])
     graph = onnx.load(str(path)).graph
-    assert [value.name for value in graph.output] == ["output_0"]
+    assert [value.name for value in graph.output] == ["output"]  # one tensor out
+    assert [value.name for value in graph.input] == [{"tinylm": "ids"}.get(model, "x")]  # forward()'s argument
     assert all(not node.metadata_props for node in graph.node)  # no stack traces with local paths
     assert _sqnr(artifacts, model, "fp32") > 80
+
+
+@pytest.mark.parametrize(("model", "recipe"), [("tinylm", "fp32"), ("tinylm", "int8-dynamic"),
+                                               ("tinylm", "int4-g128"), ("convnet", "fp16")])
+def test_exports_take_any_batch_and_sequence(artifacts: Artifacts, model: str, recipe: str) -> None:
+    """Exports have a dynamic batch axis, and a dynamic sequence axis on token ids, named so; a batch of three
+    of a shorter sequence runs and matches torch."""
+    path, _ = artifacts.get(model, RECIPES[recipe])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (declared,) = session.get_inputs()
+    tokens = model == "tinylm"
+    assert declared.shape[:2] == (["batch", "sequence"] if tokens else ["batch", 3])
+    example = artifacts.inputs(model)[0]
+    other = torch.cat([example[:, :100] if tokens else example] * 3)
+    (logits,) = session.run(None, {declared.name: other.numpy()})
+    with torch.no_grad():
+        expected = _build(model)(other)
+    assert logits.shape == tuple(expected.shape)
+    ceiling = {"fp32": 1e-4, "fp16": 5e-2}.get(recipe)
+    if ceiling is not None:
+        assert float((torch.from_numpy(logits).float() - expected).abs().max()) < ceiling
+    else:  # quantized: close to torch, as the recipe's SQNR says
+        assert compare_outputs([expected], [torch.from_numpy(logits).float()])["sqnr_db"] > 10
 
 
 @pytest.mark.parametrize("model", ZOO_MODELS)

@@ -144,28 +144,36 @@ def _quiet_export() -> Iterator[None]:
 
 
 def export_fp32(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path) -> list[str]:
-    """Export the model as it is (float32) with the dynamo exporter.
+    """Export the model as it is (float32) with the dynamo exporter, with a dynamic batch axis (and a dynamic
+    sequence axis on integer inputs such as token ids) where the model allows it.
 
-    Inputs are named input_0.., outputs output_0.. in torch.export's pytree order, which is the order
-    planner.measure.library.floating_tensors walks a tensor/tuple/list/dict output in; the verifier keeps only the
-    floating outputs, so integer outputs in between do not shift the comparison. Weights above
+    Inputs keep the names of the model's forward arguments (`input_ids`, `x`); outputs are named after the
+    model's output structure (`logits`, or output / output_0.. for plain tensors) in torch.export's pytree order,
+    the order planner.measure.library.floating_tensors walks a tensor/tuple/list/dict output in; the verifier
+    feeds and compares by position and keeps only the floating outputs. Weights above
     EXTERNAL_DATA_THRESHOLD_BYTES go to one external file PATH.data; otherwise everything is in PATH.
     A transformers model is exported with its KV cache off (torch.export cannot return a DynamicCache); the
-    returned note says so.
+    returned note says so. A model that does not export with dynamic axes is exported with the example's fixed
+    shapes, and the note says why.
     """
     path = Path(path)
     external = needs_external_data(parameter_bytes(model))
     _remove_artifact(path)
+    notes: list[str] = []
     with _quiet_export(), torch.no_grad(), kv_cache_off(model) as had_cache:
         try:
-            program = torch.onnx.export(model, tuple(inputs), dynamo=True, external_data=external,
-                                        input_names=[f"input_{i}" for i in range(len(inputs))], optimize=True,
-                                        verbose=False, report=False)
-        except Exception as error:
-            raise RuntimeError(f"torch.onnx.export failed: {export_failure_cause(error)}") from error
+            program = _export_dynamic(model, inputs)
+        except Exception as error:  # a model whose shapes are fixed (or that breaks on batch 2): as it was traced
+            notes.append(f"exported with the example's fixed shapes: dynamic axes failed "
+                         f"({export_failure_cause(error)[:160]})")
+            try:
+                program = torch.onnx.export(model, tuple(inputs), dynamo=True, external_data=external,
+                                            optimize=True, verbose=False, report=False)
+            except Exception as error:
+                raise RuntimeError(f"torch.onnx.export failed: {export_failure_cause(error)}") from error
         assert program is not None
-        for index, value in enumerate(program.model.graph.outputs):
-            value.name = f"output_{index}"
+        for value, name in zip(program.model.graph.outputs, output_names(program), strict=True):
+            value.name = name
         # Each node carries the exporter's debug metadata (stack trace with absolute source paths, FX node text):
         # up to 1 kB a node, private to this machine, and no part of the model.
         for node in program.model.graph.all_nodes():
@@ -173,8 +181,86 @@ def export_fp32(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path) 
         unfold_splat_constants(program.model, _stored_names(model))
         # ONNXProgram.save switches to external data by itself only above 2 GB; decide here, with margin.
         program.save(str(path), external_data=external)
-    return ["exported with use_cache=False: the graph returns the model's outputs without the KV cache, as one "
-            "full-sequence forward (prefill) computes them"] if had_cache else []
+    if had_cache:
+        notes.append("exported with use_cache=False: the graph returns the model's outputs without the KV cache, as "
+                     "one full-sequence forward (prefill) computes them")
+    return notes
+
+
+def dynamic_axes(inputs: tuple[torch.Tensor, ...]) -> list[dict[int, str]]:
+    """The axes exported as dynamic, by input: the batch (axis 0), and the sequence (axis 1) of integer inputs of
+    two or more dimensions (token ids, attention masks)."""
+    axes = []
+    for tensor in inputs:
+        named = {0: "batch"} if tensor.dim() >= 1 else {}
+        if tensor.dim() >= 2 and not tensor.is_floating_point() and not tensor.is_complex():
+            named[1] = "sequence"
+        axes.append(named)
+    return axes
+
+
+def _export_dynamic(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
+    """torch.onnx.export with Dim.AUTO on dynamic_axes(), traced on a batch of two: torch.export specializes a
+    size-1 axis to 1 inside the graph while leaving the input symbolic, which breaks at batch 2 (measured on
+    GPT-2 in ONNX Runtime). The symbolic dimensions are renamed batch / sequence in every value of the graph."""
+    from torch.export import Dim
+
+    axes = dynamic_axes(inputs)
+    doubled = tuple(torch.cat([tensor, tensor]) if named else tensor for tensor, named in zip(inputs, axes,
+                                                                                               strict=True))
+    shapes = tuple({axis: Dim.AUTO for axis in named} for named in axes)
+    program = torch.onnx.export(model, doubled, dynamo=True, dynamic_shapes=shapes, external_data=False,
+                                optimize=True, verbose=False, report=False)
+    assert program is not None
+    graph = program.model.graph
+    renames: dict[str, str] = {}
+    for value, named in zip(graph.inputs, axes, strict=True):
+        dims = value.shape.dims if value.shape is not None else ()
+        if 0 in named and (not dims or isinstance(dims[0], int)):
+            # the model fixed the batch: this graph would take only the doubled example
+            raise RuntimeError("the model fixes its batch size")
+        for axis, name in named.items():
+            if axis < len(dims) and not isinstance(dims[axis], int) and dims[axis].value is not None:
+                renames.setdefault(str(dims[axis].value), name)
+    _rename_dims(graph, renames)
+    return program
+
+
+def _rename_dims(graph: Any, renames: dict[str, str]) -> None:
+    """Give the exporter's symbols (s72) the axis names (batch) in every value that carries them."""
+    import onnx_ir as ir
+
+    values = [*graph.inputs, *graph.outputs, *(out for node in graph.all_nodes() for out in node.outputs)]
+    for value in values:
+        if value.shape is None:
+            continue
+        dims = [ir.SymbolicDim(renames[str(d.value)]) if not isinstance(d, int) and d.value is not None
+                and str(d.value) in renames else d for d in value.shape.dims]
+        value.shape = ir.Shape(dims)
+
+
+def output_names(program: Any) -> list[str]:
+    """Names for the graph's outputs from the model's output structure: `logits` for a transformers output,
+    `output` for one tensor, `output_0`.. for a tuple; exporter names where the structure is not known."""
+    from torch.utils import _pytree as pytree
+
+    count = len(program.model.graph.outputs)
+    try:
+        spec = program.exported_program.call_spec.out_spec
+        tree = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+        paths = [path for path, _ in pytree.tree_flatten_with_path(tree)[0]]
+    except Exception:  # an ONNXProgram without its ExportedProgram: the names stay as exported
+        return [value.name for value in program.model.graph.outputs]
+    if len(paths) != count:
+        return [f"output_{index}" for index in range(count)]
+    names = []
+    for path in paths:
+        parts = [str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path]
+        name = ".".join(parts)
+        names.append("output" if not name else f"output_{name}" if name[0].isdigit() else name)
+    if len(set(names)) != len(names):
+        return [f"output_{index}" for index in range(count)]
+    return names
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
