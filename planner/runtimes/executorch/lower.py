@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from planner.core.safe_io import path_inside
 from planner.recipes.recipe import Recipe, layer_decision
@@ -192,6 +194,26 @@ def lower_to_pte(model: nn.Module, inputs: tuple[torch.Tensor, ...], target: Pat
             "had_cache": had_cache}
 
 
+def layer_norms_in_float32(model: nn.Module) -> int:
+    """Make every LayerNorm compute in float32 from its stored (float16) weights; returns how many.
+
+    ExecuTorch's portable layer_norm accumulates a float16 input in float16, and XNNPACK has no layer norm to take
+    it: on 768 features (GPT-2, BERT) its output measured -18.6 dB SQNR against eager float16 (84 dB on 64), and a
+    whole GPT-2 -0.3 dB. Deployments keep norms in float32; the .pte stores the same float16 weights."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.forward = types.MethodType(_float32_layer_norm, module)
+            count += 1
+    return count
+
+
+def _float32_layer_norm(self: nn.LayerNorm, hidden: torch.Tensor) -> torch.Tensor:
+    weight = None if self.weight is None else self.weight.float()
+    bias = None if self.bias is None else self.bias.float()
+    return F.layer_norm(hidden.float(), self.normalized_shape, weight, bias, self.eps).to(hidden.dtype)
+
+
 def build_pte(model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe, workdir: Path
               ) -> tuple[Path, dict[str, Any], list[str]]:
     """Apply the recipe as ExecuTorch realizes it to the float32 module (in place), lower it, write RECIPE.pte."""
@@ -211,6 +233,9 @@ def build_pte(model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe
               .replace("stored sparse where smaller (the file shrinks), loaded dense (memory does not)",
                        "stored densely in the .pte: the file does not shrink") for note in applied]
     model.eval()
+    if recipe.torch_dtype == torch.float16 and (norms := layer_norms_in_float32(model)):
+        notes.append(f"{norms} LayerNorm(s) computed in float32 from their float16 weights: ExecuTorch's float16 "
+                     "layer_norm accumulates in float16 (-18.6 dB on 768 features)")
     inputs = tuple(t.to(recipe.torch_dtype) if t.is_floating_point() else t for t in inputs)
     lowered = lower_to_pte(model, inputs, target)
     if lowered["had_cache"]:
