@@ -434,6 +434,7 @@ def chart_png(result: Any) -> bytes:
     figure, axes = plt.subplots(figsize=(8, 5))
     finite = [r["sqnr_db"] for r in result.rows if r.get("sqnr_db") not in (None,) and math.isfinite(r["sqnr_db"])]
     ceiling = (max(finite) + 10) if finite else 100.0
+    several_backends = len({row.get("backend") for row in result.rows}) > 1  # one recipe, a point per runtime
     for row in result.rows:
         size = measured_size(row, result.budget_on)
         if size is None:
@@ -444,7 +445,8 @@ def chart_png(result: Any) -> bytes:
             continue
         axes.scatter(size / 1e6, quality, color="tab:green" if row.get("fits") else "tab:red",
                      marker="s" if "mixed_front" in row else "o")
-        axes.annotate(row["recipe"], (size / 1e6, quality), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        label = f"{row['recipe']} ({row['backend']})" if several_backends else row["recipe"]
+        axes.annotate(label, (size / 1e6, quality), textcoords="offset points", xytext=(4, 4), fontsize=8)
     _draw_mixed(axes, result.rows, result.budget_on, ceiling)
     axes.axvline(result.budget_bytes / 1e6, color="black", linestyle="--", label="budget")
     axes.set_xscale("log")
