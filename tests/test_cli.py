@@ -173,6 +173,8 @@ def test_nothing_fits_exits_1_and_names_the_closest(tmp_path: Path) -> None:
         (["plan", "zoo:simplenett", "--budget", "5MB"], "simplenet"),
         (["plan", "zoo:simplenet"], "--budget"),
         (["plan", "zoo:simplenet", "--budget", "5MB", "--analytic-only", "--export", "x"], "--export"),
+        (["plan", "zoo:simplenet", "--budget", "5MB", "--verify", "some"], "--verify 'some': use needed or all"),
+        (["plan", "zoo:simplenet", "--budget", "5MB", "--verify", "all", "--analytic-only"], "verifies nothing"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args: list[str], expected: str) -> None:
