@@ -22,6 +22,7 @@ from planner.core.safe_io import check_regular_file
 if TYPE_CHECKING:
     from planner.plan.pipeline import PlanResult
     from planner.recipes.recipe import Recipe
+    from planner.runtimes.rows import PlanOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Which compression recipe fits your device? Measured, not guessed.")
@@ -97,8 +98,10 @@ def plan(
     if min_sqnr is not None and not math.isfinite(min_sqnr):
         raise PlannerError(f"--min-sqnr {min_sqnr}: give a number of dB, e.g. 20")
     backends = parse_backends(backend)
-    if verify not in ("needed", "all"):
-        raise PlannerError(f"--verify {verify!r}: use needed or all")
+    from planner.core.rank import VERIFY_MODES
+
+    if verify not in VERIFY_MODES:
+        raise PlannerError(f"--verify {verify!r}: use {' or '.join(VERIFY_MODES)}")
     if analytic_only and verify == "all":
         raise PlannerError("--analytic-only verifies nothing: drop --verify all, or --analytic-only")
     if analytic_only:
@@ -209,7 +212,7 @@ def _plan_locked(model: str, chosen: list[Recipe], backends: tuple[str, ...], mi
         raise NothingFits()
 
 
-def _print_estimates(rows: list[dict[str, Any]], options: Any, model: str) -> None:
+def _print_estimates(rows: list[dict[str, Any]], options: PlanOptions, model: str) -> None:
     """The analytic table, before verification starts (an --analytic-only plan prints its table at the end)."""
     if options.analytic_only:
         return

@@ -209,8 +209,8 @@ def _export_dynamic(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
     doubled = tuple(torch.cat([tensor, tensor]) if named else tensor for tensor, named in zip(inputs, axes,
                                                                                                strict=True))
     shapes = tuple({axis: Dim.AUTO for axis in named} for named in axes)
-    program = torch.onnx.export(model, doubled, dynamo=True, dynamic_shapes=shapes, external_data=False,
-                                optimize=True, verbose=False, report=False)
+    program = torch.onnx.export(model, doubled, dynamo=True, dynamic_shapes=shapes, optimize=True, verbose=False,
+                                report=False)
     assert program is not None
     graph = program.model.graph
     renames: dict[str, str] = {}
