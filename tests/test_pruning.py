@@ -219,6 +219,26 @@ def test_a_params_target_is_solved_to_a_channel_ratio() -> None:
     assert 1 - _params(pruned) / _params(meta_model) == pytest.approx(0.5, abs=0.02)
 
 
+def test_a_second_recipe_with_the_same_target_starts_from_its_ratio(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Widths rounded to 16 on 32-wide layers move the share in big steps: the target cannot be met exactly.
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+    inputs = (torch.randn(2, 64),)
+    pruned_at: list[float] = []
+    prune = pruning.prune_channels
+    monkeypatch.setattr(pruning, "prune_channels", lambda *args, **kwargs: (
+        pruned_at.append(args[2].channels), prune(*args, **kwargs))[1])
+    plain, note = pruning.resolve_recipe(model, inputs, Recipe("s50", params=0.5))
+    assert note == "" and pruned_at[0] == pruning.PROBE_RATIO and pruned_at[-1] == plain.channels
+    pruned_at.clear()
+    rounded, note = pruning.resolve_recipe(model, inputs, Recipe("s50-int4", params=0.5, quantize="int4-weight-only",
+                                                                 dtype="bfloat16"))
+    assert pruned_at[0] == plain.channels and len(pruned_at) <= 2  # no fresh probe
+    assert rounded.channels in pruned_at  # the footprint reuses a pruning already made
+    share = 1 - _params(pruning.pruned_meta_model(model, inputs, rounded)[0]) / _params(model)
+    assert abs(share - 0.5) > pruning.SOLVE_TOLERANCE and f"removes {share:.0%}" in note and "multiples of 16" in note
+
+
 def test_an_unreachable_target_says_how_far_it_can_go() -> None:
     _, meta_model, inputs = _case("bert_tiny")  # the embedding (3.9M of 4.4M) feeds the output: it stays
     resolved, note = pruning.resolve_recipe(meta_model, inputs, Recipe("s50", params=0.5))

@@ -270,6 +270,10 @@ def parameter_count(model: nn.Module) -> int:
 _PRUNED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[float, int | None], Any]] = weakref.WeakKeyDictionary()
 
 
+# The channel ratio that met a `params` target on a model, per (target, materialize): see resolve_recipe.
+_SOLVED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[float, bool], float]] = weakref.WeakKeyDictionary()
+
+
 def pruned_meta_model(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe, *,
                       materialize: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """The recipe's structurally pruned model on meta, and its structure. Where the forward cannot run on meta
@@ -315,25 +319,35 @@ def resolve_recipe(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], reci
     solve prunes as few times as it can: each tensor keeps about (1 - ratio)^k of its values, k being how many
     of its dimensions are pruned (0, 1 or 2; measured from one probe pruning); the ratio that meets the target
     under that model is checked by pruning at it, and refined from there while it misses by more than
-    SOLVE_TOLERANCE."""
+    SOLVE_TOLERANCE. A target no tried ratio meets within tolerance (width rounding moves the share in steps)
+    takes the nearest tried one, with a note."""
     if not recipe.params or recipe.channels:
         return recipe, ""
     sizes = {name: param.numel() for name, param in meta_model.named_parameters()}
     total = sum(sizes.values())
-    ratio = PROBE_RATIO
-    for _ in range(SOLVE_STEPS):
+    # A ratio that met this target for another recipe (struct50 before struct50-int4-g128, which only rounds
+    # widths differently) is the first guess: one pruning confirms it, where a fresh solve takes three or four.
+    solved = _SOLVED.setdefault(meta_model, {})
+    known = solved.get((recipe.params, materialize))
+    ratio = known if known is not None else PROBE_RATIO
+    tried: dict[float, float] = {}  # ratio -> removed share, each pruning cached by pruned_meta_model
+    # From a known ratio a miss is width rounding's step (ComplexNet: 16 channels of conv2 are 12% of the
+    # parameters), which more tries rarely close: two, then the nearest.
+    for _ in range(SOLVE_STEPS if known is None else 2):
         try:
             pruned, _ = pruned_meta_model(meta_model, inputs, dataclasses.replace(recipe, channels=ratio),
                                           materialize=materialize)
         except UnsupportedRecipe:  # pruning_footprint meets the same (cached) reason and marks the row unsupported
             return dataclasses.replace(recipe, channels=ratio), ""
         kept = {name: param.numel() for name, param in pruned.named_parameters()}
-        if ratio != PROBE_RATIO and abs(1 - sum(kept.values()) / total - recipe.params) <= SOLVE_TOLERANCE:
-            break
+        tried[ratio] = 1 - sum(kept.values()) / total
+        if abs(tried[ratio] - recipe.params) <= SOLVE_TOLERANCE:
+            solved[(recipe.params, materialize)] = ratio
+            return dataclasses.replace(recipe, channels=ratio), ""
         exponents = {name: math.log(kept[name] / size) / math.log(1 - ratio) if 0 < kept[name] < size else
                      (0.0 if kept[name] == size else 2.0) for name, size in sizes.items() if name in kept}
-        ratio = solve_ratio(sizes, exponents, recipe.params)
-        if ratio is None:
+        next_ratio = solve_ratio(sizes, exponents, recipe.params)
+        if next_ratio is None:
             most = dataclasses.replace(recipe, channels=MAX_CHANNEL_RATIO)
             try:
                 share = 1 - parameter_count(pruned_meta_model(meta_model, inputs, most, materialize=materialize)[0]
@@ -342,7 +356,16 @@ def resolve_recipe(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], reci
                 return most, ""
             return most, (f"at most {share:.0%} of the parameters can go while the outputs keep their shape "
                           f"(asked {recipe.params:.0%}): {MAX_CHANNEL_RATIO:.0%} of channels removed")
-    return dataclasses.replace(recipe, channels=ratio), ""
+        if next_ratio in tried:  # the model points back at a tried ratio: widths move in steps (rounding)
+            break
+        ratio = next_ratio
+    # Not met within SOLVE_TOLERANCE (widths rounded to a multiple move the share in steps): the nearest share
+    # pruned so far, whose pruning is cached for the footprint, and a note saying how far it is.
+    ratio = min(tried, key=lambda tried_ratio: abs(tried[tried_ratio] - recipe.params))
+    rounding = f"; widths are rounded to multiples of {_round_to(recipe)}" if _round_to(recipe) else ""
+    return dataclasses.replace(recipe, channels=ratio), (
+        f"removes {tried[ratio]:.0%} of the parameters, the nearest of {len(tried)} tries to the asked "
+        f"{recipe.params:.0%}{rounding}")
 
 
 def removed_share(sizes: dict[str, int], exponents: dict[str, float], ratio: float) -> float:
