@@ -79,3 +79,24 @@ def test_refusals_are_one_line(folders: dict[str, Path], capsys: pytest.CaptureF
         assert err.startswith("error:") and "\n" not in err
     with pytest.raises(PlannerError, match="drop --weights"):
         resolve_source(str(folders["bert"]), weights=str(folders["bert"] / "model.safetensors"))
+
+
+def test_a_config_alone_is_enough_for_an_analytic_only_plan(folders: dict[str, Path], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A published shape whose weights are not here: config.json alone plans --analytic-only (and inspects), and
+    the figures are those of the folder with its weights; a plan that would verify still asks for the weights."""
+    shape_only = folders["root"] / "shape-only"
+    shape_only.mkdir()
+    (shape_only / "config.json").write_text((folders["qwen"] / "config.json").read_text())
+    with pytest.raises(PlannerError, match="no model.safetensors"):
+        resolve_source(str(shape_only))
+    figures = {}
+    for name, folder in (("shape", shape_only), ("full", folders["qwen"])):
+        out = tmp_path / name
+        assert main(["plan", str(folder), "--budget", "50MB", "--budget-on", "runtime", "--analytic-only",
+                     "--recipes", "fp32,int4-g128", "--out", str(out)]) == 0
+        figures[name] = [(row["recipe"], row["analytic_disk_bytes"], row["analytic_runtime_bytes"])
+                         for row in json.loads((out / "plan.json").read_text())["rows"]]
+    assert figures["shape"] == figures["full"] and all(disk and runtime for _, disk, runtime in figures["shape"])
+    assert main(["inspect", str(shape_only)]) == 0
+    capsys.readouterr()

@@ -166,7 +166,7 @@ def _plan_locked(model: str, chosen: list[Recipe], backends: tuple[str, ...], mi
 
     report_stage("loading the model")  # the model's code (a factory) runs from here on
     source = resolve_source(model, weights=weights, trust_code=trust_code, input_shape=input_shape,
-                            input_dtype=input_dtype, batch_size=batch_size)
+                            input_dtype=input_dtype, batch_size=batch_size, weightless=analytic_only)
     if calibration is not None:  # checked before any work, against the model's example input
         from planner.analysis.sensitivity import load_calibration
 
@@ -372,7 +372,7 @@ def inspect(
     batches = _batch_sizes(batch_size)
     report_stage("loading the model")
     source = resolve_source(model, weights=weights, trust_code=trust_code or trust_pickle, input_shape=input_shape,
-                            input_dtype=input_dtype)
+                            input_dtype=input_dtype, weightless=True)
     report_stage("describing the model (weightless)")
     meta_model = source.build("meta")
     inspections = []

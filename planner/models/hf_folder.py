@@ -67,12 +67,16 @@ def read_config(folder: Path, display: str) -> dict[str, Any]:
     return config
 
 
-def check_folder(folder: Path, display: str, trust_code: bool) -> dict[str, Any]:
-    """The config, after checking the folder holds safetensors weights and names no code it may not run."""
+def check_folder(folder: Path, display: str, trust_code: bool, weightless: bool = False) -> dict[str, Any]:
+    """The config, after checking the folder holds safetensors weights and names no code it may not run.
+    weightless (an analytic-only plan, inspect): config.json alone is enough, as for a published shape whose
+    weights are not here."""
     config = read_config(folder, display)
     if config.get("auto_map") and not trust_code:
         raise PlannerError(f"{display}: {CONFIG} names its own modelling code (auto_map), which would run here; "
                            "re-run with --trust-code if you trust it")
+    if weightless and not any((folder / name).is_file() for name in PICKLED):
+        return config
     if not any((folder / name).is_file() for name in SAFETENSORS):
         pickled = [name for name in PICKLED if (folder / name).is_file()]
         if pickled:

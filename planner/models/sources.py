@@ -1018,8 +1018,10 @@ def _validate_weights(source: ModelSource) -> None:
 
 def resolve_source(spec: str, *, weights: str | None = None, trust_code: bool = False,
                    input_shape: str | None = None, input_dtype: str | None = None,
-                   batch_size: int | None = None) -> ModelSource:
+                   batch_size: int | None = None, weightless: bool = False) -> ModelSource:
     """Parse and validate everything the user gave; raise a one-line PlannerError for anything wrong.
+    weightless: the command never loads weights (--analytic-only, inspect), so a Hugging Face folder may hold
+    config.json alone.
 
     Factories are imported and called here (under torch.device("meta"), so no weight memory): that runs the
     user's own code, which naming the factory asked for. Model files are checked by content; pickles are
@@ -1039,7 +1041,7 @@ def resolve_source(spec: str, *, weights: str | None = None, trust_code: bool = 
         if weights is not None:
             raise _fail(f"{spec} is a Hugging Face folder and holds its own weights; drop --weights")
         folder = hf_folder.resolve_folder(spec)
-        hf_folder.check_folder(folder, spec, trust_code)
+        hf_folder.check_folder(folder, spec, trust_code, weightless)
         source = ModelSource(spec=spec, kind="hf", path=str(folder), **options)
         source.build("meta")  # a config transformers cannot build fails now, before any work
     elif (factory := split_function_spec(spec)) is not None and not _is_file(spec):
