@@ -44,3 +44,22 @@ def test_unwritable_cache_still_gives_the_figure(tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("PLANNER_CACHE_DIR", str(blocker / "cache"))  # a directory under a file cannot exist
     monkeypatch.setattr(baseline, "_measure", lambda backend: {"rss_bytes": 7, "first_use_bytes": 1})
     assert baseline.framework_baseline("torch") == 7
+
+
+def test_one_outlying_process_does_not_become_the_cached_figure(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Right after an install one process measured torch's first use at 20.2 MB, later ones 5.5 MB: the cached
+    figure is the median of MEASURE_SAMPLES fresh processes."""
+    from planner.measure import isolation
+
+    monkeypatch.setenv("PLANNER_CACHE_DIR", str(tmp_path / "cache"))
+    first_uses = iter([20_200_000, 5_500_000, 5_600_000])
+
+    def fake_process(argv: list[str], **kwargs: object) -> isolation.Outcome:
+        Path(argv[-2]).write_text(json.dumps({"rss_bytes": 380_000_000, "first_use_bytes": next(first_uses)}))
+        return isolation.Outcome(returncode=0, stderr="", failure=None, peak_rss_bytes=0)
+
+    monkeypatch.setattr(isolation, "run_isolated", fake_process)
+    assert baseline.MEASURE_SAMPLES == 3
+    assert baseline.first_use_bytes("torch") == 5_600_000
+    assert baseline.framework_baseline("torch") == 380_000_000

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 from collections.abc import Callable
@@ -43,7 +44,12 @@ PREPARED = {"executorch": "planner.runtimes.executorch.lower"}
 MEASURED_KEYS = ("rss_bytes", "first_use_bytes")
 BACKEND_LIBRARIES = {"torch": ("torch", "torchao"), "onnxruntime": ("onnxruntime", "onnx", "numpy"),
                      "executorch": ("executorch", "torch")}
-CACHE_FILE = "framework-baseline-v2.json"  # v2: an import-only baseline and the first-use cost
+CACHE_FILE = "framework-baseline-v3.json"  # v3: the median of MEASURE_SAMPLES processes (v2 kept one)
+# One process's first-use cost is not reliable: right after an install torch's measured 20.2 MB where later
+# processes on the same machine measured 5.5 MB (the kernel maps library pages around each fault differently),
+# and the cached outlier put every small model's analytic runtime 15 MB over its verified one. The median of
+# three fresh processes (once per machine and versions) drops such an outlier.
+MEASURE_SAMPLES = 3
 MEASURE_TIMEOUT_S = 300.0
 
 
@@ -116,13 +122,16 @@ def _measure(backend: str) -> dict[str, int] | None:
                                     timeout_s=MEASURE_TIMEOUT_S, memory_cap_bytes=None, env=dict(os.environ))
             if prepared.returncode != 0:
                 return None
-        # glibc's default settings, as in a verification worker and a user's process.
-        outcome = run_isolated([sys.executable, "-P", "-m", "planner.runtimes.baseline", backend, str(result),
-                                folder], timeout_s=MEASURE_TIMEOUT_S, memory_cap_bytes=None, env=dict(os.environ))
-        if outcome.returncode != 0 or not result.exists():
-            return None
-        data = json.loads(result.read_text())
-        return {name: int(data[name]) for name in MEASURED_KEYS}
+        samples = []
+        for _ in range(MEASURE_SAMPLES):
+            # glibc's default settings, as in a verification worker and a user's process.
+            result.unlink(missing_ok=True)
+            outcome = run_isolated([sys.executable, "-P", "-m", "planner.runtimes.baseline", backend, str(result),
+                                    folder], timeout_s=MEASURE_TIMEOUT_S, memory_cap_bytes=None, env=dict(os.environ))
+            if outcome.returncode != 0 or not result.exists():
+                return None
+            samples.append(json.loads(result.read_text()))
+        return {name: int(statistics.median(int(sample[name]) for sample in samples)) for name in MEASURED_KEYS}
 
 
 def measure_here(backend: str, folder: Path) -> dict[str, int]:
