@@ -525,8 +525,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, after_layer: Callable[[nn.
     _cast_by_layer(model, recipe.torch_dtype, after_layer)
     scheme = recipe.scheme
     if recipe.quantizes and linearize_conv1d(model, recipe):
-        notes.append("transformers Conv1D layers became nn.Linear (weight transposed) so torchao quantizes them; "
-                     "load the artifact with planner.artifact.load_artifact")
+        notes.append("transformers Conv1D layers became nn.Linear (weight transposed) so torchao quantizes them")
     if recipe.layer_overrides:
         quantize_per_layer(model, recipe, after_layer=after_layer)
     elif scheme is not None:

@@ -143,7 +143,9 @@ class Runtime(ABC):
         """The files an export of the artifact copies, the model file first."""
         return [artifact]
 
-    def how_to_load(self, file: str, suffix: str, tensor_modules: tuple[str, ...] = ()) -> str:
+    def how_to_load(self, file: str, suffix: str, tensor_modules: tuple[str, ...] = (),
+                    restructured: bool = False) -> str:
         """One line for the export manifest: how to load the exported file (`tensor_modules`: what a fresh
-        process must import first, from Recipe.tensor_modules)."""
+        process must import first, from Recipe.tensor_modules; `restructured`: the recipe replaced layers, so the
+        weights no longer fit the user's own architecture)."""
         return f"load {file} with {self.name}"

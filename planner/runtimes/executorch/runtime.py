@@ -165,6 +165,7 @@ class ExecuTorchRuntime(Runtime):
     def export_format(self, artifact: Path) -> str:
         return "executorch"
 
-    def how_to_load(self, file: str, suffix: str, tensor_modules: tuple[str, ...] = ()) -> str:
+    def how_to_load(self, file: str, suffix: str, tensor_modules: tuple[str, ...] = (),
+                    restructured: bool = False) -> str:
         return (f"from executorch.runtime import Runtime; method = Runtime.get().load_program('{file}')"
                 ".load_method('forward'); outputs = method.execute([inputs...])")

@@ -124,5 +124,6 @@ class OnnxRuntime(Runtime):
     def export_format(self, artifact: Path) -> str:
         return "onnx"
 
-    def how_to_load(self, file: str, suffix: str, tensor_modules: tuple[str, ...] = ()) -> str:
+    def how_to_load(self, file: str, suffix: str, tensor_modules: tuple[str, ...] = (),
+                    restructured: bool = False) -> str:
         return f"onnxruntime.InferenceSession('{file}') (keep any .data file beside it)"

@@ -194,9 +194,13 @@ class TorchCpu(Runtime):
     def export_format(self, artifact: Path) -> str:
         return "torchscript" if artifact.suffix == ".ts" else "state_dict"
 
-    def how_to_load(self, file: str, suffix: str, tensor_modules: tuple[str, ...] = ()) -> str:
+    def how_to_load(self, file: str, suffix: str, tensor_modules: tuple[str, ...] = (),
+                    restructured: bool = False) -> str:
         if suffix == ".ts":
             return f"torch.jit.load('{file}')"
+        if restructured:  # transformers Conv1D layers became nn.Linear: planner rebuilds that structure
+            return ("from planner.artifact import load_artifact; model = load_artifact('.')  # run in this folder; "
+                    "its Conv1D layers became nn.Linear, so the weights no longer load into the original model")
         # weights_only loading accepts torchao's tensors only once their modules are imported (the prototype int4
         # tensor lives outside `torchao`'s own import).
         imports = "".join(f"import {module}; " for module in tensor_modules)
