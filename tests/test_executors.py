@@ -3,10 +3,13 @@ that keeps latencies comparable, and --jobs 2 giving the rows and the pick of --
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import json
+import math
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -17,6 +20,7 @@ import pytest
 from planner.cli import commands
 from planner.cli.commands import main
 from planner.measure import timing_lock
+from planner.plan.jobs import RowJob
 from planner.plan.schedule import (
     BUILD_FACTOR,
     DEFAULT_FRAMEWORK_BYTES,
@@ -62,6 +66,7 @@ import os, sys, time
 from planner.cli import commands
 from planner.cli.commands import main
 from planner.measure import timing_lock
+from planner.plan.jobs import RowJob
 fd = timing_lock.hold_shared(sys.argv[1])
 open(sys.argv[2], "w").write("held")
 time.sleep(float(sys.argv[3]))
@@ -72,6 +77,7 @@ import json, os, sys, time
 from planner.cli import commands
 from planner.cli.commands import main
 from planner.measure import timing_lock
+from planner.plan.jobs import RowJob
 os.environ[timing_lock.LOCK_ENV] = sys.argv[1]
 os.environ[timing_lock.WAIT_ENV] = sys.argv[3]
 os.environ[timing_lock.FD_ENV] = str(timing_lock.hold_shared(sys.argv[1]))
@@ -186,3 +192,23 @@ def test_a_plan_on_a_local_ray_instance_matches_the_local_executor(mlp: Path, on
     _assert_same_plan(plan, exported, one_at_a_time)
     assert not (Path.home() / ".ray" / "auth_token").exists()  # token auth off: nothing written under the home
     print(f"ray plan: {seconds:.1f} s")
+
+
+def _job(workdir: Path) -> RowJob:
+    return RowJob(label="applying int8-dynamic", recipe={"name": "int8-dynamic"}, runtime="torch", runtime_state={},
+                  source={"spec": "zoo:simplenet", "kind": "zoo"}, options={"budget_bytes": 5 * MB, "timeout_s": 60.0},
+                  workdir=str(workdir), fp32_path=str(workdir / "fp32.pt"), reference={"sqnr_db": math.inf},
+                  predicted_bytes=400 * MB)
+
+
+def test_a_job_is_plain_data_that_travels(tmp_path: Path) -> None:
+    job = _job(tmp_path)
+    assert pickle.loads(pickle.dumps(job)) == job  # what Ray ships to a task
+    json.dumps(dataclasses.asdict(job))  # and nothing in it but JSON's types
+
+
+def test_a_task_that_cannot_see_the_work_directory_says_so(tmp_path: Path) -> None:
+    from planner.plan.ray_executor import WorkdirNotVisible, run_in_task
+
+    with pytest.raises(WorkdirNotVisible, match="lacks inputs.pt, reference.pt"):
+        run_in_task(_job(tmp_path / "elsewhere"), {})

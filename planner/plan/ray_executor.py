@@ -126,6 +126,7 @@ class RayExecutor(Executor):
         timeout_s = float(jobs[0].options.get("timeout_s", 900.0)) * WORKERS_PER_JOB
         outcomes: list[RowOutcome | None] = [None] * len(jobs)
         pending, running = list(range(len(jobs))), {}
+        shown: tuple[int, int] | None = None
         with jobs_running(timeout_s):
             while pending or running:
                 while pending and len(running) < limit:
@@ -134,7 +135,10 @@ class RayExecutor(Executor):
                     memory = min(jobs[index].predicted_bytes, largest) if largest else jobs[index].predicted_bytes
                     running[task.options(num_cpus=1, memory=memory, max_retries=0).remote(
                         jobs[index], thread_env)] = index
-                progress(running_words(jobs, sorted(running.values())), len(jobs) - len(pending) - len(running))
+                # On a change only: each progress call restarts the supervisor's clock for the jobs.
+                if (state := (len(pending), len(running))) != shown:
+                    progress(running_words(jobs, sorted(running.values())), len(jobs) - len(pending) - len(running))
+                    shown = state
                 ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_S)
                 for reference in ready:
                     index = running.pop(reference)
