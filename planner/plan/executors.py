@@ -19,24 +19,19 @@ import contextlib
 import os
 import queue
 import threading
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from planner.core.errors import PlannerError
 from planner.measure import timing_lock
 from planner.measure.isolation import start_forkserver
+from planner.plan.executor_base import RAY_INSTALL, TIMING_WAIT_SHARE, Executor, Progress, running_words
 from planner.plan.jobs import RowJob, RowOutcome, run_job
 from planner.plan.schedule import default_jobs, next_admissible
 
 EXECUTORS = ("local", "ray")
-RAY_INSTALL = "pip install 'planner[ray]' (ray==2.60.0)"
 POLL_S = 0.5
-# A measuring worker waits at most this share of --timeout for the machine before it times its runs anyway.
-TIMING_WAIT_SHARE = 0.5
-
-Progress = Callable[[str, int], None]  # (message, jobs done)
 
 
 @dataclass(frozen=True)
@@ -59,23 +54,6 @@ def check_executor(options: ExecutorOptions) -> None:
 
         if importlib.util.find_spec("ray") is None:
             raise PlannerError(f"--executor ray needs Ray, which is not installed here: {RAY_INSTALL}")
-
-
-class Executor(ABC):
-    @abstractmethod
-    def run(self, jobs: list[RowJob], progress: Progress) -> list[RowOutcome]:
-        """Every job's outcome, in the jobs' order."""
-
-    def close(self) -> None:
-        """Give back what the executor started (a Ray instance)."""
-        return None
-
-
-def running_words(jobs: list[RowJob], running: list[int]) -> str:
-    """The progress bar's words while several jobs run."""
-    if len(running) == 1:
-        return jobs[running[0]].label
-    return f"{len(running)} rows at once: " + "; ".join(jobs[index].label for index in running)
 
 
 class LocalExecutor(Executor):

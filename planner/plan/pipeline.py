@@ -237,7 +237,7 @@ def _verify_recipes(source: ModelSource, recipes: list[Recipe], runtimes: list[R
             message, 2 + done, total)), strict=True))
     finally:
         executor.close()
-    step = total - len(options.mixed_budgets)
+    step = 1 + len(chosen)  # the mixed rows, if any, come after every job
 
     rows: list[dict[str, Any]] = []
     for estimate in estimates:

@@ -25,7 +25,7 @@ from typing import Any
 from planner.core.errors import PlannerError
 from planner.measure import timing_lock
 from planner.measure.isolation import STAGE_FILE_ENV, jobs_running
-from planner.plan.executors import RAY_INSTALL, TIMING_WAIT_SHARE, Executor, Progress, running_words
+from planner.plan.executor_base import RAY_INSTALL, TIMING_WAIT_SHARE, Executor, Progress, running_words
 from planner.plan.jobs import RowJob, RowOutcome, missing_shared_files, run_job
 
 OBJECT_STORE_BYTES = 256 * 1024**2  # jobs pass paths and small dicts; artifacts go through the work directory
