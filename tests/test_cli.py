@@ -175,6 +175,10 @@ def test_nothing_fits_exits_1_and_names_the_closest(tmp_path: Path) -> None:
         (["plan", "zoo:simplenet", "--budget", "5MB", "--analytic-only", "--export", "x"], "--export"),
         (["plan", "zoo:simplenet", "--budget", "5MB", "--verify", "some"], "--verify 'some': use needed or all"),
         (["plan", "zoo:simplenet", "--budget", "5MB", "--verify", "all", "--analytic-only"], "verifies nothing"),
+        (["plan", "zoo:simplenet", "--budget", "5MB", "--jobs", "0"], "--jobs 0: give how many rows"),
+        (["plan", "zoo:simplenet", "--budget", "5MB", "--jobs", "two"], "--jobs"),
+        (["plan", "zoo:simplenet", "--budget", "5MB", "--executor", "spark"], "--executor 'spark': use local or ray"),
+        (["plan", "zoo:simplenet", "--budget", "5MB", "--ray-address", "10.0.0.1:6379"], "add --executor ray"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args: list[str], expected: str) -> None:

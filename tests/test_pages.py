@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from planner.core.pages import PAGE_BYTES, MappedReference, private_file_ranges, unused_pages
+from planner.core.pages import PAGE_BYTES, MappedReference, private_file_ranges, still_mapped, unused_pages
 from planner.recipes.recipe import PruneThresholds, Recipe, apply_recipe, import_tensor_types
 
 
@@ -114,3 +114,10 @@ def _copy(model: nn.Module) -> nn.Module:
     import copy
 
     return copy.deepcopy(model)
+
+
+def test_only_ranges_still_mapped_are_released() -> None:
+    """torch unmaps the reference once no tensor uses it; its addresses may then hold anything (a fresh int4 build
+    process segfaulted when the old range was madvised)."""
+    assert still_mapped([(0, 8192), (16384, 32768)], [(16384, 32768), (40960, 49152)]) == [(16384, 32768)]
+    assert still_mapped([(0, 8192)], []) == []

@@ -20,6 +20,7 @@ from planner.core.errors import NothingFits, PlannerError
 from planner.core.safe_io import check_regular_file
 
 if TYPE_CHECKING:
+    from planner.plan.executors import ExecutorOptions
     from planner.plan.pipeline import PlanResult
     from planner.recipes.recipe import Recipe
     from planner.runtimes.rows import PlanOptions
@@ -84,6 +85,14 @@ def plan(
     verify: Annotated[str, typer.Option(help="which rows to verify: needed (the default: those whose analytic "
                                              "figure could fit the budget, and the float32 reference) or all")]
     = "needed",
+    jobs: Annotated[int | None, typer.Option(help="rows verified at once, each job's predicted memory summed under "
+                                                  "--memory-cap (default: 1 below 4 cores, else half the cores, at "
+                                                  "most 4); their forwards and timed runs still run alone")] = None,
+    executor: Annotated[str, typer.Option(help="where rows are verified: local (this machine) or ray (Ray tasks on "
+                                               "the cluster of --ray-address or RAY_ADDRESS, else a private local "
+                                               "instance; pip install 'planner[ray]')")] = "local",
+    ray_address: Annotated[str | None, typer.Option(help="the Ray cluster of --executor ray, e.g. 10.0.0.1:6379 "
+                                                         "(default: RAY_ADDRESS)")] = None,
     debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
 ) -> None:
     """Enumerate recipes, estimate each, verify for real each that could fit, rank them against the budget."""
@@ -98,6 +107,10 @@ def plan(
     if min_sqnr is not None and not math.isfinite(min_sqnr):
         raise PlannerError(f"--min-sqnr {min_sqnr}: give a number of dB, e.g. 20")
     backends = parse_backends(backend)
+    from planner.plan.executors import ExecutorOptions, check_executor
+
+    executor_options = ExecutorOptions(executor, jobs, ray_address)
+    check_executor(executor_options)
     from planner.core.rank import VERIFY_MODES
 
     if verify not in VERIFY_MODES:
@@ -137,7 +150,7 @@ def plan(
                      timeout=timeout, weights=weights, trust_code=trust_code or trust_pickle, input_shape=input_shape,
                      input_dtype=input_dtype, batch_size=batch_size, calibration=calibration, export_all=export_all,
                      mixed_dtype=mixed_dtype, analytic_only=analytic_only, eval_fn=eval_fn, out=out, export=export,
-                     min_sqnr=min_sqnr, verify=verify)
+                     min_sqnr=min_sqnr, verify=verify, executor=executor_options)
 
 
 def _output_directories(out: Path | None, export: Path | None) -> list[tuple[Path, str]]:
@@ -157,7 +170,8 @@ def _plan_locked(model: str, chosen: list[Recipe], backends: tuple[str, ...], mi
                  weights: str | None, trust_code: bool, input_shape: str | None, input_dtype: str | None,
                  batch_size: int | None, calibration: Path | None, export_all: bool, mixed_dtype: str,
                  analytic_only: bool, eval_fn: str | None, out: Path | None, export: Path | None,
-                 min_sqnr: float | None = None, verify: str = "needed") -> None:
+                 min_sqnr: float | None = None, verify: str = "needed", executor: ExecutorOptions | None = None
+                 ) -> None:
     """The plan itself, run while --out and --export are locked."""
     from planner import report
     from planner.measure.isolation import report_stage
@@ -190,7 +204,7 @@ def _plan_locked(model: str, chosen: list[Recipe], backends: tuple[str, ...], mi
         task = bar.add_task("planning", total=None)
         result = run_plan(source, chosen, options, progress=lambda message, done, total: bar.update(
             task, description=message, completed=done, total=total),
-            on_estimates=lambda rows: _print_estimates(rows, options, source.spec))
+            on_estimates=lambda rows: _print_estimates(rows, options, source.spec), executor=executor)
     report_stage("writing the results")
     try:
         # Written before anything is printed: the results are on disk whatever the terminal does.

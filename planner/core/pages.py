@@ -40,6 +40,13 @@ def private_file_ranges(path: str | Path, maps_text: str | None = None) -> list[
     return ranges
 
 
+def still_mapped(ranges: list[tuple[int, int]], now: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The ranges of a file's mapping that are still mapped from that file now (a range is one mapping: torch
+    unmaps it whole)."""
+    current = set(now)
+    return [span for span in ranges if span in current]
+
+
 def unused_pages(mapped: list[tuple[int, int]], used: list[tuple[int, int]],
                  page: int = PAGE_BYTES) -> list[tuple[int, int]]:
     """The page-aligned parts of `mapped` that no `used` byte range touches (a page partly used is kept)."""
@@ -77,12 +84,17 @@ class MappedReference:
     """The mapping of one reference file in this process; `release_unused(model)` after each layer."""
 
     def __init__(self, path: str | Path) -> None:
+        self.path = path
         self.ranges = private_file_ranges(path)
         self.released_calls = 0
 
     def release_unused(self, model: nn.Module) -> None:
         if not self.ranges:
             return
+        # torch unmaps the file once no tensor uses it, and the addresses go to whatever is allocated next (a
+        # fresh build process quantizing int4 imports torch._inductor there): madvise on the old range would
+        # zero someone else's memory. Only the mappings still in place are released.
+        self.ranges = still_mapped(self.ranges, private_file_ranges(self.path))
         libc = ctypes.CDLL(None, use_errno=True)
         for start, end in unused_pages(self.ranges, model_ranges(model)):
             libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)

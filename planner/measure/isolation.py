@@ -13,6 +13,7 @@ fresh processes (see PRELOADED_WORKERS).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -21,14 +22,16 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from planner.core.safe_io import path_inside
+from planner.measure import timing_lock
 from planner.measure.workdirs import WORKDIR_PREFIX, make_workdir, remove_stale_workdirs
 
 POLL_S = 0.02
@@ -41,6 +44,11 @@ WORKER_ENV = "PLANNER_WORKER"
 PR_SET_PDEATHSIG = 1
 _libc: Any = None
 _stage = "starting"
+# Several threads may run workers at once (planner.plan.executors): the stage file is written under a lock, and
+# the planner's own clock restarts only once no worker runs.
+_stage_lock = threading.RLock()
+_running_workers = 0
+_worker_timeout_s = 0.0
 
 
 @dataclass
@@ -87,17 +95,23 @@ def _write_stage(record: dict[str, Any]) -> None:
     if not path:
         return  # not supervised (tests call planner.cli.commands.main in-process)
     temporary = f"{path}.tmp"
-    with open(temporary, "w") as handle:
-        json.dump(record, handle)
-    os.replace(temporary, path)  # the supervisor never reads half a record
+    with _stage_lock:
+        with open(temporary, "w") as handle:
+            json.dump(record, handle)
+        os.replace(temporary, path)  # the supervisor never reads half a record
 
 
 def report_stage(stage: str, clocked: bool = True) -> None:
     """The planner is now doing `stage` in its own process: the supervisor's --timeout clock restarts
-    (clocked=False: the planner's own start, before any of the model's code, is not timed)."""
+    (clocked=False: the planner's own start, before any of the model's code, is not timed). While workers
+    run (other threads' jobs), the stage's words change and the clock stays theirs."""
     global _stage
-    _stage = stage
-    _write_stage({"stage": stage, "since": time.time()} if clocked else {"stage": stage})
+    with _stage_lock:
+        _stage = stage
+        if _running_workers:
+            _write_stage({"stage": stage, "since": time.time(), "worker_timeout_s": _worker_timeout_s})
+        else:
+            _write_stage({"stage": stage, "since": time.time()} if clocked else {"stage": stage})
 
 
 def report_finished(code: int) -> None:
@@ -107,7 +121,29 @@ def report_finished(code: int) -> None:
 
 def _report_worker(timeout_s: float) -> None:
     # A worker has its own timeout: the supervisor only checks that the planner comes back after it.
-    _write_stage({"stage": _stage, "since": time.time(), "worker_timeout_s": timeout_s})
+    global _running_workers, _worker_timeout_s
+    with _stage_lock:
+        _running_workers += 1
+        _worker_timeout_s = max(_worker_timeout_s, timeout_s) if _running_workers > 1 else timeout_s
+        _write_stage({"stage": _stage, "since": time.time(), "worker_timeout_s": _worker_timeout_s})
+
+
+def _worker_finished() -> None:
+    global _running_workers
+    with _stage_lock:
+        _running_workers = max(0, _running_workers - 1)
+        report_stage(_stage)
+
+
+@contextlib.contextmanager
+def jobs_running(timeout_s: float) -> Iterator[None]:
+    """Around work that runs elsewhere under its own timeouts (a Ray task's workers): the supervisor's clock is
+    theirs, `timeout_s` from the last record, as for a worker of this process."""
+    _report_worker(timeout_s)
+    try:
+        yield
+    finally:
+        _worker_finished()
 
 
 # ---- process hygiene -------------------------------------------------------------------------------------
@@ -177,31 +213,34 @@ def run_isolated(argv: list[str], *, timeout_s: float, memory_cap_bytes: int | N
                  env: dict[str, str], scratch_dir: Path | None = None) -> Outcome:
     # An unnamed file (O_TMPFILE): nothing is left behind even if the planner is killed.
     with tempfile.TemporaryFile(mode="w+", dir=scratch_dir) as stderr:
-        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr,
-                                   env=worker_env(env, scratch_dir), preexec_fn=_start_worker_group)
+        child_env = worker_env(env, scratch_dir)
+        _report_worker(timeout_s)  # waiting for the timing lock is the worker's time, not the planner's
+        with timing_lock.shared_for_child(child_env) as inherited:
+            process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr, env=child_env,
+                                       preexec_fn=_start_worker_group, pass_fds=inherited)
 
         def stop() -> None:
             kill_group(process.pid)
             process.kill()
             process.wait()
 
-        _report_worker(timeout_s)
         try:
             failure, peak = _supervise(process.pid, process.poll, stop, timeout_s, memory_cap_bytes)
         finally:
             kill_group(process.pid)  # grandchildren the worker left running die with its row
-            report_stage(_stage)
+            _worker_finished()
         stderr.seek(0)
         return Outcome(process.returncode, stderr.read(), failure, peak)
 
 
 FORKSERVER_PRELOAD = ["planner.runtimes.torch_cpu.preload"]
-# Workers started from the fork server. Not the measuring workers (torch and ONNX Runtime verification): a forked
-# child has none of the server's library pages in its own page tables, so it faults them in again during the load and
-# the first forward and counts them as the model's. With a freshly installed venv (large page-cache folios per fault)
-# that put the verified runtime 16 MB above an independent fresh process on a 100 MB model. They start as fresh
-# processes, as a user's would.
-PRELOADED_WORKERS = frozenset({"planner.runtimes.onnxruntime.export", "planner.analysis.evalhook"})
+# Workers started from the fork server (builds and --eval). Not the measuring workers (torch and ONNX Runtime
+# verification): a forked child has none of the server's library pages in its own page tables, so it faults them
+# in again during the load and the first forward and counts them as the model's. With a freshly installed venv
+# (large page-cache folios per fault) that put the verified runtime 16 MB above an independent fresh process on a
+# 100 MB model. They start as fresh processes, as a user's would.
+PRELOADED_WORKERS = frozenset({"planner.runtimes.onnxruntime.export", "planner.runtimes.torch_cpu.build",
+                               "planner.analysis.evalhook"})
 _forkserver: Any = None
 
 
@@ -235,7 +274,7 @@ def run_module_isolated(module: str, args: list[str], *, timeout_s: float, memor
             process.join()
         finally:
             kill_group(process.pid)  # grandchildren the worker left running die with its row
-            report_stage(_stage)
+            _worker_finished()
         stderr.seek(0)
         return Outcome(process.exitcode, stderr.read(), failure, peak)
 
@@ -258,6 +297,11 @@ def _socket_path_fits() -> bool:
 
 def _forkserver_context(env: dict[str, str]) -> Any:
     """The fork server, started once per planner process with `env` (malloc settings are read at start)."""
+    with _stage_lock:  # two jobs' threads must not start two servers
+        return _start_forkserver(env) if _forkserver is None else _forkserver
+
+
+def _start_forkserver(env: dict[str, str]) -> Any:
     global _forkserver
     if _forkserver is None:
         from multiprocessing import forkserver, util
@@ -275,6 +319,16 @@ def _forkserver_context(env: dict[str, str]) -> Any:
             os.environ.update(saved)
         _forkserver = context
     return _forkserver
+
+
+def start_forkserver(workdir: Path) -> None:
+    """Start the fork server now, as the first preloaded worker would, before several threads start workers: its
+    start swaps this process's environment for a moment, which another thread's worker must not see."""
+    if (multiprocessing.get_all_start_methods().count("forkserver") and not os.environ.get("PLANNER_NO_FORKSERVER")
+            and _socket_path_fits()):
+        scratch = workdir / "tmp"
+        scratch.mkdir(exist_ok=True)
+        _forkserver_context(worker_env(dict(os.environ), scratch))
 
 
 def stop_forkserver() -> None:
@@ -314,6 +368,7 @@ def _run_module(module: str, args: list[str], stderr_path: str, env: dict[str, s
     warnings.filterwarnings("ignore", message=".*found in sys.modules", category=RuntimeWarning)
     os.dup2(os.open(stderr_path, os.O_WRONLY | os.O_TRUNC), 2)
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    timing_lock.hold_shared_here()  # this worker's share of the machine while other jobs time their runs
     sys.argv = [module, *args]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 

@@ -85,17 +85,32 @@ class RunMeasurement:
     warm_growth: int  # second_peak minus the resident memory just before the second run
     latency_ms: float  # median of the warm runs
     runs: int
+    alone: bool = True  # the runs had the machine to themselves (planner.measure.timing_lock)
 
     def timing_fields(self) -> dict[str, Any]:
-        return {"first_forward_ms": self.first_ms, "latency_ms": self.latency_ms, "latency_runs": self.runs}
+        fields: dict[str, Any] = {"first_forward_ms": self.first_ms, "latency_ms": self.latency_ms,
+                                  "latency_runs": self.runs}
+        if not self.alone:
+            fields["latency_shared"] = True
+        return fields
 
 
 def measure_runs(run: Callable[[], Any], keep_first: Callable[[Any], None]) -> RunMeasurement:
-    """The model's runs as a user's process makes them, each output dropped before the next run.
+    """The model's runs as a user's process makes them, each output dropped before the next run; alone on the
+    machine when other jobs run at once (planner.measure.timing_lock), so that their times are comparable.
 
     The first run's output goes to `keep_first` (which should put what it needs out of memory, e.g. on disk) and
     is then released, so later peaks do not carry it. Each phase starts from a reset high-water mark; nothing is
-    trimmed between runs, since a user's process keeps what glibc caches. Shared by the torch and ONNX workers."""
+    trimmed between runs, since a user's process keeps what glibc caches. Shared by every measuring worker."""
+    from planner.measure.timing_lock import runs_alone
+
+    with runs_alone() as alone:
+        measured = _measure_runs(run, keep_first)
+    measured.alone = alone
+    return measured
+
+
+def _measure_runs(run: Callable[[], Any], keep_first: Callable[[Any], None]) -> RunMeasurement:
     reset_peak()
     started = time.perf_counter()
     output = run()

@@ -1,8 +1,9 @@
 """The plan: describe the model → analytic footprint per recipe → apply, save, verify each → rank.
 
-The planner process holds the float32 weights only as a memory-mapped file and one recipe's copy at
-a time; every build and verification a runtime runs (planner.runtimes) happens in a fresh subprocess under a
-timeout and a memory cap (planner.measure.isolation). The rows are a loop over recipes × runtimes: evaluate().
+The planner process builds the float32 model once, to save it; every build and verification a runtime runs
+(planner.runtimes) happens in a fresh subprocess under a timeout and a memory cap (planner.measure.isolation).
+Each row to verify is a job (planner.plan.jobs) that an executor runs (planner.plan.executors: here, several at
+once, or on a Ray cluster); evaluate() sets its figures beside the analytic ones, in the plan's order.
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ from planner.core.errors import PlannerError
 from planner.measure.isolation import plan_workdir, report_stage
 from planner.measure.library import return_freed_memory_promptly
 from planner.models.sources import ModelSource
+from planner.plan.executors import ExecutorOptions, create_executor
+from planner.plan.jobs import RowOutcome, build_and_measure, make_job
 from planner.plan.mixed_plan import mixed_rows
+from planner.plan.schedule import predicted_job_bytes
 from planner.recipes.recipe import Recipe, check_layer_overrides, keep_ties
-from planner.runtimes.base import BuildFailed, PlanContext, Runtime
+from planner.runtimes.base import PlanContext, Runtime
 from planner.runtimes.registry import create
 from planner.runtimes.rows import REFERENCE, PlanOptions, explain, keep_or_drop, set_figures
 from planner.runtimes.torch_cpu.runtime import TorchCpu, materialize_reference, verify_reference
@@ -116,9 +120,11 @@ def check_inputs_fit(source: ModelSource, meta_model: torch.nn.Module, inputs: t
 
 def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
              progress: Callable[[str, int, int], None] = lambda message, done, total: None,
-             on_estimates: Callable[[list[dict[str, Any]]], None] = lambda rows: None) -> PlanResult:
+             on_estimates: Callable[[list[dict[str, Any]]], None] = lambda rows: None,
+             executor: ExecutorOptions | None = None) -> PlanResult:
     """`progress(message, steps_done, steps_total)` is called as the plan goes (for a progress bar);
-    `on_estimates(ranked rows)` once, with every row's analytic figures, before anything is verified."""
+    `on_estimates(ranked rows)` once, with every row's analytic figures, before anything is verified;
+    `executor`: where and how many rows are verified at once (default: here, what the cores allow)."""
     total = 2
 
     def stage(message: str, done: int, steps: int) -> None:
@@ -172,7 +178,8 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
             rows = estimates
         else:
             rows = _verify_recipes(source, recipes, runtimes, footprints, estimates, workdir, options,
-                                   lambda message, done, steps: stage(message, done, steps))
+                                   lambda message, done, steps: stage(message, done, steps),
+                                   executor or ExecutorOptions())
     except BaseException:  # an error or Ctrl-C: remove the artifacts, keep nothing half-written
         shutil.rmtree(workdir, ignore_errors=True)
         raise
@@ -201,11 +208,12 @@ def needs_verifying(estimate: dict[str, Any], options: PlanOptions) -> bool:
 
 def _verify_recipes(source: ModelSource, recipes: list[Recipe], runtimes: list[Runtime],
                     footprints: dict[str, Footprint], estimates: list[dict[str, Any]], workdir: Path,
-                    options: PlanOptions, progress: Callable[[str, int, int], None]) -> list[dict[str, Any]]:
+                    options: PlanOptions, progress: Callable[[str, int, int], None],
+                    executor_options: ExecutorOptions) -> list[dict[str, Any]]:
     """Materialize and verify the float32 reference, then each recipe on each runtime that needs verifying
-    (needs_verifying): a row each; the others keep their estimate, saying why."""
+    (needs_verifying): a job each, run by the executor; the others keep their estimate, saying why."""
     by_key = {(recipe.name, runtime.name): (recipe, runtime) for runtime in runtimes for recipe in recipes}
-    chosen = {id(row) for row in estimates if needs_verifying(row, options)}
+    chosen = [row for row in estimates if needs_verifying(row, options)]
     total = len(chosen) + 2 + len(options.mixed_budgets)
     step = 1
 
@@ -217,14 +225,25 @@ def _verify_recipes(source: ModelSource, recipes: list[Recipe], runtimes: list[R
     report(f"verifying {REFERENCE} (reference)")
     reference = verify_reference(source, _reference_recipe(recipes), fp32_path, workdir, options, report)
     context = PlanContext(source, options, workdir, fp32_path, reference, report)
+    for runtime in runtimes:  # what a runtime's rows share is built before any row's job (ONNX's float32 export)
+        report(f"{runtime.name}: preparing what its rows share")
+        runtime.prepare([by_key[(row["recipe"], runtime.name)][0] for row in chosen if row["backend"] == runtime.name],
+                        context)
+    jobs = [make_job(*by_key[(row["recipe"], row["backend"])], context, _predicted_bytes(row, reference, options))
+            for row in chosen]
+    executor = create_executor(executor_options, options.memory_cap_bytes, workdir)
+    try:
+        outcomes = dict(zip(map(id, chosen), executor.run(jobs, lambda message, done: progress(
+            message, 2 + done, total)), strict=True))
+    finally:
+        executor.close()
+    step = 1 + len(chosen)  # the mixed rows, if any, come after every job
 
     rows: list[dict[str, Any]] = []
     for estimate in estimates:
         recipe, runtime = by_key[(estimate["recipe"], estimate["backend"])]
-        if id(estimate) in chosen:
-            step += 1
-            report(runtime.progress_label(recipe))
-            rows.append(evaluate(recipe, runtime, footprints[recipe.name], context))
+        if id(estimate) in outcomes:
+            rows.append(evaluate(recipe, runtime, footprints[recipe.name], context, outcome=outcomes[id(estimate)]))
         elif estimate["status"] == "unsupported":
             rows.append(estimate)
         else:
@@ -240,37 +259,40 @@ def _verify_recipes(source: ModelSource, recipes: list[Recipe], runtimes: list[R
     return rows
 
 
+def _predicted_bytes(estimate: dict[str, Any], reference: dict[str, Any], options: PlanOptions) -> int:
+    """A row job's predicted peak, for the executor's admission under --memory-cap (planner.plan.schedule)."""
+    return predicted_job_bytes(estimate.get("analytic_runtime_bytes"), estimate.get("analytic_disk_bytes"),
+                               reference.get("verified_runtime_bytes"),
+                               options.framework_bytes.get(estimate["backend"]))
+
+
 def evaluate(recipe: Recipe, runtime: Runtime, footprint: Footprint, context: PlanContext,
-             verify: bool = True) -> dict[str, Any]:
+             verify: bool = True, outcome: RowOutcome | None = None) -> dict[str, Any]:
     """One row: the recipe on the runtime. Refused with the runtime's one reason; else built from the float32
-    reference and measured in a fresh process (verify=False: estimated); then its verified figures beside the
-    runtime's analytic ones, the note that explains them, and whether it fits."""
+    reference and measured in a fresh process (verify=False: estimated; `outcome`: what an executor's job for
+    the row built and measured); then its verified figures beside the runtime's analytic ones, the note that
+    explains them, and whether it fits."""
     row: dict[str, Any] = {"recipe": recipe.name, "backend": runtime.name, "touches": runtime.touches(recipe)}
     if not verify:  # estimated rows' quality is unknown: rank orders them by how much is pruned
         row["pruned_share"] = max(recipe.prune, recipe.channels, recipe.params)
-    artifact = None
+    made = RowOutcome({"status": "estimated"})
     if (reason := runtime.unsupported(recipe, context.source, footprint)) is not None:
-        result = runtime.refusal(recipe, footprint, reason)
-    elif not verify:
-        result = {"status": "estimated"}
-    else:
-        try:
-            artifact = runtime.build(recipe, context)
-        except BuildFailed as failure:
-            result = {"status": failure.status, "note": failure.note}
-        else:
-            result = runtime.measure(artifact, recipe, context)
-    row.update(result)
-    verified = row["status"] == "verified" and artifact is not None
+        made = RowOutcome(runtime.refusal(recipe, footprint, reason))
+    elif verify:
+        made = outcome or build_and_measure(recipe, runtime, context)
+    row.update(made.result)
+    if row.pop("latency_shared", None):  # planner.measure.timing_lock: the machine was not free in time
+        row["note"] = "; ".join(filter(None, [row.get("note"), "latency timed while other rows' jobs ran (the "
+                                              "machine was not free in time): not comparable with the others"]))
+    verified = row["status"] == "verified" and bool(made.files)
     analytic = runtime.analytic(recipe, footprint)
     if row["status"] == "unsupported" and not row.get("analytic_is_what_if", True):
         analytic = dict.fromkeys(analytic)
-    set_figures(row, analytic, runtime.disk_bytes(artifact) if verified and artifact else None)
+    set_figures(row, analytic, made.disk_bytes if verified else None)
     # oneDNN's convolution scratch is torch's (transformers' Conv1D is a Linear)
     has_convolutions = runtime.name == TorchCpu.name and any(
         layer.type.startswith("Conv") and layer.type != "Conv1D" for layer in footprint.layers)
     device_note = runtime.device_framework_note(context.options.framework_bytes.get(runtime.name))
     row["note"] = explain(row, [*runtime.analytic_notes(footprint, verified), *filter(None, [device_note])],
                           context.source.kind, context.reference, has_convolutions)
-    return keep_or_drop(row, artifact.files if artifact else [], context.options,
-                        keep_anyway=artifact is not None and artifact.shared)
+    return keep_or_drop(row, [Path(file) for file in made.files], context.options, keep_anyway=made.shared)

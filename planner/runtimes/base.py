@@ -60,7 +60,8 @@ class BuildFailed(Exception):
 
 class Runtime(ABC):
     """One runtime. Instances are made per plan (planner.runtimes.registry.create): a runtime may keep what
-    its rows share (ONNX Runtime's float32 export) between build() calls."""
+    its rows share (ONNX Runtime's float32 export, made by prepare()) and hand it to the copy that runs a row's
+    job (job_state, restore_job_state)."""
 
     name: str  # the row's backend column and --backend's word: torch, onnxruntime
 
@@ -93,6 +94,19 @@ class Runtime(ABC):
 
     def progress_label(self, recipe: Recipe) -> str:
         return f"{self.name}: {recipe.name}"
+
+    def prepare(self, recipes: list[Recipe], context: PlanContext) -> None:
+        """Build, once and before any row's job starts, what the rows of `recipes` share (ONNX Runtime's float32
+        export), so that each row's build then depends on nothing another row builds."""
+        return None
+
+    def job_state(self) -> dict[str, Any]:
+        """What a copy of this runtime in another process needs to build and measure one row (plain data: a row's
+        job may run in a Ray task on another machine); restore_job_state takes it back."""
+        return {}
+
+    def restore_job_state(self, state: dict[str, Any]) -> None:
+        return None
 
     @abstractmethod
     def build(self, recipe: Recipe, context: PlanContext) -> Artifact:

@@ -48,6 +48,8 @@ class OnnxRuntime(Runtime):
         self.disk: dict[str, int | None] = {}  # analytic ONNX file bytes per recipe (describe)
         self.float_base: Path | None = None  # the float32 export, built once and shared by every recipe
         self.keep_float: dict[str, list[str]] = {}  # per recipe: weights its [[recipe.layer]] tables keep float
+        self.float_tried = False  # the float32 export is tried once per plan
+        self.float_notes: list[str] = []  # what building it said, for the float32 row's note
 
     def touches(self, recipe: Recipe) -> str:
         return onnx_touches(recipe)
@@ -76,10 +78,29 @@ class OnnxRuntime(Runtime):
     def analytic_notes(self, footprint: Footprint, verified: bool) -> list[str]:
         return [ARENA_NOTE] if verified else []
 
+    def prepare(self, recipes: list[Recipe], context: PlanContext) -> None:
+        if self.float_base is None and not self.float_tried and any(not r.changes_weights for r in recipes):
+            self._build_float_base(context)
+
+    def _build_float_base(self, context: PlanContext) -> None:
+        """The float32 export every recipe that keeps the weights starts from (tried once; its notes go on the
+        float32 row)."""
+        self.float_tried = True
+        self.float_base = self._build(Recipe(REFERENCE, dtype="float32"), context, self.float_notes)
+
+    def job_state(self) -> dict[str, Any]:
+        return {"float_base": str(self.float_base) if self.float_base else None, "float_tried": self.float_tried,
+                "float_notes": self.float_notes, "keep_float": self.keep_float}
+
+    def restore_job_state(self, state: dict[str, Any]) -> None:
+        self.float_base = Path(state["float_base"]) if state.get("float_base") else None
+        self.float_tried, self.float_notes = bool(state.get("float_tried")), list(state.get("float_notes", []))
+        self.keep_float = dict(state.get("keep_float", {}))
+
     def build(self, recipe: Recipe, context: PlanContext) -> Artifact:
-        notes: list[str] = []
-        if self.float_base is None and not recipe.changes_weights:
-            self.float_base = self._build(Recipe(REFERENCE, dtype="float32"), context, notes)
+        if not self.float_tried and not recipe.changes_weights:
+            self._build_float_base(context)
+        notes: list[str] = list(self.float_notes) if recipe.name == REFERENCE else []
         if recipe.name == REFERENCE and self.float_base is not None:
             return Artifact(self._files(self.float_base), notes=notes, shared=True)
         artifact = self._build(recipe, context, notes)

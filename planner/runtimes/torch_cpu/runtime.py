@@ -1,6 +1,7 @@
-"""PyTorch eager on the CPU: recipes applied with torchao to a copy of the float32 reference, saved as a state
-dict (or TorchScript), and verified in a fresh process (planner.runtimes.torch_cpu.worker). The analytic figures
-are the footprint's (planner.analysis.footprint): this is the runtime the analytic model describes.
+"""PyTorch eager on the CPU: recipes applied with torchao to a copy of the float32 reference in a build process
+(planner.runtimes.torch_cpu.build), saved as a state dict (or TorchScript), and verified in a fresh process
+(planner.runtimes.torch_cpu.worker). The analytic figures are the footprint's (planner.analysis.footprint): this is
+the runtime the analytic model describes.
 """
 
 from __future__ import annotations
@@ -10,36 +11,20 @@ from typing import Any
 
 import torch
 
-from planner.analysis.artifact import load_reference
 from planner.analysis.footprint import Footprint
-from planner.analysis.pruning import artifact_state, prune_channels
 from planner.core.errors import PlannerError
-from planner.core.pages import MappedReference
 from planner.core.safe_io import path_inside
 from planner.measure.isolation import run_worker
 from planner.measure.library import release_freed_memory
 from planner.models.sources import ModelSource
-from planner.recipes.recipe import PruneThresholds, Recipe, UnsupportedRecipe, apply_recipe
+from planner.recipes.recipe import Recipe
 from planner.runtimes.base import Artifact, BuildFailed, PlanContext, Runtime
 from planner.runtimes.rows import REFERENCE, PlanOptions
+from planner.runtimes.torch_cpu.build import FAILED_PREFIX, artifact_format, make_job, save_artifact
 from planner.runtimes.torch_cpu.worker import first_tiny_forward
 
 WORKER = "planner.runtimes.torch_cpu.worker"
-
-
-def artifact_format(source: ModelSource) -> str:
-    return "torchscript" if source.kind == "torchscript" else "state_dict"
-
-
-def save_artifact(model: torch.nn.Module, path: Path, fmt: str, recipe: Recipe | None = None,
-                  structure: dict[str, Any] | None = None) -> None:
-    """Write the model (a recipe's state dict with its packed pruning, or TorchScript) atomically."""
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    if fmt == "torchscript":
-        torch.jit.save(model, str(temporary))
-    else:
-        torch.save(artifact_state(model, recipe, structure) if recipe else model.state_dict(), temporary)
-    temporary.replace(path)
+BUILD_WORKER = "planner.runtimes.torch_cpu.build"
 
 
 def materialize_reference(source: ModelSource, workdir: Path) -> Path:
@@ -100,9 +85,6 @@ def verify_reference(source: ModelSource, recipe: Recipe, fp32_path: Path, workd
 class TorchCpu(Runtime):
     name = "torch"
 
-    def __init__(self) -> None:
-        self.prune_thresholds: PruneThresholds = {}  # prune50, prune50-int8-dynamic...: searched once per plan
-
     def touches(self, recipe: Recipe) -> str:
         return recipe.touches()
 
@@ -155,25 +137,17 @@ class TorchCpu(Runtime):
             return Artifact([context.fp32_path], shared=True, measured=context.reference)
         source, fp32_path, workdir = context.source, context.fp32_path, context.workdir
         artifact = path_inside(workdir, f"{recipe.name}{fp32_path.suffix}")  # a recipe name never leaves the workdir
-        try:
-            model, structure = load_reference(source, fp32_path), None
-            # The planner's own peak: release each layer's float32 pages once the recipe has its copy.
-            mapped = MappedReference(fp32_path)
-            if recipe.channels:
-                inputs = tuple(torch.load(workdir / "inputs.pt", weights_only=True))
-                structure = prune_channels(model, inputs, recipe)
-                mapped.release_unused(model)
-            model, notes = apply_recipe(model, recipe, after_layer=mapped.release_unused,
-                                        prune_thresholds=self.prune_thresholds)
-            save_artifact(model, artifact, artifact_format(source), recipe, structure)
-            del model
-            release_freed_memory()  # module graphs hold reference cycles; free this recipe's copy before the next
-        except UnsupportedRecipe as error:
-            raise BuildFailed("unsupported", str(error)) from None
-        except Exception as error:  # a recipe that breaks on this model is a row, not a crash
-            raise BuildFailed("failed", f"applying the recipe failed: {type(error).__name__}: "
-                                        f"{str(error)[:200]}") from None
-        return Artifact([artifact], notes=notes)
+        # In a process of its own: the planner holds no recipe's copy, and a recipe that crashes, hangs or runs out
+        # of memory costs only its row.
+        job = make_job(source, recipe, fp32_path, artifact, workdir / "inputs.pt")
+        built = run_worker(job, workdir, f"{recipe.name}.torch-build", context.options, worker=BUILD_WORKER)
+        if built["status"] != "verified":
+            raise BuildFailed("failed", built.get("note", "").replace("verification failed", FAILED_PREFIX))
+        if "unsupported" in built:
+            raise BuildFailed("unsupported", built["unsupported"])
+        if "failed" in built:
+            raise BuildFailed("failed", built["failed"])
+        return Artifact([artifact], notes=built.get("notes", []))
 
     def measure(self, artifact: Artifact, recipe: Recipe, context: PlanContext) -> dict[str, Any]:
         if artifact.measured is not None:
