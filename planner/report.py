@@ -44,6 +44,11 @@ ROW_FIELDS = [
     # latency runs' peak is beside it; the analytic runtime includes the framework's first-use cost
     "verified_load_peak_bytes", "verified_first_forward_peak_bytes", "verified_steady_peak_bytes",
     "verified_repeat_peak_bytes", "analytic_first_use_bytes",
+    # --context (generate() at a context length): the KV cache's own figures, the traced peaks of the prefill and
+    # of the last decode step (each with the cache then), the warm run's timing and the greedy tokens that match
+    # float32's before the first difference; latency_ms is then decode_ms_per_token
+    "analytic_kv_cache_bytes", "verified_kv_cache_bytes", "analytic_prefill_peak_bytes", "analytic_decode_peak_bytes",
+    "prefill_ms", "decode_ms_per_token", "matching_generated_tokens",
 ]
 PLAN_FILES = ("plan.csv", "plan.md", "plan.json", "plan.png", "layers.csv")
 MANIFEST = "manifest.json"
@@ -109,9 +114,11 @@ def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
         "latency ms": frame["latency_ms"].map(latency),
         "note": frame["note"].fillna(""),
     })
+    if frame["analytic_kv_cache_bytes"].notna().any():  # a --context plan: latency is per generated token
+        shown = shown.rename(columns={"latency ms": "ms/token"})
     if not (frame["status"] == "verified").any():  # plan --analytic-only: no measured column to show
         shown = shown.drop(columns=["disk (verified)", "Δdisk", "runtime (verified)", "Δruntime", "SQNR dB", "top-1",
-                                    "latency ms"])
+                                    "latency ms", "ms/token"], errors="ignore")
     if frame["eval_score"].notna().any():  # only with --eval
         scores = frame["eval_score"].map(lambda value: "-" if pd.isna(value) else f"{value:.4g}")
         shown.insert(len(shown.columns) - 1, "eval", scores)
@@ -124,6 +131,9 @@ TERM_COLUMNS = {
     "of which transient": "analytic_transient_bytes", "outputs": "analytic_output_bytes",
     "inputs": "analytic_input_bytes", "framework": "framework_bytes",
 }
+
+
+GENERATION_TERM_COLUMNS = {"KV cache": "analytic_kv_cache_bytes", "KV cache (verified)": "verified_kv_cache_bytes"}
 
 
 def terms_frame(frame: pd.DataFrame) -> pd.DataFrame:
@@ -143,10 +153,12 @@ def terms_frame(frame: pd.DataFrame) -> pd.DataFrame:
                 else None
         return format_bytes(runtime + framework)
 
+    # a --context plan shows its KV cache (part of the runtime, beside the activations) after the weights
+    generation = GENERATION_TERM_COLUMNS if frame["analytic_kv_cache_bytes"].notna().any() else {}
     return pd.DataFrame({
         "recipe": frame["recipe"],
         "backend": frame["backend"].map(lambda b: "ort" if b == "onnxruntime" else b),
-        **{label: frame[key].map(format_bytes) for label, key in TERM_COLUMNS.items()},
+        **{label: frame[key].map(format_bytes) for label, key in {**generation, **TERM_COLUMNS}.items()},
         "device total": frame.apply(device, axis=1).map(lambda value: value if isinstance(value, str) else
                                                         format_bytes(value)),
     })
@@ -175,6 +187,10 @@ def print_table(result: Any, console: Any) -> None:
     shown = display_frame(frame)
     title = (f"{result.model}: budget {format_bytes(result.budget_bytes)} on {result.budget_on}, "
              f"input {' '.join('×'.join(map(str, s)) for s in result.input_shapes)}")
+    generation = getattr(result, "generation", None)
+    if generation:
+        title += (f", generate() to a context of {generation['context']} tokens ({generation['new_tokens']} "
+                  "generated)")
     columns = [c for c in shown.columns if c != "note"]
     table = _rich_table(shown[columns], title, ("recipe", "backend", "status", "fits"))
     for _, row in shown.iterrows():
@@ -247,6 +263,7 @@ def plan_json(result: Any) -> dict[str, Any]:
         "pick_backend": result.pick_backend,
         "input_shapes": result.input_shapes,
         "input_note": result.input_note,
+        "generation": getattr(result, "generation", None),  # {"context", "new_tokens"} with --context
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "environment": environment(),
         "rows": [{key: _json_value(row.get(key)) for key in ROW_FIELDS} for row in result.rows],

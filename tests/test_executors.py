@@ -212,3 +212,14 @@ def test_a_task_that_cannot_see_the_work_directory_says_so(tmp_path: Path) -> No
 
     with pytest.raises(WorkdirNotVisible, match="lacks inputs.pt, reference.pt"):
         run_in_task(_job(tmp_path / "elsewhere"), {})
+
+
+def test_a_jobs_options_keep_a_generation_plan() -> None:
+    """--context travels with each job: the worker must generate, not run one forward."""
+    from planner.analysis.generation import GenerationSpec
+    from planner.runtimes.rows import PlanOptions
+
+    options = PlanOptions(budget_bytes=5 * MB, backends=("torch", "onnxruntime"), generation=GenerationSpec(256, 8))
+    fields = options.to_fields()
+    json.dumps(fields)
+    assert PlanOptions.from_fields(pickle.loads(pickle.dumps(fields))) == options

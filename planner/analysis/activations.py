@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -235,6 +235,16 @@ class LivenessTracker(TorchDispatchMode):
                     continue
                 self._allocate(storage, key)
 
+    def adopt(self, tree: Any) -> None:
+        """Count the tensors of `tree` as live allocations made before the trace (freed when they die)."""
+        for leaf in pytree.tree_leaves(tree):
+            if isinstance(leaf, torch.Tensor):
+                for storage in _storages(leaf):
+                    key = storage._cdata
+                    if key not in self.live:
+                        self.preexisting.discard(key)
+                        self._allocate(storage, key)
+
     def _allocate(self, storage: torch.UntypedStorage, key: int) -> None:
         nbytes = storage.nbytes()
         self.live[key] = nbytes
@@ -429,8 +439,22 @@ def activation_peak(model: nn.Module, inputs: tuple[torch.Tensor, ...], *,
     if simulate_device is not None and _on_meta([*state.values(), *inputs]):
         fake_mode, state, inputs = fake_state(model, inputs, simulate_device)
 
-    preexisting = set(storage_keys((state, inputs)))
-    tracker = LivenessTracker(preexisting, scratch)
+    def forward() -> Any:
+        return torch.func.functional_call(model, state, inputs) if fake_mode else model(*inputs)
+
+    return traced_call(model, forward, (state, inputs), fake_mode=fake_mode, memoize=memoize, scratch=scratch)[0]
+
+
+def traced_call(model: nn.Module, call: Callable[[], Any], untracked: Any, *, fake_mode: Any = None,
+                live: Any = None, memoize: bool = True, scratch: dict[str, Any] | None = None
+                ) -> tuple[ActivationReport, Any]:
+    """The liveness report of `call()` (which runs `model`, e.g. through functional_call) and what it returned.
+
+    Storages in the pytree `untracked` (parameters, inputs) are never counted; the tensors of the pytree `live`
+    count as live from the start and are subtracted when they die (a KV cache the call replaces by a longer
+    one). `fake_mode`: the FakeTensorMode the tensors were made in (planner.analysis.activations.fake_state)."""
+    tracker = LivenessTracker(set(storage_keys(untracked)), scratch)
+    tracker.adopt(live)
     per_module: dict[str, ModuleActivation] = {}
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
@@ -441,10 +465,10 @@ def activation_peak(model: nn.Module, inputs: tuple[torch.Tensor, ...], *,
             stack.enter_context(_memoized_layers(model, tracker))
         stack.enter_context(tracker)
         try:
-            output = torch.func.functional_call(model, state, inputs) if fake_mode else model(*inputs)
+            output = call()
         finally:
             tracker.detach()
-    return ActivationReport(
+    report = ActivationReport(
         peak_bytes=tracker.peak_bytes,
         output_bytes=sum(storage_keys(output).values()),
         peak_module=tracker.peak_module,
@@ -455,6 +479,7 @@ def activation_peak(model: nn.Module, inputs: tuple[torch.Tensor, ...], *,
         scratch_applied=dict(tracker.scratch_applied),
         scratch_missing=sorted(tracker.scratch_missing),
     )
+    return report, output
 
 
 # Runs in a fresh process: real weights, one warm-up forward (one-time allocations: thread pools, kernels),

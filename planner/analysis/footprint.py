@@ -10,7 +10,7 @@ import copy
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,10 +18,15 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from planner.recipes.recipe import Recipe, layer_decision, prunable
 
+if TYPE_CHECKING:
+    from planner.analysis.generation import GenerationSpec, GenerationTrace
+
 # torch.save's zip container: a fixed part plus a record per stored tensor (measured on torch 2.13:
 # 1.5 kB + about 300 B per storage for plain and torchao tensors alike).
 CONTAINER_BASE_BYTES = 1500
 CONTAINER_BYTES_PER_STORAGE = 310
+# The KV formula is trusted while it agrees with the cache transformers builds in the trace to within this share.
+KV_CHECK_TOLERANCE = 0.02
 
 
 @dataclass
@@ -49,12 +54,18 @@ class Footprint:
     pruned_layers: int = 0
     notes: list[str] = field(default_factory=list)
     unsupported: str | None = None  # why the recipe cannot apply to this model (set by planner.analysis.pruning)
+    # --context (planner.analysis.generation): the KV cache at the end of generation, and the traced peaks of the
+    # prefill and of the last decode step (each with the cache alive then); activation_bytes is then the larger
+    # peak less the KV cache
+    kv_cache_bytes: int | None = None
+    prefill_peak_bytes: int | None = None
+    decode_peak_bytes: int | None = None
 
     @property
     def runtime_bytes(self) -> int | None:
         if self.activation_bytes is None:
             return None
-        return self.weight_bytes + self.activation_bytes
+        return self.weight_bytes + self.activation_bytes + (self.kv_cache_bytes or 0)
 
 
 def tensor_bytes_after(tensor: torch.Tensor, recipe: Recipe) -> int:
@@ -254,12 +265,14 @@ def cast_inputs(inputs: tuple[torch.Tensor, ...], dtype: torch.dtype, device: st
 
 
 def analytic_footprint(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe,
-                       measure_scratch: bool = True) -> Footprint:
+                       measure_scratch: bool = True, generation: GenerationSpec | None = None) -> Footprint:
     """Weights and disk from shapes, activations from a weightless liveness trace, plus the measured workspace of
     kernels the trace cannot see into (planner.analysis.scratch; measured on first use unless measure_scratch is
-    off)."""
+    off). With `generation`, the activations are generate()'s at that context (planner.analysis.generation):
+    `inputs` is the prompt, and the KV cache gets its own figure."""
     from planner.analysis.activations import activation_peak
-    from planner.analysis.scratch import SCRATCH_OPS, load_cache, scratch_bytes
+    from planner.analysis.generation import trace_generation
+    from planner.analysis.scratch import SCRATCH_OPS
     from planner.core.units import format_bytes
 
     footprint = weight_footprint(meta_model, recipe)
@@ -270,29 +283,85 @@ def analytic_footprint(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], 
         traced_model, note = weightless_recipe_model(meta_model, recipe)
         device = next((t.device.type for t in traced_model.parameters()), "meta")
         traced_inputs = cast_inputs(inputs, recipe.torch_dtype, device)
-        cached = load_cache()
-        report = activation_peak(traced_model, traced_inputs, scratch=cached)
-        if measure_scratch and set(report.scratch_calls) - set(cached):
-            # Kernels with hidden workspace at shapes this machine has not measured yet: measure them once (a
-            # child process, cached per machine), then trace again with the figures.
-            scratch, failure = scratch_bytes(report.scratch_calls)
-            report = activation_peak(traced_model, traced_inputs, scratch=scratch)
-            if failure:
-                footprint.notes.append(f"kernel workspace not measured: {failure}")
+        if generation is None:
+            def trace(scratch: dict[str, Any]) -> tuple[Any, list[str]]:
+                report = activation_peak(traced_model, traced_inputs, scratch=scratch)
+                return report, report.scratch_calls
+        else:
+            def trace(scratch: dict[str, Any]) -> tuple[Any, list[str]]:
+                traced = trace_generation(traced_model, traced_inputs[0], generation, scratch)
+                return traced, traced.scratch_calls
+        traced, failure = _with_measured_scratch(trace, measure_scratch)
+        if failure:
+            footprint.notes.append(f"kernel workspace not measured: {failure}")
     except Exception as error:  # a model whose forward cannot run weightless still gets its weight figures
         footprint.notes.append(f"activations not traced ({type(error).__name__}: {str(error)[:120]})")
         return footprint
     if note:
         footprint.notes.append(note)
-    if report.scratch_applied:
+    reports = [traced] if generation is None else [r for r in (traced.prefill, traced.decode) if r is not None]
+    applied: dict[str, int] = {}
+    for report in reports:
+        for op, nbytes in report.scratch_applied.items():
+            applied[op] = max(nbytes, applied.get(op, 0))
+    if applied:
         added = ", ".join(f"{op.removeprefix('aten.')} {format_bytes(nbytes)}"
-                          for op, nbytes in sorted(report.scratch_applied.items()))
+                          for op, nbytes in sorted(applied.items()))
         footprint.notes.append(f"measured kernel workspace added: {added}")
-    footprint.activation_bytes = report.peak_bytes
-    footprint.transient_bytes = report.transient_bytes
-    footprint.output_bytes = report.output_bytes
+    if generation is None:
+        footprint.activation_bytes = traced.peak_bytes
+        footprint.output_bytes = traced.output_bytes
+    else:
+        _set_generation_figures(footprint, meta_model, traced, generation, recipe, int(inputs[0].shape[0]))
+    footprint.transient_bytes = max(report.transient_bytes for report in reports)
     footprint.input_bytes = sum(t.numel() * t.element_size() for t in cast_inputs(inputs, recipe.torch_dtype))
-    unmeasured = sorted(set(report.fused_ops) - SCRATCH_OPS)
+    unmeasured = sorted({op for report in reports for op in report.fused_ops} - SCRATCH_OPS)
     if unmeasured:
         footprint.notes.append(f"fused kernels hide workspace: {', '.join(unmeasured)}")
     return footprint
+
+
+def _with_measured_scratch(trace: Callable[[dict[str, Any]], tuple[Any, list[str]]], measure_scratch: bool
+                           ) -> tuple[Any, str | None]:
+    """trace(scratch) with this machine's cached kernel workspace; kernels met at shapes not measured yet are
+    measured once (a child process, cached per machine) and the trace runs again with them. Returns what the
+    trace returned and why measuring failed (None if it did not)."""
+    from planner.analysis.scratch import load_cache, scratch_bytes
+
+    cached = load_cache()
+    traced, calls = trace(cached)
+    if not measure_scratch or not set(calls) - set(cached):
+        return traced, None
+    scratch, failure = scratch_bytes(calls)
+    return trace(scratch)[0], failure
+
+
+def _set_generation_figures(footprint: Footprint, meta_model: nn.Module, traced: GenerationTrace,
+                            generation: GenerationSpec, recipe: Recipe, batch: int) -> None:
+    """The KV cache from the formula (checked against the traced cache), and the activations beyond it: the
+    generation peak less the cache, so that weights + KV cache + activations is the analytic runtime."""
+    from planner.analysis.generation import cache_implementation_note
+    from planner.analysis.kv_cache import cache_bytes, kv_geometry
+    from planner.core.units import format_bytes
+
+    geometry = kv_geometry(meta_model.config)
+    kv_bytes = cache_bytes(geometry, generation.cached_tokens, recipe.torch_dtype.itemsize, batch)
+    if geometry.unmodelled:
+        footprint.notes.append(f"KV cache layers the formula does not model: {', '.join(geometry.unmodelled)}")
+    if abs(kv_bytes - traced.cache_bytes) > KV_CHECK_TOLERANCE * max(traced.cache_bytes, 1):
+        # The traced cache is transformers' own object at these shapes: trust it over the formula's reading.
+        footprint.notes.append(f"KV cache {format_bytes(traced.cache_bytes)} as traced, not the formula's "
+                               f"{format_bytes(kv_bytes)} (a geometry the config does not state)")
+        kv_bytes = traced.cache_bytes
+    note = cache_implementation_note(meta_model)
+    if note:
+        footprint.notes.append(note)
+    footprint.kv_cache_bytes = kv_bytes
+    footprint.prefill_peak_bytes = traced.prefill.peak_bytes
+    footprint.decode_peak_bytes = traced.decode.peak_bytes if traced.decode else None
+    footprint.activation_bytes = max(0, traced.peak_bytes - kv_bytes)
+    footprint.output_bytes = (traced.decode or traced.prefill).output_bytes
+    where = "prefill" if traced.decode is None or traced.prefill.peak_bytes >= traced.decode.peak_bytes else \
+        "last decode step"
+    footprint.notes.append(f"generation: prompt {generation.prompt_tokens} + {generation.new_tokens} generated "
+                           f"tokens, KV cache at {generation.cached_tokens} positions; peak in the {where}")

@@ -22,7 +22,7 @@ import math
 import warnings
 import weakref
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -31,6 +31,9 @@ from planner.analysis import sparse
 from planner.analysis.footprint import CONTAINER_BYTES_PER_STORAGE, Footprint, analytic_footprint
 from planner.models.hf_folder import kv_cache_off
 from planner.recipes.recipe import Recipe, UnsupportedRecipe, prunable
+
+if TYPE_CHECKING:
+    from planner.analysis.generation import GenerationSpec
 
 STRUCTURE_KEY = "__planner_structure__"
 MAX_CHANNEL_RATIO = 0.95  # torch-pruning keeps at least one channel per group; beyond this, layers degenerate
@@ -386,26 +389,28 @@ def solve_ratio(sizes: dict[str, int], exponents: dict[str, float], target: floa
 
 
 def pruning_footprint(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe, *,
-                      materialize: bool = True) -> Footprint:
+                      materialize: bool = True, generation: GenerationSpec | None = None) -> Footprint:
     """analytic_footprint of the recipe's pruned model: structured pruning runs on the meta model first (weights,
-    disk and activations then follow the smaller shapes); sparse storage changes the disk figure."""
+    disk and activations then follow the smaller shapes); sparse storage changes the disk figure. `generation`:
+    generate()'s figures at that context instead of one forward's."""
     structure = None
     if recipe.channels:
         try:
             pruned, structure = pruned_meta_model(meta_model, inputs, recipe, materialize=materialize)
         except UnsupportedRecipe as error:
-            footprint = analytic_footprint(meta_model, inputs, dataclasses.replace(recipe, channels=0.0))
+            footprint = analytic_footprint(meta_model, inputs, dataclasses.replace(recipe, channels=0.0),
+                                           generation=generation)
             footprint.unsupported = str(error)
             return footprint
         before, after = parameter_count(meta_model), parameter_count(pruned)
-        footprint = analytic_footprint(pruned, inputs, recipe)
+        footprint = analytic_footprint(pruned, inputs, recipe, generation=generation)
         # the structure is a string in the pickle: its text, the key and a few opcodes
         footprint.disk_bytes += len(json.dumps(structure, separators=(",", ":"))) + len(STRUCTURE_KEY) + 16
         footprint.notes.insert(0, f"structured: {recipe.channels:.0%} of channels removed, parameters "
                                   f"{before:,} -> {after:,} ({1 - after / before:.0%} fewer)")
         meta_model = pruned
     else:
-        footprint = analytic_footprint(meta_model, inputs, recipe)
+        footprint = analytic_footprint(meta_model, inputs, recipe, generation=generation)
     if recipe.prune and recipe.scheme is None:
         _sparse_disk(footprint, meta_model, recipe)
     return footprint

@@ -20,6 +20,7 @@ from planner.core.errors import NothingFits, PlannerError
 from planner.core.safe_io import check_regular_file
 
 if TYPE_CHECKING:
+    from planner.analysis.generation import GenerationSpec
     from planner.plan.executors import ExecutorOptions
     from planner.plan.pipeline import PlanResult
     from planner.recipes.recipe import Recipe
@@ -93,6 +94,12 @@ def plan(
                                                "instance; pip install 'planner[ray]')")] = "local",
     ray_address: Annotated[str | None, typer.Option(help="the Ray cluster of --executor ray, e.g. 10.0.0.1:6379 "
                                                          "(default: RAY_ADDRESS)")] = None,
+    context: Annotated[int | None, typer.Option(help="plan LLM generation for a causal LM: generate() to this many "
+                                                     "tokens in all (prompt + generated, its max_length); the "
+                                                     "runtime is its peak with the KV cache, verified by really "
+                                                     "generating")] = None,
+    generate: Annotated[int | None, typer.Option(help="with --context: tokens generated greedily after a prompt of "
+                                                      "context - generate tokens (default 16)")] = None,
     debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
 ) -> None:
     """Enumerate recipes, estimate each, verify for real each that could fit, rank them against the budget."""
@@ -117,6 +124,9 @@ def plan(
         raise PlannerError(f"--verify {verify!r}: use {' or '.join(VERIFY_MODES)}")
     if analytic_only and verify == "all":
         raise PlannerError("--analytic-only verifies nothing: drop --verify all, or --analytic-only")
+    generation = generation_spec(context, generate, input_shape, input_dtype, mixed or bool(mixed_budgets))
+    if generation is not None:  # the example input is the prompt: token ids, context - generate of them
+        input_shape, input_dtype = f"1,{generation.prompt_tokens}", "int64"
     if analytic_only:
         _check_analytic_only(backend, mixed or bool(mixed_budgets), export, eval_fn, min_sqnr)
         backends = ("torch",)
@@ -150,7 +160,28 @@ def plan(
                      timeout=timeout, weights=weights, trust_code=trust_code or trust_pickle, input_shape=input_shape,
                      input_dtype=input_dtype, batch_size=batch_size, calibration=calibration, export_all=export_all,
                      mixed_dtype=mixed_dtype, analytic_only=analytic_only, eval_fn=eval_fn, out=out, export=export,
-                     min_sqnr=min_sqnr, verify=verify, executor=executor_options)
+                     min_sqnr=min_sqnr, verify=verify, executor=executor_options, generation=generation)
+
+
+def generation_spec(context: int | None, generate: int | None, input_shape: str | None, input_dtype: str | None,
+                    mixed: bool) -> GenerationSpec | None:
+    """--context and --generate as a GenerationSpec (None without --context), refusing what cannot go with them.
+    Whether the model is a causal LM that holds the context is checked once it is loaded (run_plan)."""
+    from planner.analysis.generation import DEFAULT_NEW_TOKENS, GenerationSpec, check_spec
+
+    if context is None:
+        if generate is not None:
+            raise PlannerError("--generate counts the tokens generated at a --context: add --context N")
+        return None
+    if input_shape is not None or input_dtype is not None:
+        raise PlannerError("--context makes the example input a prompt of context - generate token ids: drop "
+                           "--input-shape and --input-dtype (--batch-size still sets the number of prompts)")
+    if mixed:
+        raise PlannerError("--mixed searches per-layer precisions on one forward, not on generation: drop --mixed "
+                           "or --context")
+    spec = GenerationSpec(context, DEFAULT_NEW_TOKENS if generate is None else generate)
+    check_spec(spec)
+    return spec
 
 
 def _output_directories(out: Path | None, export: Path | None) -> list[tuple[Path, str]]:
@@ -170,8 +201,8 @@ def _plan_locked(model: str, chosen: list[Recipe], backends: tuple[str, ...], mi
                  weights: str | None, trust_code: bool, input_shape: str | None, input_dtype: str | None,
                  batch_size: int | None, calibration: Path | None, export_all: bool, mixed_dtype: str,
                  analytic_only: bool, eval_fn: str | None, out: Path | None, export: Path | None,
-                 min_sqnr: float | None = None, verify: str = "needed", executor: ExecutorOptions | None = None
-                 ) -> None:
+                 min_sqnr: float | None = None, verify: str = "needed", executor: ExecutorOptions | None = None,
+                 generation: GenerationSpec | None = None) -> None:
     """The plan itself, run while --out and --export are locked."""
     from planner import report
     from planner.measure.isolation import report_stage
@@ -188,7 +219,7 @@ def _plan_locked(model: str, chosen: list[Recipe], backends: tuple[str, ...], mi
     options = PlanOptions(budget_bytes=budget_bytes, budget_on=budget_on, timeout_s=timeout,
                           keep_all_artifacts=export_all, backends=backends, mixed_budgets=mixed_texts,
                           calibration=str(calibration) if calibration else None, mixed_dtype=mixed_dtype,
-                          analytic_only=analytic_only, min_sqnr_db=min_sqnr, verify=verify)
+                          analytic_only=analytic_only, min_sqnr_db=min_sqnr, verify=verify, generation=generation)
     if eval_fn:
         from planner.analysis.evalhook import resolve_eval_spec
 

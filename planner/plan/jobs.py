@@ -9,7 +9,6 @@ build() and measure(), each in isolated processes; the planner then sets the row
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +54,7 @@ def make_job(recipe: Recipe, runtime: Runtime, context: PlanContext, predicted_b
     assert context.fp32_path is not None
     return RowJob(label=runtime.progress_label(recipe), recipe=recipe.to_json(), runtime=runtime.name,
                   runtime_state=runtime.job_state(), source=context.source.to_json(),
-                  options=dataclasses.asdict(context.options), workdir=str(context.workdir),
+                  options=context.options.to_fields(), workdir=str(context.workdir),
                   fp32_path=str(context.fp32_path), reference=context.reference, predicted_bytes=predicted_bytes)
 
 
@@ -79,6 +78,6 @@ def run_job(job: RowJob, progress: Callable[[str], None] = lambda message: None)
     """Run a job where it is: a fresh runtime with the plan's shared state, then build_and_measure."""
     runtime = create(job.runtime)
     runtime.restore_job_state(job.runtime_state)
-    context = PlanContext(ModelSource.from_json(job.source), PlanOptions(**job.options), Path(job.workdir),
+    context = PlanContext(ModelSource.from_json(job.source), PlanOptions.from_fields(job.options), Path(job.workdir),
                           Path(job.fp32_path), job.reference, progress)
     return build_and_measure(Recipe.from_json(job.recipe), runtime, context)

@@ -19,6 +19,7 @@ import torch
 
 from planner.analysis.activations import fake_forward
 from planner.analysis.footprint import Footprint
+from planner.analysis.generation import check_generation
 from planner.analysis.pruning import pruning_footprint, resolve_recipe
 from planner.core import rank
 from planner.core.errors import PlannerError
@@ -51,6 +52,7 @@ class PlanResult:
     input_note: str | None = None
     pick_backend: str | None = None
     min_sqnr_db: float | None = None
+    generation: dict[str, int] | None = None  # --context: {"context": N, "new_tokens": G}
 
     def row(self, recipe: str, backend: str = "torch") -> dict[str, Any] | None:
         return next((r for r in self.rows if r["recipe"] == recipe and r.get("backend") == backend), None)
@@ -136,6 +138,8 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
     return_freed_memory_promptly()
     stage("describing the model (weightless)", 0, total)
     meta_model = source.build("meta")
+    if options.generation is not None:
+        check_generation(meta_model, options.generation, source.spec)
     inputs = source.example_inputs()
     check_inputs_fit(source, meta_model, inputs, confirm_on_real_weights=not options.analytic_only)
     for recipe in recipes:
@@ -144,8 +148,8 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
     resolved = [resolve_recipe(meta_model, inputs, recipe, materialize=materialize) for recipe in recipes]
     ties = [keep_ties(meta_model, recipe) for recipe, _ in resolved]  # a tied head stays tied (and float)
     recipes = [recipe for recipe, _ in ties]
-    footprints = {recipe.name: pruning_footprint(meta_model, inputs, recipe, materialize=materialize)
-                  for recipe in recipes}
+    footprints = {recipe.name: pruning_footprint(meta_model, inputs, recipe, materialize=materialize,
+                                                 generation=options.generation) for recipe in recipes}
     for (_, note), (recipe, tie_note) in zip(resolved, ties, strict=True):
         for text in filter(None, [tie_note, note]):
             footprints[recipe.name].notes.insert(0, text)
@@ -193,7 +197,8 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
     return PlanResult(model=source.spec, budget_bytes=options.budget_bytes, budget_on=options.budget_on,
                       rows=ranked, pick=chosen["recipe"] if chosen else None, footprints=footprints, workdir=workdir,
                       input_shapes=[list(t.shape) for t in inputs], input_note=source.input_note,
-                      pick_backend=chosen.get("backend") if chosen else None, min_sqnr_db=options.min_sqnr_db)
+                      pick_backend=chosen.get("backend") if chosen else None, min_sqnr_db=options.min_sqnr_db,
+                      generation=options.generation.to_json() if options.generation else None)
 
 
 def needs_verifying(estimate: dict[str, Any], options: PlanOptions) -> bool:
@@ -276,7 +281,11 @@ def evaluate(recipe: Recipe, runtime: Runtime, footprint: Footprint, context: Pl
     if not verify:  # estimated rows' quality is unknown: rank orders them by how much is pruned
         row["pruned_share"] = max(recipe.prune, recipe.channels, recipe.params)
     made = RowOutcome({"status": "estimated"})
-    if (reason := runtime.unsupported(recipe, context.source, footprint)) is not None:
+    # A runtime that cannot verify generate() refuses every row of a --context plan, saying why.
+    generation_refusal = runtime.unsupported_generation() if context.options.generation else None
+    if generation_refusal is not None:
+        made = RowOutcome(dict(runtime.refusal(recipe, footprint, generation_refusal), analytic_is_what_if=False))
+    elif (reason := runtime.unsupported(recipe, context.source, footprint)) is not None:
         made = RowOutcome(runtime.refusal(recipe, footprint, reason))
     elif verify:
         made = outcome or build_and_measure(recipe, runtime, context)

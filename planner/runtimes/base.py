@@ -73,6 +73,10 @@ class Runtime(ABC):
     def unsupported(self, recipe: Recipe, source: ModelSource, footprint: Footprint) -> str | None:
         """Why this runtime cannot run the recipe on this model here, decided before any work; None if it can."""
 
+    def unsupported_generation(self) -> str | None:
+        """Why this runtime's rows cannot verify generate() at a context (--context), or None where they can."""
+        return f"{self.name} rows verify one forward; generation with a KV cache is verified on torch only"
+
     def refusal(self, recipe: Recipe, footprint: Footprint, reason: str) -> dict[str, Any]:
         """The row of a refused recipe. Logged: each refusal says its one reason."""
         log.info("%s refuses %s: %s", self.name, recipe.name, reason)

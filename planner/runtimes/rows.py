@@ -4,11 +4,13 @@ that explains them, and whether the row fits the budget (planner.core.rank).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from planner.analysis.generation import GenerationSpec
 from planner.core import rank
 from planner.core.units import format_bytes, relative_difference
 from planner.measure.isolation import default_memory_cap
@@ -42,6 +44,16 @@ class PlanOptions:
     analytic_only: bool = False  # rank the analytic figures alone: nothing is materialized or verified
     min_sqnr_db: float | None = None  # --min-sqnr: the pick must have at least this output SQNR
     verify: str = "needed"  # --verify: needed (rows whose estimate could fit the budget) or all (rank.VERIFY_MODES)
+    generation: GenerationSpec | None = None  # --context/--generate: plan generate() at that context, not a forward
+
+    def to_fields(self) -> dict[str, Any]:
+        """Plain data for a job (planner.plan.jobs): from_fields is its inverse."""
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_fields(fields: dict[str, Any]) -> PlanOptions:
+        generation = fields.get("generation")
+        return PlanOptions(**dict(fields, generation=GenerationSpec.from_json(generation) if generation else None))
 
 
 def explain(row: dict[str, Any], analytic_notes: list[str], source_kind: str, reference: dict[str, Any],

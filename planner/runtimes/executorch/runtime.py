@@ -90,6 +90,10 @@ class ExecuTorchRuntime(Runtime):
     def touches(self, recipe: Recipe) -> str:
         return executorch_touches(recipe)
 
+    def unsupported_generation(self) -> str | None:
+        return ("generation is not verified on ExecuTorch: its rows lower one forward; decoding needs a program "
+                "with a static KV cache (ExecuTorch's LLM export), which is not built here")
+
     def unsupported(self, recipe: Recipe, source: ModelSource, footprint: Footprint) -> str | None:
         if source.kind == "torchscript":
             return "torch.export does not take TorchScript modules; give a factory (file.py:build) or a .pt2"

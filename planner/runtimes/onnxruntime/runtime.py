@@ -54,6 +54,10 @@ class OnnxRuntime(Runtime):
     def touches(self, recipe: Recipe) -> str:
         return onnx_touches(recipe)
 
+    def unsupported_generation(self) -> str | None:
+        return ("generation is not verified on ONNX Runtime: its rows export one forward without KV-cache inputs "
+                "and outputs (a decoder with past key values, as optimum exports it, is not built here)")
+
     def unsupported(self, recipe: Recipe, source: ModelSource, footprint: Footprint) -> str | None:
         if source.kind == "torchscript":
             return "the ONNX exporter does not take TorchScript modules; give a factory (file.py:build) or a .pt2"

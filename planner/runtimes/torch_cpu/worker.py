@@ -89,6 +89,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         linearize_conv1d(model, Recipe.from_json(job["recipe"]))  # the structure the recipe saved
     inputs = torch.load(job["inputs"], weights_only=True)
     inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
+    generation = job.get("generation")
+    if generation:  # imported before the baseline, as the user's process would have transformers already
+        from planner.analysis.generation import GenerationSpec
+        from planner.runtimes.torch_cpu import generation as generating
     gc.collect()  # no malloc_trim: the state a user's process is in after its imports
     exact_peak = reset_peak()
     baseline = proc_status_bytes("VmRSS")
@@ -106,13 +110,21 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     load_peak = proc_status_bytes("VmHWM")
     weights = private_resident_bytes() - private_baseline
 
+    load = LoadMeasurement(baseline, load_peak, weights, exact_peak, load_s)
+    if generation:
+        spec = GenerationSpec.from_json(generation)
+        with tempfile.TemporaryDirectory() as folder, torch.inference_mode():
+            sequences_path = Path(folder) / "sequences.pt"
+            measured, found = generating.measure_generation(model, inputs[0], spec, sequences_path)
+            quality = generating.generation_quality(model, spec, torch.load(sequences_path, weights_only=True),
+                                                    Path(job["reference"]), bool(job.get("save_reference")))
+        return {**verified_fields(load, measured, activation_bytes=measured.warm_growth), **found, **quality}
     # The first outputs wait on disk (the worker's TMPDIR, under the plan's work directory) during the later runs.
     with tempfile.TemporaryDirectory() as folder, torch.inference_mode():
         first_outputs = Path(folder) / "first-outputs.pt"
         measured = measure_runs(lambda: model(*inputs),
                                 lambda output: torch.save(floating_tensors(output), first_outputs))
         outputs = [t.float() for t in torch.load(first_outputs, weights_only=True)]
-    load = LoadMeasurement(baseline, load_peak, weights, exact_peak, load_s)
     if job.get("save_reference"):
         torch.save(outputs, job["reference"])
         reference = outputs
@@ -120,7 +132,6 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         reference = torch.load(job["reference"], weights_only=True)
     return {**verified_fields(load, measured, activation_bytes=measured.warm_growth),
             **quality_fields(reference, outputs)}
-
 
 if __name__ == "__main__":
     sys.exit(worker_main(sys.argv[1:], run_job))
