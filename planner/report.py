@@ -23,8 +23,7 @@ import pandas as pd
 from planner.core.errors import PlannerError
 from planner.core.safe_io import MAX_PATH_CHARS, path_inside, read_text_capped
 from planner.core.units import format_bytes
-from planner.models.sources import ModelSource
-from planner.recipes.recipe import Recipe, linearize_conv1d
+from planner.recipes.recipe import CONV1D_LINEARIZED_NOTE, Recipe
 from planner.runtimes.registry import create
 
 # plan.json row fields; scripts and CI gates read these, so add fields but never rename them.
@@ -562,22 +561,10 @@ def _stage_export(staging: Path, artifact: Path, backend: str, name: str, row: d
         "verification": {key: _json_value(row.get(key)) for key in ROW_FIELDS},
         "environment": environment(),
         "how_to_load": runtime.how_to_load(model_file.name, artifact.suffix, recipe.tensor_modules,
-                                           restructured=_replaces_layers(source_json, recipe)),
+                                           restructured=CONV1D_LINEARIZED_NOTE in str(row.get("note") or "")),
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     os.chmod(staging, 0o755)  # mkdtemp makes it 0700; an exported folder is an ordinary folder
-
-
-def _replaces_layers(source_json: dict[str, Any], recipe: Recipe) -> bool:
-    """Whether applying the recipe replaced layers of the model (transformers Conv1D became nn.Linear so torchao
-    quantizes it), so its weights no longer load into the user's own architecture."""
-    if not recipe.quantizes:
-        return False
-    try:
-        meta_model = ModelSource.from_json(source_json).build("meta")
-    except Exception:  # noqa: BLE001 - a TorchScript or exported program: nothing is replaced in those
-        return False
-    return bool(linearize_conv1d(meta_model, recipe))
 
 
 def _move_into_place(staging: Path, target: Path, directory: Path) -> None:

@@ -135,17 +135,24 @@ def build():
 # Every row verified and exported: int8 (2.1 MB) fits, fp32 (8.4 MB) does not, int4 (1.1 MB) fits.
 PLAN = ["--budget", "2.5MB", "--budget-on", "disk", "--backend", "torch", "--recipes", "fp32,int8-dynamic,int4-g128",
         "--verify", "all", "--export-all"]
-RESOLUTION_BYTES = 2 * MB  # identical fresh processes differ by up to this much resident memory (rows.py)
+# Identical fresh processes differ by up to 2 MB of resident memory on an idle machine (rows.py's resolution); with
+# another plan running beside them, int8-dynamic's 17.5 MB runtime (mostly fbgemm's first-use pages) measured
+# 19.5 and 21.6 MB. The rows are compared within that spread; the disk bytes and SQNR must be identical.
+SPREAD_BYTES = 5 * MB
 
 
 def _plan(root: Path, name: str, *extra: str) -> tuple[dict, float, dict[str, int]]:
     buffer = io.StringIO()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(commands.console, "file", buffer)
+    # Not monkeypatch: undoing it would pin the console to this test's captured stdout (rich resolves sys.stdout
+    # per print only while its file is None), and later tests would print into a stream nobody reads.
+    commands.console.file = buffer
+    try:
         started = time.perf_counter()
         assert main(["plan", f"{root / 'mlp.py'}:build", *PLAN, "--out", str(root / name),
                      "--export", str(root / f"{name}-export"), *extra]) == 0, buffer.getvalue()
         seconds = time.perf_counter() - started
+    finally:
+        commands.console.file = None
     exported = {str(path.relative_to(root / f"{name}-export")): path.stat().st_size
                 for path in (root / f"{name}-export").rglob("*") if path.is_file() and path.name != "manifest.json"}
     return json.loads((root / name / "plan.json").read_text()), seconds, exported
@@ -172,7 +179,7 @@ def _assert_same_plan(plan: dict, exported: dict[str, int], reference: tuple[dic
         assert row["status"] == other["status"] == "verified"
         assert row["verified_disk_bytes"] == other["verified_disk_bytes"]
         assert row["fits"] == other["fits"]
-        assert abs(row["verified_runtime_bytes"] - other["verified_runtime_bytes"]) <= RESOLUTION_BYTES
+        assert abs(row["verified_runtime_bytes"] - other["verified_runtime_bytes"]) <= SPREAD_BYTES
         assert row["sqnr_db"] == (other["sqnr_db"] if isinstance(other["sqnr_db"], str)  # "inf": the reference
                                   else pytest.approx(other["sqnr_db"], rel=1e-6))
     assert exported == expected_exports  # the same artifacts, byte for byte in size

@@ -235,6 +235,28 @@ def test_an_early_ctrl_c_is_never_swallowed(run: dict, delay_s: float) -> None:
     _assert_nothing_left(run)
 
 
+def test_ctrl_c_while_a_worker_is_forked_is_raised_after_the_fork(tmp_path: Path) -> None:
+    """The early-Ctrl-C case above, made certain: a KeyboardInterrupt inside Python's at-fork hooks (logging's
+    _releaseLock) is printed as "Exception ignored" and lost, so run_isolated defers Ctrl-C around its fork and
+    raises it after; the worker itself starts with the default handling."""
+    from planner.measure import isolation
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        reached = False
+        with pytest.raises(KeyboardInterrupt):
+            with isolation.stop_signals_deferred():  # what run_isolated does around its Popen
+                signal.raise_signal(signal.SIGINT)
+                reached = True  # not raised here, where the fork's hooks would run
+        assert reached and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        handlers = "import signal, sys; sys.stderr.write(repr(signal.getsignal(signal.SIGTERM)))"
+        outcome = isolation.run_isolated([sys.executable, "-c", handlers], timeout_s=60, memory_cap_bytes=None,
+                                         env=dict(os.environ), scratch_dir=tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert outcome.returncode == 0 and outcome.stderr == "<Handlers.SIG_DFL: 0>", outcome.stderr
+
+
 def test_a_normal_plan_kills_what_a_worker_left_running(run: dict) -> None:
     """Also under a TMPDIR too long for the fork server's socket: workers then start the plain way."""
     long_tmp = run["root"] / ("a-temporary-folder-with-a-long-name-" * 2)

@@ -46,13 +46,16 @@ def plans(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict, str
     root = tmp_path_factory.mktemp("needed")
     (root / "mlp.py").write_text(FACTORY)
     results = {}
-    capture = pytest.MonkeyPatch()
     for mode in ("needed", "all"):
         buffer = io.StringIO()
-        capture.setattr(commands.console, "file", buffer)
-        assert main(["plan", f"{root / 'mlp.py'}:build", *PLAN, "--verify", mode, "--out", str(root / mode)]) == 0
+        # Reset to None afterwards, not to the value read now: that is this test's captured stdout (see
+        # test_executors), and later tests would print into it.
+        commands.console.file = buffer
+        try:
+            assert main(["plan", f"{root / 'mlp.py'}:build", *PLAN, "--verify", mode, "--out", str(root / mode)]) == 0
+        finally:
+            commands.console.file = None
         results[mode] = (json.loads((root / mode / "plan.json").read_text()), buffer.getvalue())
-    capture.undo()
     return results
 
 

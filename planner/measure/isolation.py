@@ -194,6 +194,32 @@ def _start_worker_group() -> None:
     die_with_parent()
 
 
+# Deferred while a worker is forked (see stop_signals_deferred): Ctrl-C, and the signals the planner treats as it.
+FORK_DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def stop_signals_deferred() -> Iterator[None]:
+    """Defer Ctrl-C while subprocess forks with a preexec_fn: Python runs its at-fork hooks then (logging's
+    _releaseLock), and a KeyboardInterrupt raised inside one is printed as an "Exception ignored" traceback and
+    lost. A signal that arrives meanwhile is recorded and raised again once the fork is done. Blocking it in this
+    thread would not do: torch's OpenMP threads take a process-directed signal for the interpreter. Only the main
+    thread runs Python's signal handlers, so other threads fork as they are."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {number: signal.signal(number, lambda number, frame: received.append(number))
+                for number in FORK_DEFERRED_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        if received:
+            signal.raise_signal(received[0])  # to the handler the planner had: KeyboardInterrupt, here and now
+
+
 SCRATCH_KEYS = ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR")
 
 
@@ -215,7 +241,7 @@ def run_isolated(argv: list[str], *, timeout_s: float, memory_cap_bytes: int | N
     with tempfile.TemporaryFile(mode="w+", dir=scratch_dir) as stderr:
         child_env = worker_env(env, scratch_dir)
         _report_worker(timeout_s)  # waiting for the timing lock is the worker's time, not the planner's
-        with timing_lock.shared_for_child(child_env) as inherited:
+        with timing_lock.shared_for_child(child_env) as inherited, stop_signals_deferred():
             process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr, env=child_env,
                                        preexec_fn=_start_worker_group, pass_fds=inherited)
 

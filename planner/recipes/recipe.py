@@ -387,6 +387,10 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")  # transformers.pytorch_utils.Conv1D
 
 
+# The build note that says a quantized artifact's Conv1D layers are nn.Linear now (the export's load line reads it).
+CONV1D_LINEARIZED_NOTE = "transformers Conv1D layers became nn.Linear (weight transposed) so torchao quantizes them"
+
+
 def linearize_conv1d(model: nn.Module, recipe: Recipe) -> list[str]:
     """Replace each transformers Conv1D the recipe quantizes with the equivalent nn.Linear (weight transposed),
     since torchao quantizes Linear only. Deterministic from the structure and the recipe, so the verification
@@ -525,7 +529,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, after_layer: Callable[[nn.
     _cast_by_layer(model, recipe.torch_dtype, after_layer)
     scheme = recipe.scheme
     if recipe.quantizes and linearize_conv1d(model, recipe):
-        notes.append("transformers Conv1D layers became nn.Linear (weight transposed) so torchao quantizes them")
+        notes.append(CONV1D_LINEARIZED_NOTE)
     if recipe.layer_overrides:
         quantize_per_layer(model, recipe, after_layer=after_layer)
     elif scheme is not None:
