@@ -48,6 +48,9 @@ ROW_FIELDS = [
     # float32's before the first difference; latency_ms is then decode_ms_per_token
     "analytic_kv_cache_bytes", "verified_kv_cache_bytes", "analytic_prefill_peak_bytes", "analytic_decode_peak_bytes",
     "prefill_ms", "decode_ms_per_token", "matching_generated_tokens",
+    # wall seconds of the row's build (recipe applied, saved or lowered) and of its verification (fresh process:
+    # load, forwards, timing, quality), jobs waiting for the timing lock included
+    "build_s", "verify_s",
 ]
 PLAN_FILES = ("plan.csv", "plan.md", "plan.json", "plan.png", "layers.csv")
 MANIFEST = "manifest.json"

@@ -56,6 +56,8 @@ def test_plan_writes_a_stable_json(simplenet_plan: tuple) -> None:
         assert row["status"] == "verified", row
         assert row["verified_disk_bytes"] == pytest.approx(row["analytic_disk_bytes"], rel=0.05)
         assert row["latency_ms"] > 0
+        assert row["build_s"] > 0 and row["verify_s"] > 0  # where the plan's time went (fp32: the reference's)
+    assert rows["fp8-dynamic"].get("build_s") is None  # refused before any build
     assert rows["int8-dynamic"]["verified_disk_bytes"] < 0.5 * rows["fp32"]["verified_disk_bytes"]
     # Rows that cannot run here say why instead of disappearing.
     assert rows["fp8-dynamic"]["status"] == "unsupported" and "CUDA" in rows["fp8-dynamic"]["note"]

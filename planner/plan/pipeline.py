@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,9 +227,13 @@ def _verify_recipes(source: ModelSource, recipes: list[Recipe], runtimes: list[R
         progress(message, step, total)
 
     report("materializing the float32 reference")
+    started = time.perf_counter()
     fp32_path = materialize_reference(source, workdir)
+    built = time.perf_counter()
     report(f"verifying {REFERENCE} (reference)")
     reference = verify_reference(source, _reference_recipe(recipes), fp32_path, workdir, options, report)
+    # fp32's row reuses the reference: its seconds are the reference's (jobs.build_and_measure times the others)
+    reference = {**reference, "build_s": round(built - started, 2), "verify_s": round(time.perf_counter() - built, 2)}
     context = PlanContext(source, options, workdir, fp32_path, reference, report)
     for runtime in runtimes:  # what a runtime's rows share is built before any row's job (ONNX's float32 export)
         report(f"{runtime.name}: preparing what its rows share")
