@@ -171,6 +171,24 @@ def test_prune_then_quantize() -> None:
     assert "50%" in notes[0]
 
 
+@pytest.mark.parametrize(("name", "keeps_zeros"), [("prune50-int8-dynamic", True), ("prune50-int4-g128", False)])
+def test_a_quantized_pruned_layer_says_whether_it_kept_its_zeros(name: str, keeps_zeros: bool) -> None:
+    """int8 is symmetric: a zero stays zero. torchao's int4 is asymmetric with a zero point that is not an
+    integer: read back through the layer, none of the pruned zeros is zero, and the row's note says so."""
+    recipe = next(r for r in default_recipes() if r.name == name)
+    torch.manual_seed(0)
+    model, notes = apply_recipe(nn.Sequential(nn.Linear(512, 128), nn.ReLU(), nn.Linear(128, 64)), recipe)
+    said = [note for note in notes if "pruned zeros" in note]
+    if keeps_zeros:
+        assert said == []
+        assert int((model[0].weight.qdata == 0).sum()) >= 512 * 128 // 2
+    else:
+        assert len(said) == 1 and "kept 0% of the pruned zeros" in said[0] and "2 layer(s)" in said[0], said
+        units = torch.eye(512, dtype=torch.bfloat16)[:32]  # the same read-back, by hand, on the first layer
+        read = (model[0](units) - model[0](torch.zeros(1, 512, dtype=torch.bfloat16))).float()
+        assert int((read == 0).sum()) < read.numel() // 100
+
+
 @pytest.mark.parametrize("fraction", [0.3, 0.5, 0.9])
 def test_magnitude_threshold_sampled_bracket_is_exact(fraction: float) -> None:
     """Above the sample size the k-th value comes from a sampled bracket; it must still be exact, also for a

@@ -537,11 +537,71 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, after_layer: Callable[[nn.
         if missing:
             raise UnsupportedRecipe(f"needs CUDA: {missing}")
         chosen = layer_filter(recipe)
+        probes = ZeroProbes()
         for fqn in [fqn for fqn, module in model.named_modules() if chosen(module, fqn)]:
+            probe = probes.before(model.get_submodule(fqn)) if recipe.prune else None
             scheme.quantize_layer(model, fqn, recipe)
+            if probe is not None:
+                probes.after(model.get_submodule(fqn), probe)
             if after_layer is not None:
                 after_layer(model)
+        notes += probes.notes(recipe)
     return model, notes
+
+
+# Input columns of a pruned Linear whose weights are read back after quantizing (ZeroProbes).
+PROBE_COLUMNS = 32
+
+
+@dataclass
+class ZeroProbes:
+    """Whether quantizing kept a pruned layer's zeros. torchao's int4 (an asymmetric scheme whose zero point is not
+    an integer) computes a pruned zero as a small nonzero value; over ComplexNet's 0.5M-input Linear the errors add
+    up: prune50-int4-g128 measured -19.7 dB against prune50's 6.7 dB, where its ONNX twin, which keeps zeros,
+    measured 6.6 dB. Each pruned Linear's first
+    PROBE_COLUMNS input columns are read back through the quantized layer (a unit input per column), which works
+    for any weight layout the layer can run."""
+
+    zeros: int = 0
+    kept: int = 0
+    zero_magnitude: float = 0.0
+    weight_magnitude: float = 0.0
+    weights: int = 0
+    layers: int = 0
+
+    def before(self, module: nn.Module) -> torch.Tensor | None:
+        """Where the layer's first input columns are zero (a new tensor: no view keeps the weight alive)."""
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, nn.Linear) or not isinstance(weight, torch.Tensor) or weight.device.type == "meta":
+            return None
+        mask = weight.detach()[:, :PROBE_COLUMNS] == 0
+        return mask if bool(mask.any()) else None
+
+    def after(self, module: nn.Module, mask: torch.Tensor) -> None:
+        count, width = mask.shape[1], module.in_features
+        dtype = module.weight.dtype if module.weight.is_floating_point() else torch.float32
+        try:
+            with torch.no_grad():
+                units = torch.zeros(count + 1, width, dtype=dtype)
+                units[torch.arange(count), torch.arange(count)] = 1
+                out = module(units).float()
+        except Exception:  # noqa: BLE001 - a layout that cannot run here says nothing about zeros
+            return
+        read = (out[:count] - out[count]).T  # (out_features, count): the columns as the layer computes with them
+        self.layers += 1
+        self.zeros += int(mask.sum())
+        self.kept += int((read[mask] == 0).sum())
+        self.zero_magnitude += float(read[mask].abs().sum())
+        self.weight_magnitude += float(read[~mask].abs().sum())
+        self.weights += int((~mask).sum())
+
+    def notes(self, recipe: Recipe) -> list[str]:
+        if not self.zeros or self.kept >= 0.99 * self.zeros:
+            return []
+        size = (self.zero_magnitude / self.zeros) / max(self.weight_magnitude / max(self.weights, 1), 1e-30)
+        return [f"{recipe.quantize} kept {self.kept / self.zeros:.0%} of the pruned zeros (read back on "
+                f"{PROBE_COLUMNS} input columns of {self.layers} layer(s)): the rest compute as nonzero values, on "
+                f"average {size:.0%} the size of the kept weights, so the quantized layers are no longer sparse"]
 
 
 def _cast_by_layer(model: nn.Module, dtype: torch.dtype, after_layer: Callable[[nn.Module], None] | None) -> None:
