@@ -122,11 +122,6 @@ class Runtime(ABC):
         """Measure the artifact in a fresh, isolated process: the verified figures with status verified, or
         status failed and the reason."""
 
-    @abstractmethod
-    def warm_up(self) -> None:
-        """The framework's first tiny forward in a process: what planner.runtimes.baseline's first-use figure
-        measures."""
-
     def framework_baseline(self) -> int | None:
         """Resident bytes of a process of this runtime with its libraries imported, no model (measured once,
         cached)."""

@@ -17,7 +17,6 @@ Analytic figures, before anything is lowered:
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +31,11 @@ from planner.models.sources import ModelSource
 from planner.recipes.recipe import Recipe
 from planner.runtimes.base import Artifact, BuildFailed, PlanContext, Runtime
 from planner.runtimes.executorch.lower import (
-    TINY_PROGRAM,
     ProgramBytes,
     program_bytes,
     realized_recipe,
     support,
-    write_tiny_program,
 )
-from planner.runtimes.executorch.worker import first_tiny_forward
 
 BUILD_WORKER = "planner.runtimes.executorch.lower"
 VERIFY_WORKER = "planner.runtimes.executorch.worker"
@@ -160,11 +156,6 @@ class ExecuTorchRuntime(Runtime):
         result = run_worker(job, workdir, f"{recipe.name}.executorch", context.options, worker=VERIFY_WORKER)
         result["note"] = "; ".join(filter(None, [*artifact.notes, result.get("note", "")]))
         return result
-
-    def warm_up(self) -> None:
-        with tempfile.TemporaryDirectory(prefix="planner-executorch-") as folder:
-            write_tiny_program(Path(folder) / TINY_PROGRAM)
-            first_tiny_forward(Path(folder))
 
     def export_format(self, artifact: Path) -> str:
         return "executorch"

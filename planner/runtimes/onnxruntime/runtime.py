@@ -21,7 +21,7 @@ from planner.runtimes.onnxruntime.export import (
     onnx_file_bytes,
     onnx_recipe_support,
 )
-from planner.runtimes.onnxruntime.worker import first_tiny_forward, make_job
+from planner.runtimes.onnxruntime.worker import make_job
 from planner.runtimes.rows import REFERENCE
 
 BUILD_WORKER = "planner.runtimes.onnxruntime.export"
@@ -135,9 +135,6 @@ class OnnxRuntime(Runtime):
         result = run_worker(job, workdir, f"{recipe.name}.onnx", context.options, worker=VERIFY_WORKER)
         result["note"] = "; ".join(filter(None, [*artifact.notes, result.get("note", "")]))
         return result
-
-    def warm_up(self) -> None:
-        first_tiny_forward()
 
     def disk_bytes(self, artifact: Artifact) -> int:
         return onnx_file_bytes(artifact.files[0])

@@ -22,7 +22,6 @@ from planner.recipes.recipe import Recipe
 from planner.runtimes.base import Artifact, BuildFailed, PlanContext, Runtime
 from planner.runtimes.rows import REFERENCE, RESOLUTION_BYTES, PlanOptions
 from planner.runtimes.torch_cpu.build import FAILED_PREFIX, artifact_format, make_job, save_artifact
-from planner.runtimes.torch_cpu.worker import first_tiny_forward
 
 WORKER = "planner.runtimes.torch_cpu.worker"
 BUILD_WORKER = "planner.runtimes.torch_cpu.build"
@@ -188,9 +187,6 @@ class TorchCpu(Runtime):
         result["note"] = "; ".join(filter(None, [*artifact.notes, result.get("note", ""),
                                                  first_run_note(result) if context.options.generation else None]))
         return result
-
-    def warm_up(self) -> None:
-        first_tiny_forward()
 
     def disk_bytes(self, artifact: Artifact) -> int:
         return artifact.files[0].stat().st_size
