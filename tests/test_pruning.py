@@ -1,6 +1,7 @@
 """Pruning that saves bytes: structured pruning (torch-pruning) really shrinks tensors, sparse storage shrinks
 files where it pays, and the analytic twin predicts both before any weight is touched."""
 
+import dataclasses
 import io
 import json
 import math
@@ -16,7 +17,7 @@ from planner.analysis import pruning, sparse
 from planner.analysis.evalhook import resolve_eval_spec, run_eval
 from planner.core.errors import PlannerError
 from planner.models.zoo import ZOO
-from planner.recipes.recipe import Recipe, UnsupportedRecipe, apply_recipe
+from planner.recipes.recipe import Recipe, UnsupportedRecipe, apply_recipe, default_recipes
 
 # ---- sparse storage: the crossover arithmetic and the format ----
 
@@ -343,3 +344,23 @@ def test_thememoized_flatten_mapping_gives_torch_prunings_answer_as_a_fresh_list
             forward.append("edited by its caller")
             assert sorted(_FlattenIndexMapping(4, reverse=True)(flattened)) == expected[1]
     assert "memoized" not in repr(_FlattenIndexMapping.__call__)  # put back
+
+
+def test_gqa_attention_pruned_to_fewer_query_heads_still_exports() -> None:
+    """A Qwen2 with 8 query and 2 KV heads (its default ratio, shrunk) loses query heads; the query heads per KV
+    head must follow, or torch.export (ONNX and ExecuTorch rows) broadcasts 8 heads against 4."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(config).eval()
+    ids = torch.randint(0, 1000, (1, 16))
+    recipe = next(r for r in default_recipes() if r.name == "struct50")
+    structure = pruning.prune_channels(model, (ids,), dataclasses.replace(recipe, channels=0.3, params=0.0))
+    attention = model.model.layers[0].self_attn
+    query_heads = attention.q_proj.out_features // attention.head_dim
+    kv_heads = attention.k_proj.out_features // attention.head_dim
+    assert query_heads < 8 and attention.num_key_value_groups == query_heads // kv_heads
+    assert structure["attributes"]["model.layers.0.self_attn"]["num_key_value_groups"] == query_heads // kv_heads
+    torch.export.export(model, (ids,), kwargs={"use_cache": False}, strict=False)  # raised before the fix

@@ -248,13 +248,23 @@ def _prune_channels_mapped(model: nn.Module, inputs: tuple[torch.Tensor, ...], r
 
 
 def _update_head_counts(model: nn.Module, heads: dict[nn.Module, int]) -> None:
-    """BERT-style attention keeps its head count in attributes; keep them true after whole heads go."""
+    """Attention modules keep head counts in attributes; keep them true after whole heads go. BERT: the head
+    count. Llama-style GQA: query heads per KV head (`num_key_value_groups`), which eager SDPA does not read
+    (it broadcasts) but torch.export's and ONNX's path does, through repeat_kv: a Qwen2 with 8 query and 2 KV
+    heads pruned to 4 query heads ran in torch and failed to export with 4 groups left."""
     for module in model.modules():
         query, size = getattr(module, "query", None), getattr(module, "attention_head_size", None)
         if query in heads and isinstance(size, int) and hasattr(module, "num_attention_heads"):
             module.num_attention_heads = query.out_features // size
             if hasattr(module, "all_head_size"):
                 module.all_head_size = query.out_features
+        query, key = getattr(module, "q_proj", None), getattr(module, "k_proj", None)
+        head_dim = getattr(module, "head_dim", None)
+        if (query in heads and key in heads and isinstance(head_dim, int) and head_dim > 0
+                and isinstance(getattr(module, "num_key_value_groups", None), int)):
+            query_heads, kv_heads = query.out_features // head_dim, key.out_features // head_dim
+            if kv_heads and query_heads % kv_heads == 0:
+                module.num_key_value_groups = query_heads // kv_heads
 
 
 def structure_of(model: nn.Module, before: dict[str, dict[str, Any]]) -> dict[str, Any]:
