@@ -21,7 +21,7 @@ import torch
 from planner.analysis.activations import fake_forward
 from planner.analysis.footprint import Footprint
 from planner.analysis.generation import check_generation
-from planner.analysis.pruning import pruning_footprint, resolve_recipe
+from planner.analysis.pruning import clear_flatten_memo, pruning_footprint, resolve_recipe
 from planner.core import rank
 from planner.core.errors import PlannerError
 from planner.measure.isolation import plan_workdir, report_stage
@@ -151,6 +151,7 @@ def run_plan(source: ModelSource, recipes: list[Recipe], options: PlanOptions,
     recipes = [recipe for recipe, _ in ties]
     footprints = {recipe.name: pruning_footprint(meta_model, inputs, recipe, materialize=materialize,
                                                  generation=options.generation) for recipe in recipes}
+    clear_flatten_memo()  # every structured pruning of the analysis is done
     for (_, note), (recipe, tie_note) in zip(resolved, ties, strict=True):
         for text in filter(None, [tie_note, note]):
             footprints[recipe.name].notes.insert(0, text)
