@@ -171,14 +171,14 @@ def prune_channels(model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: R
         return _prune_channels(model, inputs, recipe, weightless)
 
 
-# Flatten index mappings memoized across the prunings of one plan (see memoized_flatten_mapping): a few entries,
-# each up to one Linear's inputs of immutable index tuples (ComplexNet: 524,288, about 60 MB).
+# Flatten index mappings memoized across the prunings of one plan's analysis (see memoized_flatten_mapping), cleared
+# after it: a few entries, each up to one Linear's inputs of index tuples (ComplexNet: 524,288, roughly 50 MB).
 FLATTEN_MEMO_ENTRIES = 8
 _FLATTEN_MEMO: dict[tuple[Any, ...], list[Any]] = {}
 
 
 def clear_flatten_memo() -> None:
-    """Give back the memoized mappings (about 50 MB an entry on ComplexNet) once the plan's analysis is done."""
+    """Give back the memoized mappings once the plan's analysis is done (the planner then verifies for minutes)."""
     _FLATTEN_MEMO.clear()
 
 

@@ -558,9 +558,8 @@ class ZeroProbes:
     """Whether quantizing kept a pruned layer's zeros. torchao's int4 (an asymmetric scheme whose zero point is not
     an integer) computes a pruned zero as a small nonzero value; over ComplexNet's 0.5M-input Linear the errors add
     up: prune50-int4-g128 measured -19.7 dB against prune50's 6.7 dB, where its ONNX twin, which keeps zeros,
-    measured 6.6 dB. Each pruned Linear's first
-    PROBE_COLUMNS input columns are read back through the quantized layer (a unit input per column), which works
-    for any weight layout the layer can run."""
+    measured 6.6 dB. Each pruned Linear's first PROBE_COLUMNS input columns are read back through the quantized
+    layer (a unit input per column), which works for any weight layout the layer can run."""
 
     zeros: int = 0
     kept: int = 0
