@@ -328,22 +328,31 @@ def test_plan_with_structured_sparse_and_eval(tmp_path: Path, capsys: pytest.Cap
     assert math.isfinite(rows["struct50"]["sqnr_db"])
 
 
-def test_thememoized_flatten_mapping_gives_torch_prunings_answer_as_a_fresh_list() -> None:
-    """The speed-up of ComplexNet's analysis (64 -> 46 s for --analytic-only, same rows) must not change what
-    torch-pruning computes, nor let one caller's list edits reach another's."""
+def test_the_fast_flatten_mapping_gives_torch_prunings_answer_as_a_fresh_list() -> None:
+    """The speed-up of ComplexNet's analysis (a C-level mapping, memoized, the garbage collector paused) must not
+    change what torch-pruning computes, element for element and in order, nor let one caller's list edits reach
+    another's; the collector runs again afterwards."""
+    import gc
+
     from torch_pruning._helpers import _HybridIndex
     from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
-    channels = [_HybridIndex(idx=i, root_idx=i) for i in (0, 3, 5)]
-    flattened = [_HybridIndex(idx=i, root_idx=i // 4) for i in range(24)]
-    expected = [_FlattenIndexMapping(4)(channels), sorted(_FlattenIndexMapping(4, reverse=True)(flattened))]
-    with pruning.memoized_flatten_mapping():
+    generator = torch.Generator().manual_seed(0)
+    channels = [_HybridIndex(idx=int(i), root_idx=int(i)) for i in torch.randperm(40, generator=generator)[:9]]
+    flattened = [_HybridIndex(idx=int(i), root_idx=int(i) % 7)
+                 for i in torch.randint(0, 5000, (3000,), generator=generator)]
+    expected = [_FlattenIndexMapping(64)(channels), _FlattenIndexMapping(64, reverse=True)(flattened)]
+    assert gc.isenabled()
+    with pruning.fast_flatten_mapping():
+        assert not gc.isenabled()
         for _ in range(2):  # computed, then from the memo
-            forward = _FlattenIndexMapping(4)(channels)
-            assert forward == expected[0]
+            forward = _FlattenIndexMapping(64)(channels)
+            assert forward == expected[0] and all(type(index) is _HybridIndex for index in forward)
             forward.append("edited by its caller")
-            assert sorted(_FlattenIndexMapping(4, reverse=True)(flattened)) == expected[1]
+            assert _FlattenIndexMapping(64, reverse=True)(flattened) == expected[1]  # the same set order too
+    assert gc.isenabled()
     assert "memoized" not in repr(_FlattenIndexMapping.__call__)  # put back
+    pruning.clear_flatten_memo()
 
 
 def test_gqa_attention_pruned_to_fewer_query_heads_still_exports() -> None:

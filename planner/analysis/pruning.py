@@ -18,8 +18,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
+import gc
+import itertools
 import json
 import math
+import operator
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping
@@ -182,12 +186,30 @@ def clear_flatten_memo() -> None:
     _FLATTEN_MEMO.clear()
 
 
+def flatten_mapping(stride: int, reverse: bool, idxs: Any) -> list[Any]:
+    """torch-pruning's `_FlattenIndexMapping.__call__`, element for element and in the same order, with the
+    tuples made by C loops (map, zip) rather than a Python comprehension: 3x faster on 0.5M indices."""
+    from torch_pruning._helpers import _HybridIndex
+
+    make = functools.partial(tuple.__new__, _HybridIndex)
+    if reverse:
+        # The same pairs inserted in the same order as the original's make the same set, iterated the same way.
+        channels = map(operator.floordiv, map(operator.itemgetter(0), idxs), itertools.repeat(stride))
+        return list(set(map(make, zip(channels, map(operator.itemgetter(1), idxs), strict=True))))
+    flattened: list[Any] = []
+    for index, root in idxs:
+        flattened.extend(map(make, zip(range(index * stride, (index + 1) * stride), itertools.repeat(root))))
+    return flattened
+
+
 @contextlib.contextmanager
-def memoized_flatten_mapping() -> Iterator[None]:
+def fast_flatten_mapping() -> Iterator[None]:
     """torch-pruning maps a flattened Linear's input indices to channels one Python tuple per index, and builds
-    the same groups again at every get_all_groups: 11M tuples and 19 of the 27 s of one pruning of ComplexNet
-    (a 524,288-input Linear). The mapping is a pure function of (stride, direction, indices) whose results are
-    immutable tuples, so each result is memoized and handed out as a fresh list, across the prunings of a solve."""
+    the same groups again at every get_all_groups: 11M tuples a pruning of ComplexNet (a 524,288-input Linear).
+    The mapping is a pure function of (stride, direction, indices) whose results are immutable tuples, so each
+    result is computed by `flatten_mapping`, memoized, and handed out as a fresh list, across a solve's prunings.
+    The cyclic garbage collector is paused meanwhile: its full passes over millions of live tuples were half of
+    a pruning's time (12.4 -> 6.1 s), and the tuples hold no cycles (they are freed by reference counting)."""
     from torch_pruning.dependency import index_mapping
 
     mapping = getattr(index_mapping, "_FlattenIndexMapping", None)
@@ -201,19 +223,65 @@ def memoized_flatten_mapping() -> Iterator[None]:
         if key not in _FLATTEN_MEMO:
             while len(_FLATTEN_MEMO) >= FLATTEN_MEMO_ENTRIES:
                 _FLATTEN_MEMO.pop(next(iter(_FLATTEN_MEMO)))
-            _FLATTEN_MEMO[key] = original(self, idxs)
+            _FLATTEN_MEMO[key] = flatten_mapping(self._stride, bool(self.reverse), idxs)
         return list(_FLATTEN_MEMO[key])
 
+    from torch_pruning.dependency.group import Group
+
+    original_merge = vars(Group).get("add_and_merge")
+
+    def merge(self: Any, dep: Any, idxs: list[Any]) -> None:
+        # Most merges of a flattened Linear's inputs add the indices the group already holds, in another order
+        # (each path through the pool and the flatten reaches fc1 again). The original keeps the first of each
+        # index over held + new, i.e. the held list itself when it has no repeats; its Python loop over 1M tuples
+        # took 2 of a pruning's 5 s, the set operations here a tenth of that.
+        from torch_pruning._helpers import GroupItem
+
+        for position, (held_dep, held) in enumerate(self._group):
+            if held_dep.target == dep.target and held_dep.handler == dep.handler:
+                held_keys = keys_of(held)
+                if len(held_keys) == len(held) and held_keys.issuperset(map(operator.itemgetter(0), idxs)):
+                    merged = list(held)
+                    remember_keys(merged, held_keys)
+                    self._group[position] = GroupItem(dep=held_dep, idxs=merged)
+                    return
+                break
+        original_merge(self, dep, idxs)
+
+    # The index set of the last few merged lists: the same list is merged into again and again.
+    known_keys: dict[int, tuple[list[Any], set[int]]] = {}
+
+    def remember_keys(held: list[Any], keys: set[int]) -> None:
+        while len(known_keys) >= 4:
+            known_keys.pop(next(iter(known_keys)))
+        known_keys[id(held)] = (held, keys)
+
+    def keys_of(held: list[Any]) -> set[int]:
+        entry = known_keys.get(id(held))
+        if entry is not None and entry[0] is held:
+            return entry[1]
+        keys = set(map(operator.itemgetter(0), held))
+        remember_keys(held, keys)
+        return keys
+
+    collecting = gc.isenabled()
+    gc.disable()
     mapping.__call__ = memoized
+    if original_merge is not None:
+        Group.add_and_merge = merge
     try:
         yield
     finally:
         mapping.__call__ = original
+        if original_merge is not None:
+            Group.add_and_merge = original_merge
+        if collecting:
+            gc.enable()
 
 
 def _prune_channels(model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe, weightless: bool
                     ) -> dict[str, Any]:
-    with memoized_flatten_mapping():
+    with fast_flatten_mapping():
         return _prune_channels_mapped(model, inputs, recipe, weightless)
 
 
