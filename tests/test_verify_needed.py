@@ -36,7 +36,11 @@ def test_could_fit_allows_the_margin_and_rules_out_beyond_it() -> None:
     unmodelled = {"status": "estimated", "analytic_disk_bytes": 300_000_000, "analytic_runtime_bytes": None,
                   "device_framework_bytes": 60_000_000}
     assert not rank.could_fit(unmodelled, 200_000_000, "device")
-    assert rank.could_fit(unmodelled, 300_000_000, "device")
+    assert rank.could_fit(unmodelled, 360_000_000, "device")
+    # a bound is only off by the file size's error: 10% over is ruled out, where an analytic figure is not
+    assert not rank.could_fit(unmodelled, 327_000_000, "device")
+    assert rank.could_fit(dict(row, analytic_disk_bytes=1_100_000), 1_000_000, "disk")
+    assert rank.could_fit(unmodelled, int(360_000_000 / (1 + rank.LOWER_BOUND_MARGIN)) + 1, "device")
     assert "at least its analytic file size, 360.0 MB on device" in rank.ruled_out_note(unmodelled, 200_000_000,
                                                                                          "device")
 
