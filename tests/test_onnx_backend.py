@@ -281,3 +281,35 @@ def test_layers_kept_float_by_the_recipe_stay_float_in_onnx(scheme: str, tmp_pat
     assert backend.count_quantized_nodes(unchanged, recipe.quantize) == 2
     mixed = replace(recipe, layer_overrides=(LayerOverride("0", "int8-weight-only"),))
     assert "per-layer schemes" in (backend.onnx_recipe_support(mixed) or "")
+
+
+def test_a_folded_weight_is_known_by_its_parameter_and_a_tied_one_is_stored_once(tmp_path: Path) -> None:
+    """On 3-D inputs a Linear exports as MatMul with its transposed weight folded into a new constant (val_N): a
+    layer kept float by the recipe must still be found by its parameter name, and a weight with another reader (a
+    head tied to its embedding) must not be stored a second time as its folded transpose."""
+    from dataclasses import replace
+
+    from planner.recipes.recipe import LayerOverride
+
+    class TiedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(512, 64)
+            self.mlp = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64))
+            self.head = nn.Linear(64, 512, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.mlp(self.embed(ids)))
+
+    torch.manual_seed(0)
+    model = TiedLM().eval()
+    ids = (torch.randint(0, 512, (1, 16)),)
+    path, _ = backend.build_onnx_artifact(model, ids, RECIPES["fp32"], tmp_path)
+    stored = sum(p.numel() for p in model.parameters()) * 4
+    assert backend.onnx_file_bytes(path) < stored * 1.05  # the embedding once, not again as the head's transpose
+    recipe = replace(RECIPES["int8-dynamic"], name="keep-mlp0", layer_overrides=(LayerOverride("mlp.0", None),))
+    keep = frozenset(backend.float_weight_names(model, recipe))
+    quantized, notes = backend.build_onnx_artifact(model, ids, recipe, tmp_path, keep)
+    assert any("1 MatMul node(s) kept float" in note for note in notes), notes
+    assert backend.count_quantized_nodes(quantized, recipe.quantize) == 1  # mlp.2; the tied head reads a Transpose

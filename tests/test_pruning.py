@@ -373,3 +373,29 @@ def test_gqa_attention_pruned_to_fewer_query_heads_still_exports() -> None:
     assert query_heads < 8 and attention.num_key_value_groups == query_heads // kv_heads
     assert structure["attributes"]["model.layers.0.self_attn"]["num_key_value_groups"] == query_heads // kv_heads
     torch.export.export(model, (ids,), kwargs={"use_cache": False}, strict=False)  # raised before the fix
+
+
+def test_a_tied_head_stays_tied_through_structured_pruning() -> None:
+    """torch-pruning gives the embedding and the head their own pruned Parameter; the planner ties them again, on
+    real weights, on meta (the analysis) and in the structure a pruned artifact is rebuilt from. Untied, a pruned
+    small LM stored and held its embedding twice."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=2000, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.device("meta"):
+        meta_model = Qwen2ForCausalLM(config)
+    ids = (torch.randint(0, 2000, (1, 16)),)
+    recipe = dataclasses.replace(next(r for r in default_recipes() if r.name == "struct50"), channels=0.5, params=0.0)
+    structure = pruning.prune_channels(model, ids, recipe)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.lm_head.weight.shape[1] < 128
+    pruned, _ = pruning.pruned_meta_model(meta_model, ids, recipe)
+    assert pruned.lm_head.weight is pruned.model.embed_tokens.weight
+    assert pruning.parameter_count(pruned) == pruning.parameter_count(model)
+    with torch.device("meta"):
+        rebuilt = pruning.rebuild(Qwen2ForCausalLM(config), structure)
+    assert rebuilt.lm_head.weight is rebuilt.model.embed_tokens.weight
+    assert rebuilt.lm_head.weight.shape == model.lm_head.weight.shape

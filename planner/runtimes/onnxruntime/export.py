@@ -16,6 +16,7 @@ fourfold), which would make ONNX file sizes incomparable with the torch ones.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import logging
@@ -23,7 +24,7 @@ import math
 import re
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,7 @@ def export_fp32(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path) 
         for node in program.model.graph.all_nodes():
             node.metadata_props.clear()
         unfold_splat_constants(program.model, _stored_names(model))
+        unfold_duplicated_transposes(program.model)
         # ONNXProgram.save switches to external data by itself only above 2 GB; decide here, with margin.
         program.save(str(path), external_data=external)
     if had_cache:
@@ -314,6 +316,48 @@ def unfold_splat_constants(model: object, keep: set[str], min_elements: int = SP
     return unfolded
 
 
+# The exporter's optimizer records, on each constant it folds, the initializers it was computed from.
+FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
+
+
+def folded_sources(metadata: Mapping[str, str]) -> list[str]:
+    """The initializer names a folded constant was computed from (its FOLDED_FROM metadata), or []."""
+    try:
+        sources = ast.literal_eval(metadata.get(FOLDED_FROM, "[]"))
+    except (ValueError, SyntaxError):
+        return []
+    return [name for name in sources if isinstance(name, str)] if isinstance(sources, list) else []
+
+
+def unfold_duplicated_transposes(model: object) -> int:
+    """Read back as Transpose(W) each folded constant that is the transpose of an initializer W still stored.
+
+    The exporter folds a weight's Transpose into a new constant; when the weight has another reader (a small LM's
+    head tied to its embedding, read by Gather), both are stored: a pruned Qwen2's file held its 32,000 x 256
+    embedding twice. Returns the constants unfolded."""
+    import numpy as np
+    import onnx_ir as ir
+
+    assert isinstance(model, ir.Model)
+    graph = model.graph
+    unfolded = 0
+    for name, value in list(graph.initializers.items()):
+        sources = folded_sources(value.metadata_props)
+        source = graph.initializers.get(sources[0]) if len(sources) == 1 else None
+        if source is None or value.const_value is None or source.const_value is None:
+            continue
+        array, original = value.const_value.numpy(), source.const_value.numpy()
+        if array.ndim != 2 or array.shape != original.shape[::-1] or not np.array_equal(array, original.T):
+            continue
+        transpose = ir.node("Transpose", [source], {"perm": [1, 0]}, name=f"{name}_transpose")
+        graph.insert_before(graph.node(0), transpose)
+        value.replace_all_uses_with(transpose.outputs[0])
+        transpose.outputs[0].name = name
+        graph.initializers.pop(name)
+        unfolded += 1
+    return unfolded
+
+
 def _remove_artifact(path: Path) -> None:
     """Delete an earlier artifact at `path` and its external data: a stale .data file would be read back."""
     for stale in (path, path.with_name(external_data_name(path))):
@@ -375,6 +419,9 @@ def gemm_to_matmul(model: object) -> int:
     return count
 
 
+TRANSPOSED_SUFFIX = "_kn"  # a Gemm weight also read elsewhere is transposed into a new initializer so named
+
+
 def _transposed_initializer(graph: object, weight: object, in_place: bool) -> str:
     """Store `weight` [N, K] as [K, N]: in place when nothing else reads it, else as a new initializer.
 
@@ -385,7 +432,7 @@ def _transposed_initializer(graph: object, weight: object, in_place: bool) -> st
     array = np.ascontiguousarray(numpy_helper.to_array(weight).T)  # type: ignore[arg-type]
     target = weight if in_place else graph.initializer.add()  # type: ignore[attr-defined]
     if not in_place:
-        target.name = weight.name + "_kn"  # type: ignore[attr-defined]
+        target.name = weight.name + TRANSPOSED_SUFFIX  # type: ignore[attr-defined]
         target.data_type = weight.data_type  # type: ignore[attr-defined]
     if in_place:  # a declared shape of the old [N, K] layout would contradict the new one in shape inference
         stale = [info for info in graph.value_info if info.name == weight.name]  # type: ignore[attr-defined]
@@ -528,6 +575,9 @@ def matmuls_reading(model: object, weights: frozenset[str]) -> list[str]:
         return []
     graph = model.graph  # type: ignore[attr-defined]
     producers = {output: node for node in graph.node for output in node.output}
+    # A weight the exporter folded (a Linear's transpose, as val_N) is known by the parameter it came from.
+    folded = {info.name: folded_sources({prop.key: prop.value for prop in info.metadata_props})
+              for info in graph.value_info}
     found = []
     for index, node in enumerate(graph.node):
         if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
@@ -535,7 +585,9 @@ def matmuls_reading(model: object, weights: frozenset[str]) -> list[str]:
         name, producer = node.input[1], producers.get(node.input[1])
         while producer is not None and producer.op_type in ("Transpose", "Cast", "Identity"):
             name, producer = producer.input[0], producers.get(producer.input[0])
-        if name in weights:
+        origins = {name, name.removesuffix(TRANSPOSED_SUFFIX), *folded.get(name, ()),
+                   *folded.get(name.removesuffix(TRANSPOSED_SUFFIX), ())}
+        if origins & weights:
             node.name = node.name or f"planner_matmul_{index}"
             found.append(node.name)
     return found
