@@ -308,12 +308,18 @@ def unfold_splat_constants(model: object, keep: set[str], min_elements: int = SP
         graph.register_initializer(shape)
         fill = ir.node("ConstantOfShape", [shape], {"value": ir.tensor(array.reshape(-1)[:1].copy())},
                        name=f"{name}_splat")
-        graph.insert_before(graph.node(0), fill)
-        value.replace_all_uses_with(fill.outputs[0])
-        fill.outputs[0].name = name
-        graph.initializers.pop(name)
+        _compute_instead(graph, value, fill)
         unfolded += 1
     return unfolded
+
+
+def _compute_instead(graph: Any, value: Any, node: Any) -> None:
+    """Replace the initializer `value` by `node`'s output, under the same name, computed first in the graph."""
+    name = value.name
+    graph.insert_before(graph.node(0), node)
+    value.replace_all_uses_with(node.outputs[0])
+    node.outputs[0].name = name
+    graph.initializers.pop(name)
 
 
 # The exporter's optimizer records, on each constant it folds, the initializers it was computed from.
@@ -349,11 +355,7 @@ def unfold_duplicated_transposes(model: object) -> int:
         array, original = value.const_value.numpy(), source.const_value.numpy()
         if array.ndim != 2 or array.shape != original.shape[::-1] or not np.array_equal(array, original.T):
             continue
-        transpose = ir.node("Transpose", [source], {"perm": [1, 0]}, name=f"{name}_transpose")
-        graph.insert_before(graph.node(0), transpose)
-        value.replace_all_uses_with(transpose.outputs[0])
-        transpose.outputs[0].name = name
-        graph.initializers.pop(name)
+        _compute_instead(graph, value, ir.node("Transpose", [source], {"perm": [1, 0]}, name=f"{name}_transpose"))
         unfolded += 1
     return unfolded
 
