@@ -152,3 +152,41 @@ def test_float16_layer_norm_keeps_its_precision(tmp_path: Path) -> None:
     output = Runtime.get().load_program(str(target)).load_method("forward").execute([ids])[0].float()
     sqnr = 10 * torch.log10((expected**2).sum() / ((output - expected) ** 2).sum())
     assert sqnr > 40, float(sqnr)
+
+
+def test_a_tied_head_is_quantized_on_executorch_where_a_tie_is_stored_twice_anyway(tmp_path: Path) -> None:
+    """keep_ties keeps a head tied to its embedding float, so torch stores the pair once. XNNPACK stores its own
+    copy of a delegated Linear's weight whatever it is, so on ExecuTorch the head follows the recipe: the second
+    copy is 4-bit, not float (GPT-2 8da4w: the float head was 154 MB of a 360 MB .pte)."""
+    from planner.analysis.footprint import analytic_footprint
+    from planner.recipes.recipe import keep_ties, untied
+    from planner.runtimes.executorch.runtime import ExecuTorchRuntime
+
+    class TiedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(4000, 128)
+            self.mlp = nn.Linear(128, 128)
+            self.head = nn.Linear(128, 4000, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.mlp(self.embed(ids))))
+
+    torch.manual_seed(0)
+    model = TiedLM().eval()
+    with torch.device("meta"):
+        meta_model = TiedLM()
+    ids = (torch.randint(0, 4000, (1, 16)),)
+    recipe, note = keep_ties(meta_model, next(r for r in default_recipes() if r.name == "8da4w-g32"))
+    assert note and "head kept in float32" in note
+    plain, dropped = untied(recipe)
+    assert dropped == ["head"] and untied(plain) == (plain, [])
+    head_float = 4000 * 128 * 4
+    kept_bytes = program_bytes(meta_model, realized_recipe(recipe)).file_bytes
+    runtime = ExecuTorchRuntime()
+    runtime.describe(meta_model, ids, [recipe], {recipe.name: analytic_footprint(meta_model, ids, recipe)})
+    predicted = runtime.analytic(recipe, analytic_footprint(meta_model, ids, recipe))["analytic_disk_bytes"]
+    assert predicted < kept_bytes - 0.8 * head_float
+    path, _, _ = build_pte(model, ids, plain, tmp_path)
+    assert abs(path.stat().st_size - predicted) < 0.02 * predicted, (path.stat().st_size, predicted)

@@ -68,6 +68,8 @@ class LayerOverride:
     bits: int = 8
     group_size: int = 128
     mapping: str = "asymmetric"
+    # Kept float by keep_ties, not by the user's table: a runtime that cannot keep the tie drops it (untied).
+    tied: bool = False
 
     @property
     def label(self) -> str:
@@ -460,11 +462,20 @@ def keep_ties(model: nn.Module, recipe: Recipe) -> tuple[Recipe, str | None]:
             kept += [fqn for fqn in quantized if fqn not in explicit]
     if not kept:
         return recipe, None
-    overrides = recipe.layer_overrides + tuple(LayerOverride(fqn, None) for fqn in kept)
+    overrides = recipe.layer_overrides + tuple(LayerOverride(fqn, None, tied=True) for fqn in kept)
     shown = ", ".join(kept[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
     return replace(recipe, layer_overrides=overrides), (
         f"{shown} kept in {recipe.dtype}: tied to a layer the recipe leaves alone, so quantizing it would store a "
         "second copy; name it in a [[recipe.layer]] table to quantize it anyway")
+
+
+def untied(recipe: Recipe) -> tuple[Recipe, list[str]]:
+    """The recipe without the layers keep_ties kept float, and their names: for a runtime that stores a tied
+    weight twice anyway (ExecuTorch's XNNPACK packs a delegated Linear's weight into its own blob)."""
+    dropped = [override.fqn for override in recipe.layer_overrides if override.tied]
+    if not dropped:
+        return recipe, []
+    return replace(recipe, layer_overrides=tuple(o for o in recipe.layer_overrides if not o.tied)), dropped
 
 
 def quantize_per_layer(model: nn.Module, recipe: Recipe, weightless: bool = False,

@@ -28,7 +28,7 @@ from planner.analysis.pruning import pruned_meta_model
 from planner.core.units import format_bytes
 from planner.measure.isolation import run_worker
 from planner.models.sources import ModelSource
-from planner.recipes.recipe import Recipe
+from planner.recipes.recipe import Recipe, untied
 from planner.runtimes.base import Artifact, BuildFailed, PlanContext, Runtime
 from planner.runtimes.executorch.lower import (
     ProgramBytes,
@@ -76,6 +76,15 @@ def xnnpack_intermediates(model: torch.nn.Module, inputs: tuple[torch.Tensor, ..
     return activation_peak(traced, cast_inputs(inputs, twin.torch_dtype, device), scratch={}).peak_bytes
 
 
+def untied_note(dropped: list[str]) -> list[str]:
+    if not dropped:
+        return []
+    shown = ", ".join(dropped[:3]) + (f" and {len(dropped) - 3} more" if len(dropped) > 3 else "")
+    return [f"{shown} quantized as the recipe says, though tied: XNNPACK packs a delegated Linear's weight into its "
+            "own blob, so the tie is stored twice on ExecuTorch either way (kept float, the second copy would be "
+            "full size)"]
+
+
 class ExecuTorchRuntime(Runtime):
     name = "executorch"
 
@@ -104,7 +113,7 @@ class ExecuTorchRuntime(Runtime):
                 continue
             try:
                 model = pruned_meta_model(meta_model, inputs, recipe)[0] if recipe.channels else meta_model
-                self.programs[recipe.name] = program_bytes(model, realized_recipe(recipe))
+                self.programs[recipe.name] = program_bytes(model, realized_recipe(untied(recipe)[0]))
                 key = (recipe.channels, recipe.dtype)
                 if key not in float_peaks:
                     float_peaks[key] = xnnpack_intermediates(model, inputs, recipe)
@@ -140,13 +149,14 @@ class ExecuTorchRuntime(Runtime):
 
     def build(self, recipe: Recipe, context: PlanContext) -> Artifact:
         workdir = context.workdir
+        recipe, dropped = untied(recipe)
         job = {"source": context.source.to_json(), "recipe": recipe.to_json(), "fp32": str(context.fp32_path),
                "inputs": str(workdir / "inputs.pt"), "workdir": str(workdir)}
         built = run_worker(job, workdir, f"{recipe.name}.pte-build", context.options, worker=BUILD_WORKER)
         if built["status"] != "verified":
             raise BuildFailed("failed", built.get("note", "").replace("verification failed",
                                                                       "lowering to ExecuTorch failed"))
-        return Artifact([Path(built["artifact"])], notes=built.get("notes", []))
+        return Artifact([Path(built["artifact"])], notes=[*untied_note(dropped), *built.get("notes", [])])
 
     def measure(self, artifact: Artifact, recipe: Recipe, context: PlanContext) -> dict[str, Any]:
         workdir = context.workdir
