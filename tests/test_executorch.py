@@ -158,25 +158,16 @@ def test_a_tied_head_is_quantized_on_executorch_where_a_tie_is_stored_twice_anyw
     """keep_ties keeps a head tied to its embedding float, so torch stores the pair once. XNNPACK stores its own
     copy of a delegated Linear's weight whatever it is, so on ExecuTorch the head follows the recipe: the second
     copy is 4-bit, not float (GPT-2 8da4w: the float head was 154 MB of a 360 MB .pte)."""
+    from tied_lm import TiedLM
+
     from planner.analysis.footprint import analytic_footprint
     from planner.recipes.recipe import keep_ties, untied
     from planner.runtimes.executorch.runtime import ExecuTorchRuntime
 
-    class TiedLM(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = nn.Embedding(4000, 128)
-            self.mlp = nn.Linear(128, 128)
-            self.head = nn.Linear(128, 4000, bias=False)
-            self.head.weight = self.embed.weight
-
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            return self.head(torch.relu(self.mlp(self.embed(ids))))
-
     torch.manual_seed(0)
-    model = TiedLM().eval()
+    model = TiedLM(4000, 128).eval()
     with torch.device("meta"):
-        meta_model = TiedLM()
+        meta_model = TiedLM(4000, 128)
     ids = (torch.randint(0, 4000, (1, 16)),)
     recipe, note = keep_ties(meta_model, next(r for r in default_recipes() if r.name == "8da4w-g32"))
     assert note and "head kept in float32" in note

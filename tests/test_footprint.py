@@ -42,16 +42,10 @@ def test_complexnet_on_meta_is_the_classic_size() -> None:
     assert 0.249 < int8.weight_bytes / footprint.weight_bytes < 0.252
 
 
-class Tied(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(512, 64)
-        self.mid = nn.Linear(64, 64)
-        self.head = nn.Linear(64, 512, bias=False)
-        self.head.weight = self.emb.weight
+def tied() -> nn.Module:
+    from tied_lm import TiedLM
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.mid(self.emb(ids))))
+    return TiedLM(512, 64)
 
 
 @pytest.mark.parametrize("model_name", ["simplenet", "convnet", "tinylm", "lstm", "tied"])
@@ -60,7 +54,7 @@ class Tied(nn.Module):
                                          "8da4w-g32", "8da8w"])
 def test_analytic_disk_matches_the_saved_artifact(model_name: str, recipe_name: str) -> None:
     recipe = RECIPES[recipe_name]
-    build = Tied if model_name == "tied" else ZOO[model_name].build
+    build = tied if model_name == "tied" else ZOO[model_name].build
     with torch.device("meta"):
         weightless = build()
     footprint = weight_footprint(weightless, recipe)
@@ -73,10 +67,10 @@ def test_analytic_disk_matches_the_saved_artifact(model_name: str, recipe_name: 
 
 
 def test_tied_weight_stays_one_tensor_through_a_cast() -> None:
-    reloaded = load_weights_into(Tied().to("meta"), Tied().state_dict())
-    assert reloaded.head.weight is reloaded.emb.weight
+    reloaded = load_weights_into(tied().to("meta"), tied().state_dict())
+    assert reloaded.head.weight is reloaded.embed.weight
     model, _ = apply_recipe(reloaded, RECIPES["fp16"])
-    assert model.head.weight is model.emb.weight
+    assert model.head.weight is model.embed.weight
 
 
 def test_activation_peak_is_part_of_the_runtime_figure() -> None:

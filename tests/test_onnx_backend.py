@@ -289,27 +289,18 @@ def test_a_folded_weight_is_known_by_its_parameter_and_a_tied_one_is_stored_once
     head tied to its embedding) must not be stored a second time as its folded transpose."""
     from dataclasses import replace
 
+    from tied_lm import TiedLM
+
     from planner.recipes.recipe import LayerOverride
 
-    class TiedLM(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = nn.Embedding(512, 64)
-            self.mlp = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64))
-            self.head = nn.Linear(64, 512, bias=False)
-            self.head.weight = self.embed.weight
-
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            return self.head(self.mlp(self.embed(ids)))
-
     torch.manual_seed(0)
-    model = TiedLM().eval()
+    model = TiedLM(512, 64).eval()
     ids = (torch.randint(0, 512, (1, 16)),)
     path, _ = backend.build_onnx_artifact(model, ids, RECIPES["fp32"], tmp_path)
     stored = sum(p.numel() for p in model.parameters()) * 4
     assert backend.onnx_file_bytes(path) < stored * 1.05  # the embedding once, not again as the head's transpose
-    recipe = replace(RECIPES["int8-dynamic"], name="keep-mlp0", layer_overrides=(LayerOverride("mlp.0", None),))
+    recipe = replace(RECIPES["int8-dynamic"], name="keep-first", layer_overrides=(LayerOverride("first", None),))
     keep = frozenset(backend.float_weight_names(model, recipe))
     quantized, notes = backend.build_onnx_artifact(model, ids, recipe, tmp_path, keep)
     assert any("1 MatMul node(s) kept float" in note for note in notes), notes
-    assert backend.count_quantized_nodes(quantized, recipe.quantize) == 1  # mlp.2; the tied head reads a Transpose
+    assert backend.count_quantized_nodes(quantized, recipe.quantize) == 1  # second; the tied head reads a Transpose
