@@ -77,7 +77,7 @@ class LayerOverride:
 
     def to_json(self) -> dict[str, Any]:
         return {"fqn": self.fqn, "quantize": self.quantize or "none", "bits": self.bits,
-                "group_size": self.group_size, "mapping": self.mapping}
+                "group_size": self.group_size, "mapping": self.mapping, **({"tied": True} if self.tied else {})}
 MAPPINGS = ("asymmetric", "symmetric")
 
 
@@ -165,7 +165,17 @@ class Recipe:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Recipe:
         """The inverse of to_json (a job or a manifest carries the recipe this way)."""
-        return recipe_from_table({key: value for key, value in data.items() if value is not None}, "recipe JSON")
+        fields = {key: value for key, value in data.items() if value is not None}
+        # keep_ties' mark travels in JSON only: a [[recipe.layer]] table a user writes has no "tied" key
+        layers = fields.get("layer")
+        tied = {table.get("fqn") for table in layers if isinstance(table, dict) and table.get("tied")} \
+            if isinstance(layers, list) else set()
+        if tied:
+            fields["layer"] = [{key: value for key, value in table.items() if key != "tied"} for table in layers]
+        recipe = recipe_from_table(fields, "recipe JSON")
+        if not tied:
+            return recipe
+        return replace(recipe, layer_overrides=tuple(replace(o, tied=o.fqn in tied) for o in recipe.layer_overrides))
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "dtype": self.dtype,
