@@ -182,3 +182,22 @@ def test_a_tied_head_is_quantized_on_executorch_where_a_tie_is_stored_twice_anyw
     assert predicted < kept_bytes - 0.8 * head_float
     path, _, _ = build_pte(model, ids, plain, tmp_path)
     assert abs(path.stat().st_size - predicted) < 0.02 * predicted, (path.stat().st_size, predicted)
+
+
+def test_a_tied_lm_plans_on_every_runtime_with_its_tie_rule(tmp_path: Path) -> None:
+    """The tie rule's mark travels to every build worker in the row's JSON: each must read it (the ONNX Runtime
+    worker once refused it as an unknown [[recipe.layer]] key), torch and ONNX Runtime keep the head float, and
+    ExecuTorch quantizes it; every file within 2% of its analytic figure."""
+    command = [sys.executable, "-m", "planner.cli", "plan", f"{ROOT / 'tests' / 'tied_lm.py'}:build",
+               "--budget", "1GB", "--backend", "torch,onnxruntime,executorch", "--recipes", "int8-dynamic",
+               "--verify", "all", "--out", str(tmp_path / "out")]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {row["backend"]: row for row in json.loads((tmp_path / "out" / "plan.json").read_text())["rows"]
+            if row["recipe"] == "int8-dynamic"}
+    for backend, row in rows.items():
+        assert row["status"] == "verified", (backend, row["note"])
+        assert abs(row["disk_diff"]) < 0.02, (backend, row["analytic_disk_bytes"], row["verified_disk_bytes"])
+    assert "head kept in float32: tied" in rows["torch"]["note"]
+    assert "1 MatMul node(s) kept float" in rows["onnxruntime"]["note"]
+    assert "head quantized as the recipe says, though tied" in rows["executorch"]["note"]

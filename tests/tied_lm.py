@@ -16,3 +16,9 @@ class TiedLM(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.head(self.second(torch.relu(self.first(self.embed(ids)))))
+
+
+def build() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """As a planner factory (`tests/tied_lm.py:build`): a vocabulary of 4,000 over 128 features, 16 tokens."""
+    torch.manual_seed(0)
+    return TiedLM(4000, 128).eval(), (torch.randint(0, 4000, (1, 16), generator=torch.Generator().manual_seed(1)),)

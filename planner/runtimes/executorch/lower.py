@@ -250,9 +250,8 @@ def build_job(job: dict[str, Any]) -> dict[str, Any]:
     """Worker body: build one recipe's .pte from the float32 reference in its own process."""
     from planner.analysis.artifact import load_reference
     from planner.models.sources import ModelSource
-    from planner.recipes.recipe import recipe_from_table
 
-    recipe = recipe_from_table(job["recipe"], "job")
+    recipe = Recipe.from_json(job["recipe"])
     inputs = tuple(torch.load(job["inputs"], weights_only=True))
     model = load_reference(ModelSource.from_json(job["source"]), Path(job["fp32"]))
     artifact, lowered, notes = build_pte(model, inputs, recipe, Path(job["workdir"]))

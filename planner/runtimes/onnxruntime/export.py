@@ -769,9 +769,8 @@ def build_job(job: dict[str, Any]) -> dict[str, Any]:
     to stop it)."""
     from planner.analysis.artifact import load_reference
     from planner.models.sources import ModelSource
-    from planner.recipes.recipe import recipe_from_table
 
-    recipe = recipe_from_table(job["recipe"], "job")
+    recipe = Recipe.from_json(job["recipe"])
     inputs = tuple(torch.load(job["inputs"], weights_only=True))
     base = job.get("fp32_onnx")
     what: Path | nn.Module = Path(base) if base and not recipe.changes_weights else load_reference(
