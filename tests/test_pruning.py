@@ -381,17 +381,18 @@ def test_a_tied_head_stays_tied_through_structured_pruning() -> None:
     small LM stored and held its embedding twice."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=2000, tie_word_embeddings=True)
+    # the configuration of the GQA test above, whose pruning takes seconds
+    config = Qwen2Config(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True)
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config).eval()
     with torch.device("meta"):
         meta_model = Qwen2ForCausalLM(config)
-    ids = (torch.randint(0, 2000, (1, 16)),)
-    recipe = dataclasses.replace(next(r for r in default_recipes() if r.name == "struct50"), channels=0.5, params=0.0)
+    ids = (torch.randint(0, 1000, (1, 16)),)
+    recipe = dataclasses.replace(next(r for r in default_recipes() if r.name == "struct50"), channels=0.3, params=0.0)
     structure = pruning.prune_channels(model, ids, recipe)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    assert model.lm_head.weight.shape[1] < 128
+    assert model.lm_head.weight.shape[1] < 256
     pruned, _ = pruning.pruned_meta_model(meta_model, ids, recipe)
     assert pruned.lm_head.weight is pruned.model.embed_tokens.weight
     assert pruning.parameter_count(pruned) == pruning.parameter_count(model)
