@@ -35,7 +35,7 @@ from torch import nn
 from planner.analysis import sparse
 from planner.analysis.footprint import CONTAINER_BYTES_PER_STORAGE, Footprint, analytic_footprint
 from planner.models.hf_folder import kv_cache_off
-from planner.recipes.recipe import Recipe, UnsupportedRecipe, prunable
+from planner.recipes.recipe import Recipe, UnsupportedRecipe, prunable, tied_parameters
 
 if TYPE_CHECKING:
     from planner.analysis.generation import GenerationSpec
@@ -322,29 +322,18 @@ def _prune_channels_mapped(model: nn.Module, inputs: tuple[torch.Tensor, ...], r
     return structure_of(model, before)
 
 
-def tied_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
-    """Each parameter held by more than one module (a language model's head tied to its embedding), as its
-    (module, attribute) holders."""
-    holders: dict[int, list[tuple[nn.Module, str]]] = {}
-    for module in model.modules():
-        for attribute, tensor in module._parameters.items():
-            if tensor is not None:
-                holders.setdefault(id(tensor), []).append((module, attribute))
-    return [group for group in holders.values() if len(group) > 1]
-
-
-def retie(ties: list[list[tuple[nn.Module, str]]], weightless: bool) -> None:
+def retie(ties: list[list[tuple[str, nn.Module, str]]], weightless: bool) -> None:
     """torch-pruning gives each holder of a tied weight its own pruned Parameter: the tie is gone, and a tied
     small LM's pruned file and memory held its embedding twice (a Qwen2 folder's struct50: 78 MB where 45 MB
     would do). Where every holder was pruned to the same shape (and, on real weights, the same values), they
     share one Parameter again."""
     for group in ties:
-        first_module, first_attribute = group[0]
+        _, first_module, first_attribute = group[0]
         shared = getattr(first_module, first_attribute)
-        others = [getattr(module, attribute) for module, attribute in group[1:]]
+        others = [getattr(module, attribute) for _, module, attribute in group[1:]]
         if all(other.shape == shared.shape and (weightless or shared.is_meta or torch.equal(other, shared))
                for other in others):
-            for module, attribute in group[1:]:
+            for _, module, attribute in group[1:]:
                 setattr(module, attribute, shared)
 
 

@@ -450,6 +450,17 @@ def check_layer_overrides(model: nn.Module, recipe: Recipe) -> None:
             raise PlannerError(f"recipe {recipe.name!r}: layer {override.fqn!r} cannot take {override.quantize}: {why}")
 
 
+def tied_parameters(model: nn.Module) -> list[list[tuple[str, nn.Module, str]]]:
+    """Each parameter held by more than one module (a language model's head tied to its embedding), as its
+    (module name, module, attribute) holders."""
+    holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for fqn, module in model.named_modules():
+        for attribute, tensor in module._parameters.items():
+            if tensor is not None:
+                holders.setdefault(id(tensor), []).append((fqn, module, attribute))
+    return [group for group in holders.values() if len(group) > 1]
+
+
 def keep_ties(model: nn.Module, recipe: Recipe) -> tuple[Recipe, str | None]:
     """The recipe with every layer kept float whose weight is tied to a layer the recipe leaves float (a language
     model's head tied to its embedding), and a note naming them; the recipe unchanged when there is none.
@@ -460,14 +471,9 @@ def keep_ties(model: nn.Module, recipe: Recipe) -> tuple[Recipe, str | None]:
     if recipe.scheme is None and not any(override.quantize for override in recipe.layer_overrides):
         return recipe, None
     explicit = {override.fqn for override in recipe.layer_overrides}
-    holders: dict[int, list[tuple[str, nn.Module]]] = {}
-    for fqn, module in model.named_modules():
-        for tensor in module._parameters.values():
-            if tensor is not None:
-                holders.setdefault(id(tensor), []).append((fqn, module))
     kept: list[str] = []
-    for tied in (group for group in holders.values() if len(group) > 1):
-        quantized = [fqn for fqn, module in tied if layer_decision(module, fqn, recipe)[1]]
+    for tied in tied_parameters(model):
+        quantized = [fqn for fqn, module, _ in tied if layer_decision(module, fqn, recipe)[1]]
         if quantized and len(quantized) < len(tied):
             kept += [fqn for fqn in quantized if fqn not in explicit]
     if not kept:
