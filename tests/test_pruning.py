@@ -400,3 +400,55 @@ def test_a_tied_head_stays_tied_through_structured_pruning() -> None:
         rebuilt = pruning.rebuild(Qwen2ForCausalLM(config), structure)
     assert rebuilt.lm_head.weight is rebuilt.model.embed_tokens.weight
     assert rebuilt.lm_head.weight.shape == model.lm_head.weight.shape
+
+
+def test_a_decoder_lm_is_pruned_on_meta_without_a_real_copy() -> None:
+    """transformers' mask code asks whether the position ids pack sequences (`.item()`), which meta tensors cannot
+    answer: every decoder LM fell back to pruning a real-tensor copy, which an analytic-only plan refuses, so a
+    Llama-3-8B shape had no structured-pruning rows. On meta the answer is "not packed", and the pruned shapes
+    are those of pruning the real model."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True)
+    with torch.device("meta"):
+        meta_model = Qwen2ForCausalLM(config)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).eval()
+    ids = (torch.randint(0, 1000, (1, 16)),)
+    recipe = dataclasses.replace(next(r for r in default_recipes() if r.name == "struct50"), channels=0.3, params=0.0)
+    pruned, structure = pruning.pruned_meta_model(meta_model, ids, recipe, materialize=False)  # raised before
+    assert all(parameter.is_meta for parameter in pruned.parameters())
+    assert structure["shapes"] == pruning.prune_channels(model, ids, recipe)["shapes"]
+    assert pruned.model.layers[0].mlp.up_proj.out_features < 512
+
+
+def test_a_dependency_search_that_does_not_converge_is_refused_in_seconds() -> None:
+    """On a Qwen2 with 2 query heads per KV head, torch-pruning's dependency search shifts its indices around a
+    cycle and never ends (over 15 minutes in CI; torch-pruning issue 527). The planner bounds it: the recipe is
+    refused with the reason, and torch-pruning is left as it was."""
+    import signal
+
+    from torch_pruning.dependency.group import Group
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=2000, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).eval()
+    ids = (torch.randint(0, 2000, (1, 16)),)
+    recipe = dataclasses.replace(next(r for r in default_recipes() if r.name == "struct50"), channels=0.5, params=0.0)
+    add_dep = Group.add_dep
+
+    def stuck(*_: object) -> None:
+        raise TimeoutError("structured pruning still searching after 120 s")
+
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(120)
+    try:
+        with pytest.raises(UnsupportedRecipe, match="dependency search did not converge"):
+            pruning.prune_channels(model, ids, recipe)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert Group.add_dep is add_dep

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -101,6 +102,30 @@ def kv_cache_off(model: nn.Module) -> Iterator[bool]:
     finally:
         if saved:
             config.use_cache = saved
+
+
+@contextmanager
+def meta_sequences_unpacked() -> Iterator[None]:
+    """transformers' mask code asks whether the position ids pack several sequences into a row (`.item()` on
+    them), which a meta tensor cannot answer, so no decoder LM could be pruned on meta: an analytic-only plan
+    had no structured-pruning rows for any of them. A planner's example input holds one sequence per row, so on
+    meta the answer is "not packed" (None, as transformers itself answers for unpacked ids)."""
+    masking = sys.modules.get("transformers.masking_utils")  # not imported: not a transformers model
+    original = getattr(masking, "find_packed_sequence_indices", None)
+    if original is None:
+        yield
+        return
+
+    def unpacked_on_meta(position_ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+        if getattr(position_ids, "is_meta", False):
+            return None
+        return original(position_ids, *args, **kwargs)
+
+    masking.find_packed_sequence_indices = unpacked_on_meta
+    try:
+        yield
+    finally:
+        masking.find_packed_sequence_indices = original
 
 
 @contextmanager
