@@ -25,10 +25,15 @@ PLAN = ["--budget", "2.5MB", "--budget-on", "disk", "--backend", "torch",
 
 
 def test_could_fit_allows_the_margin_and_rules_out_beyond_it() -> None:
-    row = {"status": "estimated", "analytic_disk_bytes": 1_200_000}
+    row = {"status": "estimated", "analytic_disk_bytes": 1_080_000}
     assert rank.could_fit(row, 1_000_000, "disk")
     assert not rank.could_fit(dict(row, analytic_disk_bytes=1_000_000 * (1 + rank.VERIFY_MARGIN) + 1), 1_000_000,
                               "disk")
+    # on memory, a few MB more: first-use costs a small model does not pay again in full
+    on_device = {"status": "estimated", "analytic_runtime_bytes": 30_000_000, "device_framework_bytes": 0}
+    assert rank.could_fit(on_device, 23_000_000, "device") and not rank.could_fit(on_device, 12_000_000, "device")
+    big = dict(on_device, analytic_runtime_bytes=627_600_000)  # ComplexNet int4-g128 on torch, 23% over 512 MB
+    assert not rank.could_fit(big, 512_000_000, "device")
     assert rank.could_fit({"status": "estimated", "analytic_disk_bytes": None}, 1_000_000, "disk")  # unknown: verify
     note = rank.ruled_out_note(dict(row, analytic_disk_bytes=2_000_000), 1_000_000, "disk")
     assert "exceeds the budget by 100%" in note and "--verify all" in note

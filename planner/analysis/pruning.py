@@ -462,7 +462,7 @@ def parameter_count(model: nn.Module) -> int:
 
 # Pruning a meta model costs seconds where a flatten feeds a wide Linear (torch-pruning maps indices in Python):
 # each (model, ratio, rounding) is pruned once per plan. Treat the returned model as read-only.
-_PRUNED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[float, int | None], Any]] = weakref.WeakKeyDictionary()
+_PRUNED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], Any]] = weakref.WeakKeyDictionary()
 
 
 # The channel ratio that met a `params` target on a model, per (target, materialize): see resolve_recipe.
@@ -475,20 +475,25 @@ def pruned_meta_model(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], r
     (.item() in mask code) an uninitialised CPU copy is pruned instead, unless materialize is False (an
     analytic-only plan, whose point is models too big to build here): then the recipe is unsupported."""
     cache = _PRUNED.setdefault(meta_model, {})
-    key = (recipe.channels, _round_to(recipe), materialize)
-    if key not in cache:
+    key: tuple[Any, ...] = (recipe.channels, _round_to(recipe))
+    if key not in cache:  # one pruning on meta, whoever asks (the analysis, then each runtime's describe)
         pruned = copy.deepcopy(meta_model)
         try:
             cache[key] = (pruned, prune_channels(pruned, inputs, recipe, weightless=True))
         except UnsupportedRecipe as error:
             cache[key] = error
-            if "weightless (meta)" in str(error):  # some forwards need real tensors (.item() in mask code)
-                cache[key] = _pruned_stand_in(meta_model, inputs, recipe) if materialize else UnsupportedRecipe(
-                    f"{error}; pruning a real-tensor copy instead would need "
-                    f"{format_bytes(parameter_count(meta_model) * 4)}, and --analytic-only never builds one")
-    if isinstance(cache[key], UnsupportedRecipe):
-        raise cache[key]
-    return cache[key]
+    entry = cache[key]
+    if isinstance(entry, UnsupportedRecipe) and "weightless (meta)" in str(entry):
+        # some forwards need real tensors (a value read with .item())
+        fallback = (*key, materialize)
+        if fallback not in cache:
+            cache[fallback] = _pruned_stand_in(meta_model, inputs, recipe) if materialize else UnsupportedRecipe(
+                f"{entry}; pruning a real-tensor copy instead would need "
+                f"{format_bytes(parameter_count(meta_model) * 4)}, and --analytic-only never builds one")
+        entry = cache[fallback]
+    if isinstance(entry, UnsupportedRecipe):
+        raise entry
+    return entry
 
 
 def _pruned_stand_in(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe
