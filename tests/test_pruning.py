@@ -262,6 +262,19 @@ def test_int4_combination_keeps_widths_packable() -> None:
     assert model[4].out_features == 10
 
 
+def test_int4_combination_keeps_wide_layers_in_whole_groups() -> None:
+    """Where every pruned layer keeps at least a group's width (an LLM's MLP), widths are multiples of the group
+    size too: a Llama-3-8B's struct50-int4-g128 left its 32 down_proj in bfloat16 (4784 inputs, not whole groups of
+    128). Narrow layers (the test above: 100 channels left) keep the kernel's multiple alone."""
+    model = nn.Sequential(nn.Linear(512, 1400), nn.ReLU(), nn.Linear(1400, 512), nn.ReLU(), nn.Linear(512, 10))
+    recipe = Recipe("c50-int4", channels=0.5, quantize="int4-weight-only", dtype="bfloat16")
+    pruning.prune_channels(model, (torch.randn(2, 512),), recipe)
+    assert model[0].out_features % 128 == 0 and model[2].in_features % 128 == 0
+    assert 512 <= model[0].out_features <= 700
+    assert recipe.scheme is not None and all(
+        recipe.scheme.why_not(layer.out_features, layer.in_features, recipe) is None for layer in (model[0], model[2]))
+
+
 # ---- --eval ----
 
 def test_eval_hook_scores_and_failures(tmp_path: Path) -> None:

@@ -155,9 +155,29 @@ def _scalar_attributes(model: nn.Module) -> dict[str, dict[str, Any]]:
     return attributes
 
 
-def _round_to(recipe: Recipe) -> int | None:
-    # Some schemes need widths of a multiple (torchao's CPU int4 kernel: out_features % 16): keep them quantizable.
-    return recipe.scheme.width_multiple if recipe.scheme else None
+def _rounding(recipe: Recipe) -> tuple[int | None, int | None]:
+    """What a pruned width must be a multiple of for the recipe's scheme to take the layer: the scheme's own
+    multiple (torchao's CPU int4 kernel: out_features % 16), and its group size (a grouped scheme leaves a layer
+    whose in_features do not split into whole groups in the model dtype)."""
+    scheme = recipe.scheme
+    if scheme is None:
+        return None, None
+    return scheme.width_multiple, recipe.group_size if "group_size" in scheme.settings_keys else None
+
+
+def round_to(recipe: Recipe, model: nn.Module, ignored: list[nn.Module]) -> int | None:
+    """torch-pruning's round_to for the recipe on this model: widths a multiple of the scheme's multiple and of its
+    group size where every pruned layer keeps at least that many (a Llama-3-8B's struct50-int4-g128 left its 32
+    down_proj in bfloat16, 4784 inputs not divisible by 128); else of the scheme's multiple alone (ComplexNet's
+    64-channel convolutions would be pruned away whole by a round_to of 128)."""
+    multiple, group = _rounding(recipe)
+    if group is None:
+        return multiple
+    combined = math.lcm(multiple or 1, group)
+    kept = [int(width * (1 - recipe.channels)) for module in model.modules() if module not in ignored
+            for width in [getattr(module, "out_features", None) or getattr(module, "out_channels", None)]
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and isinstance(width, int)]
+    return combined if kept and min(kept) >= combined else multiple
 
 
 def prune_channels(model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe,
@@ -341,8 +361,9 @@ def _prune_channels_mapped(model: nn.Module, inputs: tuple[torch.Tensor, ...], r
             ignored, shapes_before = output_layers(model, inputs)
             pruner = tp.pruner.BasePruner(
                 model, inputs, importance=_importance(weightless), pruning_ratio=recipe.channels,
-                ignored_layers=ignored, round_to=_round_to(recipe), num_heads=heads, prune_num_heads=bool(heads),
-                prune_head_dims=not heads, head_pruning_ratio=recipe.channels if heads else 0.0,
+                ignored_layers=ignored, round_to=round_to(recipe, model, ignored), num_heads=heads,
+                prune_num_heads=bool(heads), prune_head_dims=not heads,
+                head_pruning_ratio=recipe.channels if heads else 0.0,
                 output_transform=_result_tensors)
             pruner.step()
         except DependencySearchDiverged as error:  # not a matter of meta tensors: no real-tensor retry
@@ -475,7 +496,7 @@ def pruned_meta_model(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], r
     (.item() in mask code) an uninitialised CPU copy is pruned instead, unless materialize is False (an
     analytic-only plan, whose point is models too big to build here): then the recipe is unsupported."""
     cache = _PRUNED.setdefault(meta_model, {})
-    key: tuple[Any, ...] = (recipe.channels, _round_to(recipe))
+    key: tuple[Any, ...] = (recipe.channels, *_rounding(recipe))
     if key not in cache:  # one pruning on meta, whoever asks (the analysis, then each runtime's describe)
         pruned = copy.deepcopy(meta_model)
         try:
@@ -568,7 +589,10 @@ def resolve_recipe(meta_model: nn.Module, inputs: tuple[torch.Tensor, ...], reci
     # Not met within SOLVE_TOLERANCE (widths rounded to a multiple move the share in steps): the nearest share
     # pruned so far, whose pruning is cached for the footprint, and a note saying how far it is.
     ratio = min(tried, key=lambda tried_ratio: abs(tried[tried_ratio] - recipe.params))
-    rounding = f"; widths are rounded to multiples of {_round_to(recipe)}" if _round_to(recipe) else ""
+    multiple, group = _rounding(recipe)
+    rounding = f"; widths are rounded to multiples of {multiple or group}" if multiple or group else ""
+    if multiple and group:
+        rounding += f" (or {math.lcm(multiple, group)}, where every pruned layer keeps that many)"
     return dataclasses.replace(recipe, channels=ratio), (
         f"removes {tried[ratio]:.0%} of the parameters, the nearest of {len(tried)} tries to the asked "
         f"{recipe.params:.0%}{rounding}")
