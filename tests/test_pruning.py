@@ -465,3 +465,40 @@ def test_a_dependency_search_that_does_not_converge_is_refused_in_seconds() -> N
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
     assert Group.add_dep is add_dep
+
+
+def test_a_structured_pruning_is_done_once_per_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rows of several runtimes with the same structured pruning (struct50-int4-g128 on torch and ONNX
+    Runtime) share one pruning of the float32 weights: the second build loads the first's pruned state and gets
+    the same model, ties included."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from planner.analysis.artifact import prune_channels_once
+
+    # the GQA test's configuration: a tied head, which the pruning keeps tied
+    config = Qwen2Config(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True)
+    recipe = dataclasses.replace(next(r for r in default_recipes() if r.name == "struct50-int4-g128"), channels=0.3,
+                                 params=0.0)
+    ids = (torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0)),)
+
+    def fresh() -> nn.Module:
+        torch.manual_seed(0)
+        return Qwen2ForCausalLM(config).eval()
+
+    first = fresh()
+    structure = prune_channels_once(first, ids, recipe, tmp_path)
+    assert len(list(tmp_path.glob("pruned-*.pt"))) == 1
+
+    def pruned_again(*args: object, **kwargs: object) -> None:
+        raise AssertionError("pruned a second time")
+
+    monkeypatch.setattr(pruning, "prune_channels", pruned_again)
+    second = fresh()
+    assert prune_channels_once(second, ids, recipe, tmp_path) == structure
+    assert second.model.layers[0].mlp.up_proj.out_features == first.model.layers[0].mlp.up_proj.out_features < 512
+    assert second.lm_head.weight is second.model.embed_tokens.weight
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values(),
+                                                  strict=True))
+    with torch.no_grad():
+        assert torch.equal(first(*ids).logits, second(*ids).logits)

@@ -8,7 +8,9 @@ so no float32 copy is ever materialized.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -113,3 +115,25 @@ def load_reference(source: ModelSource, fp32_path: Path) -> nn.Module:
     assert model is not None
     load_weights_into(model, torch.load(fp32_path, weights_only=True, mmap=True))
     return set_eval(model)
+
+
+def prune_channels_once(model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Any, workdir: Path
+                        ) -> dict[str, Any]:
+    """planner.analysis.pruning.prune_channels on the float32 reference, once per plan for each pruning: the
+    rows of several runtimes with the same structured pruning (struct50-int4-g128 on torch and ONNX Runtime)
+    prune the same weights the same way, 20 s each on ComplexNet. The first build saves the pruned float32 state
+    and its structure in the plan's work directory (renamed into place whole, so a parallel build reads all of it
+    or none); the others rebuild the structure and assign the saved tensors (mmapped). Returns the structure."""
+    from planner.analysis.pruning import STRUCTURE_KEY, prune_channels, pruning_key, rebuild
+
+    saved_path = Path(workdir) / f"pruned-{pruning_key(recipe)}.pt"
+    if saved_path.exists():
+        state = torch.load(saved_path, mmap=True, weights_only=True)
+        structure: dict[str, Any] = json.loads(state.pop(STRUCTURE_KEY))
+        load_weights_into(rebuild(model, structure), state)
+        return structure
+    structure = prune_channels(model, inputs, recipe)
+    partial = saved_path.with_name(f"{saved_path.name}.{os.getpid()}.tmp")
+    torch.save({**model.state_dict(), STRUCTURE_KEY: json.dumps(structure, separators=(",", ":"))}, partial)
+    partial.replace(saved_path)
+    return structure

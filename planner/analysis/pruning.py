@@ -165,6 +165,13 @@ def _rounding(recipe: Recipe) -> tuple[int | None, int | None]:
     return scheme.width_multiple, recipe.group_size if "group_size" in scheme.settings_keys else None
 
 
+def pruning_key(recipe: Recipe) -> str:
+    """What a structured pruning of given weights depends on, as a file name part: the channel ratio and the
+    rounding (struct50-int4-g128 on torch and on ONNX Runtime prune alike; struct50-int8-dynamic does not round)."""
+    multiple, group = _rounding(recipe)
+    return f"c{recipe.channels:.6f}-m{multiple or 0}-g{group or 0}"
+
+
 def round_to(recipe: Recipe, model: nn.Module, ignored: list[nn.Module]) -> int | None:
     """torch-pruning's round_to for the recipe on this model: widths a multiple of the scheme's multiple and of its
     group size where every pruned layer keeps at least that many (a Llama-3-8B's struct50-int4-g128 left its 32

@@ -217,7 +217,7 @@ def _float32_layer_norm(self: nn.LayerNorm, hidden: torch.Tensor) -> torch.Tenso
 def build_pte(model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe, workdir: Path
               ) -> tuple[Path, dict[str, Any], list[str]]:
     """Apply the recipe as ExecuTorch realizes it to the float32 module (in place), lower it, write RECIPE.pte."""
-    from planner.analysis.pruning import prune_channels
+    from planner.analysis.artifact import prune_channels_once
     from planner.recipes.recipe import UnsupportedRecipe, apply_recipe
 
     reason = support(recipe)
@@ -227,7 +227,7 @@ def build_pte(model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe
     target = path_inside(Path(workdir).resolve(), f"{recipe.name}.pte")
     notes: list[str] = []
     if recipe.channels:
-        prune_channels(model, inputs, recipe)
+        prune_channels_once(model, inputs, recipe, workdir)
     model, applied = apply_recipe(model, realized)
     notes += [note.replace("stored densely: file and memory do not shrink", "stored densely in the .pte")
               .replace("stored sparse where smaller (the file shrinks), loaded dense (memory does not)",

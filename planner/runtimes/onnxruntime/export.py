@@ -494,7 +494,7 @@ def build_onnx_artifact(fp32_model_path_or_module: Path | str | nn.Module, input
     if isinstance(fp32_model_path_or_module, nn.Module):
         model = fp32_model_path_or_module
         if recipe.changes_weights:
-            notes += _prune(model, inputs, recipe)
+            notes += _prune(model, inputs, recipe, workdir)
         plain = recipe.quantize is None and recipe.dtype == "float32"
         float_path = target if plain else path_inside(workdir, f"{recipe.name}.fp32.onnx")
         notes += export_fp32(model, inputs, float_path)
@@ -512,13 +512,13 @@ def build_onnx_artifact(fp32_model_path_or_module: Path | str | nn.Module, input
     return target, notes
 
 
-def _prune(model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe) -> list[str]:
+def _prune(model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe, workdir: Path) -> list[str]:
     from planner.recipes.recipe import apply_recipe
 
     if recipe.channels:  # a structurally pruned model is a smaller dense model: it exports as any other
-        from planner.analysis.pruning import prune_channels
+        from planner.analysis.artifact import prune_channels_once
 
-        prune_channels(model, inputs, recipe)
+        prune_channels_once(model, inputs, recipe, workdir)
 
     if not recipe.prune:
         return []

@@ -48,8 +48,7 @@ def make_job(source: ModelSource, recipe: Recipe, fp32_path: Path, artifact: Pat
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    from planner.analysis.artifact import load_reference
-    from planner.analysis.pruning import prune_channels
+    from planner.analysis.artifact import load_reference, prune_channels_once
     from planner.core.pages import MappedReference
     from planner.recipes.recipe import UnsupportedRecipe, apply_recipe
 
@@ -61,7 +60,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         mapped = MappedReference(fp32_path)
         if recipe.channels:
             inputs = tuple(torch.load(job["inputs"], weights_only=True))
-            structure = prune_channels(model, inputs, recipe)
+            structure = prune_channels_once(model, inputs, recipe, fp32_path.parent)
             mapped.release_unused(model)
         model, notes = apply_recipe(model, recipe, after_layer=mapped.release_unused)
         save_artifact(model, artifact, artifact_format(source), recipe, structure)
