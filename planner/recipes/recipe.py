@@ -479,10 +479,14 @@ def keep_ties(model: nn.Module, recipe: Recipe) -> tuple[Recipe, str | None]:
     if not kept:
         return recipe, None
     overrides = recipe.layer_overrides + tuple(LayerOverride(fqn, None, tied=True) for fqn in kept)
-    shown = ", ".join(kept[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
     return replace(recipe, layer_overrides=overrides), (
-        f"{shown} kept in {recipe.dtype}: tied to a layer the recipe leaves alone, so quantizing it would store a "
-        "second copy; name it in a [[recipe.layer]] table to quantize it anyway")
+        f"{first_names(kept)} kept in {recipe.dtype}: tied to a layer the recipe leaves alone, so quantizing it "
+        "would store a second copy; name it in a [[recipe.layer]] table to quantize it anyway")
+
+
+def first_names(names: list[str], shown: int = 3) -> str:
+    """`a, b, c and 4 more`: the first few layer names of a note."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def untied(recipe: Recipe) -> tuple[Recipe, list[str]]:

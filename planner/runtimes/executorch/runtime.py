@@ -28,7 +28,7 @@ from planner.analysis.pruning import pruned_meta_model
 from planner.core.units import format_bytes
 from planner.measure.isolation import run_worker
 from planner.models.sources import ModelSource
-from planner.recipes.recipe import Recipe, untied
+from planner.recipes.recipe import Recipe, first_names, untied
 from planner.runtimes.base import Artifact, BuildFailed, PlanContext, Runtime
 from planner.runtimes.executorch.lower import (
     ProgramBytes,
@@ -79,10 +79,9 @@ def xnnpack_intermediates(model: torch.nn.Module, inputs: tuple[torch.Tensor, ..
 def untied_note(dropped: list[str]) -> list[str]:
     if not dropped:
         return []
-    shown = ", ".join(dropped[:3]) + (f" and {len(dropped) - 3} more" if len(dropped) > 3 else "")
-    return [f"{shown} quantized as the recipe says, though tied: XNNPACK packs a delegated Linear's weight into its "
-            "own blob, so the tie is stored twice on ExecuTorch either way (kept float, the second copy would be "
-            "full size)"]
+    return [f"{first_names(dropped)} quantized as the recipe says, though tied: XNNPACK packs a delegated Linear's "
+            "weight into its own blob, so the tie is stored twice on ExecuTorch either way (kept float, the second "
+            "copy would be full size)"]
 
 
 class ExecuTorchRuntime(Runtime):
