@@ -7,6 +7,7 @@ so no float32 copy is ever materialized.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -126,7 +127,11 @@ def prune_channels_once(model: nn.Module, inputs: tuple[torch.Tensor, ...], reci
     or none); the others rebuild the structure and assign the saved tensors (mmapped). Returns the structure."""
     from planner.analysis.pruning import STRUCTURE_KEY, prune_channels, pruning_key, rebuild
 
-    saved_path = Path(workdir) / f"pruned-{pruning_key(recipe)}.pt"
+    # The architecture's tensor names and shapes in the name too: a work directory shared by two models (an API
+    # caller's) must not hand one the other's pruning.
+    shapes = json.dumps([[key, list(tensor.shape)] for key, tensor in model.state_dict().items()])
+    architecture = hashlib.sha256(shapes.encode()).hexdigest()[:16]
+    saved_path = Path(workdir) / f"pruned-{pruning_key(recipe)}-{architecture}.pt"
     if saved_path.exists():
         state = torch.load(saved_path, mmap=True, weights_only=True)
         structure: dict[str, Any] = json.loads(state.pop(STRUCTURE_KEY))
