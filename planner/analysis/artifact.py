@@ -11,12 +11,15 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from planner.models.sources import ModelSource
+
+if TYPE_CHECKING:
+    from planner.recipes.recipe import Recipe
 
 
 def weightless_structure(source: ModelSource, artifact_format: str) -> nn.Module | None:
@@ -118,7 +121,7 @@ def load_reference(source: ModelSource, fp32_path: Path) -> nn.Module:
     return set_eval(model)
 
 
-def prune_channels_once(model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Any, workdir: Path
+def prune_channels_once(model: nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe, workdir: Path
                         ) -> dict[str, Any]:
     """planner.analysis.pruning.prune_channels on the float32 reference, once per plan for each pruning: the
     rows of several runtimes with the same structured pruning (struct50-int4-g128 on torch and ONNX Runtime)
