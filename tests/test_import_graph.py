@@ -130,7 +130,7 @@ def test_no_module_uses_another_modules_private_names() -> None:
 
 # The pipeline's packages, lowest first: a module may import from its own package and those before it.
 LAYERS = (
-    "core",      # errors, units, safe_io, pages, rank: no planner imports beyond core
+    "core",      # errors, units, text, safe_io, pages, rank: no planner imports beyond core
     "measure",   # the measurement library, the worker protocol, isolation, work directories
     "models",    # loading a model: sources, zoo, archive_scan, hf_folder
     "schemes",   # one file per quantization scheme

@@ -26,6 +26,7 @@ from torch import nn
 
 from planner.core.errors import PlannerError
 from planner.core.safe_io import check_regular_file
+from planner.core.text import first_names
 
 CONFIG = "config.json"
 CONFIG_MAX_BYTES = 4 * 2**20
@@ -178,8 +179,7 @@ def build(folder: Path, display: str, trust_code: bool, meta: bool) -> nn.Module
                                "re-save the model with save_pretrained") from None
     missing = sorted(info.get("missing_keys") or [])
     if missing:
-        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise PlannerError(f"{display}: the weights lack {', '.join(missing[:3])}{more}, which would be random; "
+        raise PlannerError(f"{display}: the weights lack {first_names(missing)}, which would be random; "
                            "re-save the model with save_pretrained")
     return model
 

@@ -46,6 +46,7 @@ from torch import nn
 
 from planner.core.errors import PlannerError
 from planner.core.safe_io import MAX_PATH_CHARS, check_regular_file
+from planner.core.text import first_names
 from planner.models import archive_scan, hf_folder
 from planner.models.archive_scan import ScanRefusal
 from planner.models.zoo import ZOO
@@ -100,12 +101,6 @@ def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     detail = text[0][:200] if text else ""  # torch's messages can embed whole graph nodes
     return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-
-
-def _more(items: list[str], shown: int = 3) -> str:
-    """'a, b, c (and 4 more)': enough to act on without flooding one line."""
-    head = ", ".join(items[:shown])
-    return head + (f" (and {len(items) - shown} more)" if len(items) > shown else "")
 
 
 @contextlib.contextmanager
@@ -412,7 +407,7 @@ def check_weights_match(model: nn.Module, state: dict[str, torch.Tensor], displa
     unexpected = [k for k in state if k not in expected]
     shapes = [f"{k} is {list(state[k].shape)} in the file but {list(expected[k])} in the model"
               for k in expected if k in state and tuple(state[k].shape) != expected[k]]
-    problems = [f"{label} {_more(items)}" for label, items in
+    problems = [f"{label} {first_names(items)}" for label, items in
                 (("missing", missing), ("unexpected", unexpected), ("shape mismatch:", shapes)) if items]
     if problems:
         raise _fail(f"--weights {display} does not match the model: {'; '.join(problems)}; "
@@ -502,7 +497,7 @@ def _get_factory(module: ModuleType, attr: str, display: str) -> Callable[[], An
     if factory is None:
         names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
         close = difflib.get_close_matches(attr, names, n=3)
-        hint = f"did you mean {', '.join(close)}?" if close else f"callables there: {_more(sorted(names), 8)}"
+        hint = f"did you mean {', '.join(close)}?" if close else f"callables there: {first_names(sorted(names), 8)}"
         raise _fail(f"{display}: no factory named {attr!r}; {hint}")
     if not callable(factory):
         raise _fail(f"{display}: {attr} is a {type(factory).__name__}, not a function; name a function that "

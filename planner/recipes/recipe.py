@@ -24,6 +24,7 @@ from torch import nn
 
 from planner.core.errors import PlannerError
 from planner.core.safe_io import check_name, read_text_capped
+from planner.core.text import first_names
 from planner.schemes import SCHEMES, Scheme, TensorLayout
 from planner.schemes import import_tensor_types as import_tensor_types
 
@@ -482,11 +483,6 @@ def keep_ties(model: nn.Module, recipe: Recipe) -> tuple[Recipe, str | None]:
     return replace(recipe, layer_overrides=overrides), (
         f"{first_names(kept)} kept in {recipe.dtype}: tied to a layer the recipe leaves alone, so quantizing it "
         "would store a second copy; name it in a [[recipe.layer]] table to quantize it anyway")
-
-
-def first_names(names: list[str], shown: int = 3) -> str:
-    """`a, b, c and 4 more`: the first few layer names of a note."""
-    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def untied(recipe: Recipe) -> tuple[Recipe, list[str]]:

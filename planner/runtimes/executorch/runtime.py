@@ -25,10 +25,11 @@ import torch
 from planner.analysis.activations import activation_peak
 from planner.analysis.footprint import Footprint, cast_inputs, weightless_recipe_model
 from planner.analysis.pruning import pruned_meta_model
+from planner.core.text import first_names
 from planner.core.units import format_bytes
 from planner.measure.isolation import run_worker
 from planner.models.sources import ModelSource
-from planner.recipes.recipe import Recipe, first_names, untied
+from planner.recipes.recipe import Recipe, untied
 from planner.runtimes.base import Artifact, BuildFailed, PlanContext, Runtime
 from planner.runtimes.executorch.lower import (
     ProgramBytes,
