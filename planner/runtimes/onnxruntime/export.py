@@ -612,9 +612,10 @@ def _quantize_int8_dynamic(float_path: Path, target: Path, keep_float: frozenset
     # (quantize_dynamic's default list would take them all). Per-tensor weights, quantize_dynamic's default.
     source: object = model
     typed = declares_matmul_input_types(model)
-    if external:
+    if external and not typed:
         # quantize_dynamic saves a ModelProto input and reloads it with shape inference, holding several copies
-        # at once; from a file with external data it holds fewer, which matters for a 2 GB model.
+        # at once; from a file with external data it holds fewer, which matters for a 2 GB model. (A typed model
+        # skips that round trip, and is quantized as it is: one copy.)
         source = target.with_name(target.stem + ".gemm.onnx")
         _save(model, source)
         del model
@@ -648,24 +649,20 @@ def _shape_inference_skipped() -> Iterator[None]:
     """quantize_dynamic saves the whole model and reloads it with shape inference before quantizing (15 of the
     63 s of ComplexNet's struct50-int8-dynamic build, a 1 GB model): for a model whose MatMul inputs are all
     typed (declares_matmul_input_types), it is taken as it is, marked as inferred as the reload would mark it."""
-    import onnx
     from onnxruntime.quantization.quant_utils import add_infer_metadata
 
     module = sys.modules["onnxruntime.quantization.quantize"]
-    saved = module.save_and_reload_model_with_shape_infer, module.load_model_with_shape_infer
+    saved = module.save_and_reload_model_with_shape_infer
 
     def as_given(model: Any) -> Any:
         add_infer_metadata(model)
         return model
 
-    def loaded(path: Path) -> Any:
-        return as_given(onnx.load(str(path)))
-
-    module.save_and_reload_model_with_shape_infer, module.load_model_with_shape_infer = as_given, loaded
+    module.save_and_reload_model_with_shape_infer = as_given
     try:
         yield
     finally:
-        module.save_and_reload_model_with_shape_infer, module.load_model_with_shape_infer = saved
+        module.save_and_reload_model_with_shape_infer = saved
 
 
 def _rename_external_data(target: Path) -> None:
